@@ -1,0 +1,74 @@
+"""Server settings: environment variables `OLORA_*`, overridden by `olora serve` flags."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OLORA_", extra="ignore")
+
+    # base model
+    model: str | None = Field(None, description="HF id or local directory of the base model; default: embedded model")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    quantize: Literal["none", "nf4", "fp4", "int8"] = "none"
+    device: str = "auto"
+
+    # network
+    host: str = "127.0.0.1"
+    port: int = 8000
+    allow_public_without_keys: bool = Field(
+        False, description="bind a non-loopback host even though no API keys are configured")
+
+    # adapters
+    adapter_dir: Path = Path("adapters")
+    demo_adapters: bool = Field(True, description="register the shipped demo adapters at first start")
+    max_loras: int = Field(8, ge=1, description="device slots")
+    max_cpu_adapters: int = Field(64, ge=1, description="host-memory LRU size")
+    max_rank: int = Field(64, ge=1)
+    store_poll_s: float = Field(1.0, gt=0, description="how often other replicas' store changes are picked up")
+
+    # batching and limits
+    max_batch_size: int = Field(16, ge=1)
+    max_batch_tokens: int = Field(2048, ge=1)
+    max_input_tokens: int = Field(1024, ge=1)
+    max_total_tokens: int = Field(1536, ge=2)
+    max_waiting: int = Field(256, ge=1, description="queued requests; past it: 429")
+    max_new_tokens_default: int = Field(20, ge=1)
+    request_timeout_s: float = Field(300.0, gt=0)
+    max_request_bytes: int = Field(1 << 20, description="JSON bodies; past it: 413")
+    max_upload_bytes: int = Field(512 << 20, description="compressed adapter archive; past it: 413")
+    max_unpacked_bytes: int = Field(2 << 30, description="uncompressed adapter archive; past it: 413")
+    metrics_max_adapter_labels: int = Field(100, ge=0, description="per-adapter metric label cardinality bound")
+
+    # auth (comma-separated lists in the environment)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("api_keys", "admin_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys or self.admin_keys)
+
+    def check_bind(self) -> str | None:
+        """Refuse a public bind without keys unless told otherwise; return a warning line to print, if any."""
+        if self.auth_enabled:
+            return None
+        if self.host not in LOOPBACK_HOSTS and not self.allow_public_without_keys:
+            raise ValueError(
+                f"no API keys configured (OLORA_API_KEYS / OLORA_ADMIN_KEYS): refusing to bind {self.host}; "
+                "bind 127.0.0.1, set keys, or pass --allow-public-without-keys")
+        return (f"WARNING: no API keys configured: every client can generate, upload and delete adapters "
+                f"(bound to {self.host})")
