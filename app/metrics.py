@@ -29,6 +29,8 @@ class ServerMetrics:
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("olora_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generated_tokens = Counter("olora_generated_tokens", "Tokens generated", registry=r)
+        self.finished = Counter("olora_generations_finished", "Finished generations by finish reason "
+                                "(length, eos_token, stop_sequence, cancelled, error)", ["reason"], registry=r)
         self.queue_length = Gauge("olora_queue_length", "Requests waiting to be scheduled", registry=r)
         self.running = Gauge("olora_running_batch_size", "Sequences in the running batch", registry=r)
         self.cache_events = Counter("olora_adapter_cache_events", "Adapter cache events per tier",
@@ -68,17 +70,6 @@ class ServerMetrics:
         self.requests.labels(route=route, status=str(status)).inc()
         self.request_duration.labels(route=route).observe(seconds)
 
-    def observe_generation(self, adapter_id: str | None, prompt_tokens: int, generated: int,
-                           ttft_s: float | None, total_s: float, queue_s: float | None = None) -> None:
-        self.adapter_requests.labels(adapter=self.adapter_label(adapter_id)).inc()
-        self.prompt_tokens.inc(prompt_tokens)
-        self.generated_tokens.inc(generated)
-        if ttft_s is not None:
-            self.ttft.observe(ttft_s)
-            if generated > 1:
-                self.tpot.observe((total_s - ttft_s) / (generated - 1))
-        if queue_s is not None:
-            self.queue_duration.observe(queue_s)
 
     def set_lora_info(self, running: list[str], waiting: list[str]) -> None:
         labels = dict(max_lora=str(self._max_loras), running_lora_adapters=",".join(sorted(running)),
@@ -103,3 +94,15 @@ class ServerMetrics:
     def on_step(self, running: int, waiting: int, prefill_tokens: int, decode_tokens: int) -> None:
         self.running.set(running)
         self.queue_length.set(waiting)
+
+    def on_request_done(self, stats) -> None:
+        """One generation finished (app.engine.observer.RequestStats), whatever the reason."""
+        self.finished.labels(reason=stats.finish_reason).inc()
+        self.adapter_requests.labels(adapter=self.adapter_label(stats.adapter_id)).inc()
+        self.prompt_tokens.inc(stats.prompt_tokens)
+        self.generated_tokens.inc(stats.generated_tokens)
+        self.queue_duration.observe(stats.queue_seconds)
+        if stats.time_to_first_token is not None:
+            self.ttft.observe(stats.time_to_first_token)
+            if stats.generated_tokens > 1:
+                self.tpot.observe((stats.total_seconds - stats.time_to_first_token) / (stats.generated_tokens - 1))

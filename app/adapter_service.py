@@ -1,0 +1,166 @@
+"""Adapter registration: upload (archive -> checks -> OLoRA/PiSSA conversion -> engine check -> store), list,
+delete, merge. No web framework here: routers call these methods and map the typed errors to 4xx bodies.
+
+Order of an upload, each step before anything is written to the store:
+  1. the id is checked, the archive is extracted into a private staging dir (links, `..`, bombs refused);
+  2. olora_core reads it: safetensors only (pickles refused unopened), a LoRA config without code keys,
+     float finite tensors;
+  3. OLoRA/PiSSA adapters are converted to plain LoRA with their initial checkpoint (required: without it
+     the base would have to be mutated, which a shared base cannot be);
+  4. the engine checks it against the served base (targets exist, shapes, rank <= max_rank);
+  5. the store commits it atomically, bound to the base fingerprint; the engine forgets an older version.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from olora_core.adapter_io import MUTATED_INIT_KINDS, adapter_kind, load_adapter_dir, save_adapter_dir
+from olora_core.convert import convert
+
+from app.store.adapter_store import AdapterMissing, AdapterStore, StoredAdapter, check_adapter_id
+from app.store.archive import ArchiveLimits, extract_archive
+
+
+class UploadRefused(ValueError):
+    """A well-formed upload that cannot be served as it is (the message says what to send instead)."""
+
+    status_code = 422
+
+
+@dataclass
+class AdapterSummary:
+    adapter_id: str
+    kind: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    sha256: str
+    size_bytes: int
+    base_fingerprint: str
+    created: float
+    version: str
+    servable: bool
+    sources: list[dict] | None = None
+    problem: str | None = None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class AdapterService:
+    def __init__(self, store: AdapterStore, engine, archive_limits: ArchiveLimits):
+        self.store = store
+        self.engine = engine
+        self.archive_limits = archive_limits
+
+    # ---- reading ---------------------------------------------------------------------------------------
+    def summary(self, stored: StoredAdapter) -> AdapterSummary:
+        meta = stored.metadata
+        bound = meta.get("base_fingerprint", "")
+        servable = bound == self.engine.base_fingerprint
+        problem = None if servable else (
+            f"adapter {stored.adapter_id!r} is bound to base {bound}, this server serves {self.engine.base_fingerprint}")
+        return AdapterSummary(
+            adapter_id=stored.adapter_id, kind=meta.get("kind", "lora"), rank=int(meta.get("rank", 0)),
+            alpha=float(meta.get("alpha", 0)), target_modules=list(meta.get("target_modules", [])),
+            sha256=meta.get("sha256", ""), size_bytes=int(meta.get("size_bytes", 0)), base_fingerprint=bound,
+            created=float(meta.get("created", 0)), version=stored.version, servable=servable,
+            sources=meta.get("sources"), problem=problem)
+
+    def get(self, adapter_id: str) -> AdapterSummary:
+        stored = self.store.get(adapter_id)
+        if stored is None:
+            raise AdapterMissing(f"adapter {adapter_id!r} not found")
+        return self.summary(stored)
+
+    def list(self) -> list[AdapterSummary]:
+        return [self.summary(s) for s in self.store.list()]
+
+    # ---- writing ---------------------------------------------------------------------------------------
+    def upload(self, adapter_id: str, archive: Path, initial_archive: Path | None = None, *,
+               overwrite: bool = False) -> AdapterSummary:
+        check_adapter_id(adapter_id)
+        work = self.store.staging_dir()
+        try:
+            (work / "trained").mkdir()
+            trained_dir = extract_archive(archive, work / "trained", self.archive_limits)
+            files = load_adapter_dir(trained_dir)
+            kind = adapter_kind(files.config, files.tensors)
+            if kind in MUTATED_INIT_KINDS:
+                if initial_archive is None:
+                    raise UploadRefused(
+                        f"adapter {adapter_id!r} is an unconverted {kind.upper()} adapter (init_lora_weights="
+                        f"{files.config.get('init_lora_weights')!r}): it was trained on a base from which "
+                        f"s*B0*A0 was subtracted, so it cannot be served on the shared base as it is. Send its "
+                        f"untrained initial checkpoint as 'initial_archive' and the server converts it to a plain "
+                        f"LoRA (rank 2r).")
+                (work / "initial").mkdir()
+                initial_dir = extract_archive(initial_archive, work / "initial", self.archive_limits)
+                convert(initial_dir, trained_dir, work / "converted")
+                return self._commit(adapter_id, work / "converted", f"{kind}-converted", overwrite)
+            if initial_archive is not None:
+                raise UploadRefused(f"adapter {adapter_id!r} is a plain {kind} adapter: 'initial_archive' is only "
+                                    "for OLoRA/PiSSA adapters; send the adapter alone")
+            return self._commit(adapter_id, trained_dir, kind, overwrite)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def register_dir(self, adapter_id: str, adapter_dir: Path, kind: str, *, overwrite: bool = False,
+                     extra: dict[str, Any] | None = None) -> AdapterSummary:
+        """Register a plain-LoRA directory this server produced or ships (demo adapters, merges)."""
+        check_adapter_id(adapter_id)
+        files = load_adapter_dir(adapter_dir)
+        if adapter_kind(files.config, files.tensors) in MUTATED_INIT_KINDS:
+            raise UploadRefused(f"{adapter_dir}: unconverted OLoRA/PiSSA adapter; convert it first")
+        return self._commit(adapter_id, Path(adapter_dir), kind, overwrite, extra)
+
+    def _commit(self, adapter_id: str, adapter_dir: Path, kind: str, overwrite: bool,
+                extra: dict[str, Any] | None = None) -> AdapterSummary:
+        info = self.engine.validate_adapter(adapter_dir)  # raises AdapterRejected subclasses (422)
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        weights = adapter_dir / "adapter_model.safetensors"
+        metadata = dict(
+            kind=kind, rank=info.rank, alpha=config.get("lora_alpha"), target_modules=list(info.target_kinds),
+            use_rslora=info.use_rslora, sha256=_sha256(weights), size_bytes=weights.stat().st_size,
+            base_fingerprint=self.engine.base_fingerprint, created=time.time(), **(extra or {}))
+        stored = self.store.put(adapter_id, adapter_dir, metadata, overwrite=overwrite)
+        self.engine.invalidate(adapter_id)
+        return self.summary(stored)
+
+    def delete(self, adapter_id: str) -> AdapterSummary:
+        stored = self.store.delete(adapter_id)
+        self.engine.invalidate(adapter_id)
+        return self.summary(stored)
+
+    def merge(self, adapter_id: str, sources: list[tuple[str, float]], method: str, *, density: float | None = None,
+              majority_sign_method: str = "total", svd_rank: int | None = None, seed: int = 0,
+              overwrite: bool = False) -> AdapterSummary:
+        from olora_core.merge import merge_adapters
+
+        check_adapter_id(adapter_id)
+        loaded = []
+        for source_id, weight in sources:
+            stored = self.store.get(source_id)
+            if stored is None:
+                raise AdapterMissing(f"merge source adapter {source_id!r} not found")
+            loaded.append((load_adapter_dir(stored.path), float(weight)))
+        config, tensors = merge_adapters(loaded, method, density=density, majority_sign_method=majority_sign_method,
+                                         svd_rank=svd_rank, seed=seed)
+        work = self.store.staging_dir()
+        try:
+            save_adapter_dir(work / "merged", config, tensors)
+            extra = {"sources": [{"id": i, "weight": w} for i, w in sources], "merge_method": method}
+            return self._commit(adapter_id, work / "merged", "merged", overwrite, extra)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)

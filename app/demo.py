@@ -1,0 +1,31 @@
+"""The two demo adapters shipped in the repo (trained with `olora train` on the embedded default model and
+converted to plain LoRA). Registered at first start when the server runs the embedded default model."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from app.deps import AppState
+
+DEMO_DIR = Path(__file__).parent / "demo_adapters"
+log = logging.getLogger("olora.server")
+
+
+def demo_adapter_dirs() -> dict[str, Path]:
+    if not DEMO_DIR.is_dir():
+        return {}
+    return {d.name: d for d in sorted(DEMO_DIR.iterdir()) if (d / "adapter_config.json").is_file()}
+
+
+def register_demo_adapters(state: AppState) -> list[str]:
+    """Register every demo adapter the store does not have yet; returns the ids registered now."""
+    if state.settings.model is not None:
+        return []  # trained for the embedded model only
+    registered = []
+    for adapter_id, path in demo_adapter_dirs().items():
+        if state.adapters.store.get(adapter_id) is not None:
+            continue
+        state.adapters.register_dir(adapter_id, path, "olora-converted", extra={"demo": True})
+        registered.append(adapter_id)
+        log.info("registered demo adapter %s", adapter_id)
+    return registered

@@ -1,0 +1,86 @@
+"""Per-request merged adapters (LoRAX `parameters.merged_adapters`) and the adapter source the engine reads.
+
+A merge request is turned into a plain LoRA once, written under `<store>/.ephemeral/<key>/`, and served like any
+other adapter under the id `~merged-<key>` (a `~` never starts a stored id, so the namespaces cannot collide).
+The key hashes the sources' ids *and versions*, weights and strategy: overwriting a source gives a new key.
+At most `max_entries` merges are kept on disk (least recently used are removed).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from olora_core.adapter_io import load_adapter_dir, save_adapter_dir
+from olora_core.errors import OutputExistsError
+
+from app.store.adapter_store import AdapterMissing, AdapterStore
+
+EPHEMERAL_PREFIX = "~merged-"
+
+
+class EphemeralAdapters:
+    def __init__(self, store: AdapterStore, max_entries: int = 32):
+        self.store = store
+        self.root = store.root / ".ephemeral"
+        shutil.rmtree(self.root, ignore_errors=True)  # merges do not outlive the process
+        self.root.mkdir()
+        self.max_entries = max_entries
+        self._lru: OrderedDict[str, Path] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def adapter_id_for(self, ids: list[str], weights: list[float], strategy: str, density: float | None,
+                       majority_sign_method: str) -> str:
+        """Build (or reuse) the merged adapter and return the id to submit to the engine."""
+        from olora_core.merge import merge_adapters
+
+        sources = []
+        for adapter_id in ids:
+            stored = self.store.get(adapter_id)
+            if stored is None:
+                raise AdapterMissing(f"merged_adapters: adapter {adapter_id!r} not found")
+            sources.append(stored)
+        spec = json.dumps([[s.adapter_id, s.version] for s in sources] + [weights, strategy, density,
+                                                                           majority_sign_method])
+        key = hashlib.sha256(spec.encode()).hexdigest()[:24]
+        with self._lock:
+            if key in self._lru:
+                self._lru.move_to_end(key)
+                return EPHEMERAL_PREFIX + key
+        # LoRAX's `linear` is the weighted sum of the adapters' deltas: PEFT's exact form of it is `cat`.
+        method = "cat" if strategy == "linear" else strategy
+        config, tensors = merge_adapters([(load_adapter_dir(s.path), w) for s, w in zip(sources, weights)], method,
+                                         density=density, majority_sign_method=majority_sign_method, seed=0)
+        try:
+            save_adapter_dir(self.root / key, config, tensors)
+        except OutputExistsError:
+            pass  # another request built the same merge meanwhile
+        with self._lock:
+            self._lru[key] = self.root / key
+            self._lru.move_to_end(key)
+            while len(self._lru) > self.max_entries:
+                _, old = self._lru.popitem(last=False)
+                shutil.rmtree(old, ignore_errors=True)
+        return EPHEMERAL_PREFIX + key
+
+    def path_for(self, adapter_id: str) -> Path | None:
+        if not adapter_id.startswith(EPHEMERAL_PREFIX):
+            return None
+        with self._lock:
+            return self._lru.get(adapter_id[len(EPHEMERAL_PREFIX):])
+
+
+class ServedAdapters:
+    """The engine's AdapterSource: the persistent store plus this process's per-request merges."""
+
+    def __init__(self, store: AdapterStore, ephemeral: EphemeralAdapters):
+        self.store = store
+        self.ephemeral = ephemeral
+
+    def path_for(self, adapter_id: str) -> Path | None:
+        if adapter_id.startswith(EPHEMERAL_PREFIX):
+            return self.ephemeral.path_for(adapter_id)
+        return self.store.path_for(adapter_id)

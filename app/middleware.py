@@ -1,0 +1,104 @@
+"""ASGI middleware: request ids, structured JSON access logs, request metrics, request body size limits."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+from app.metrics import ServerMetrics
+
+access_log = logging.getLogger("olora.access")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class AccessLogMiddleware:
+    """Gives every request an id (X-Request-Id, taken from the client if it sent a sane one), logs one JSON line
+    per request and counts it in the metrics under its route template (bounded label values)."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if 0 < len(given) <= 64 and given.replace("-", "").isalnum() else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status_holder = {"status": 500}
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            seconds = time.perf_counter() - started
+            route = scope.get("route")
+            route_label = getattr(route, "path", None) or "unmatched"
+            self.metrics.observe_request(route_label, status_holder["status"], seconds)
+            access_log.info(json.dumps({
+                "ts": time.time(), "request_id": request_id, "method": scope.get("method"),
+                "path": scope.get("path"), "route": route_label, "status": status_holder["status"],
+                "duration_ms": round(seconds * 1000, 2),
+                "adapter_id": scope["state"].get("adapter_id"),
+                "client": (scope.get("client") or [None])[0]}))
+
+
+class BodySizeLimitMiddleware:
+    """413 for bodies over the limit: checked on Content-Length up front and on the bytes actually received
+    (chunked uploads). Upload routes (multipart) get the upload limit, everything else the JSON limit."""
+
+    def __init__(self, app, max_json_bytes: int, max_upload_bytes: int, upload_paths: tuple[str, ...] = ("/adapters",)):
+        self.app = app
+        self.max_json = max_json_bytes
+        self.max_upload = max_upload_bytes
+        self.upload_paths = upload_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.max_upload if scope.get("path") in self.upload_paths else self.max_json
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _send_413(send, limit)
+        received = 0
+        started = {"response": False}
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge()
+            return message
+
+        async def tracking_send(message):
+            if message["type"] == "http.response.start":
+                started["response"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge:
+            if not started["response"]:
+                await _send_413(send, limit)
+
+
+async def _send_413(send, limit: int) -> None:
+    body = json.dumps({"error": f"request body larger than {limit} bytes", "error_type": "payload_too_large"}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,136 @@
+"""Adapter management: upload (multipart), list, show, delete, merge, merge-into-base."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from app.adapter_service import AdapterSummary
+from app.deps import AdminKey, ApiKey, State
+
+router = APIRouter(prefix="/adapters", tags=["adapters"])
+
+
+class AdapterOut(BaseModel):
+    id: str
+    kind: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    sha256: str
+    size_bytes: int
+    base_fingerprint: str
+    created: float
+    version: str
+    servable: bool
+    problem: str | None = None
+    sources: list[dict] | None = None
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterOut]
+
+
+class MergeSource(BaseModel):
+    id: str
+    weight: float = 1.0
+
+
+class MergeRequest(BaseModel):
+    adapter_id: str
+    sources: list[MergeSource] = Field(min_length=1)
+    method: Literal["linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                    "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"] = "cat"
+    density: float | None = Field(None, gt=0, le=1)
+    majority_sign_method: Literal["total", "frequency"] = "total"
+    svd_rank: int | None = Field(None, ge=1)
+    seed: int = 0
+    overwrite: bool = False
+
+
+def _out(summary: AdapterSummary) -> AdapterOut:
+    data = asdict(summary)
+    data["id"] = data.pop("adapter_id")
+    return AdapterOut(**data)
+
+
+async def _spool(upload: UploadFile, directory: Path, name: str) -> Path:
+    target = directory / name
+    with open(target, "wb") as fh:
+        while chunk := await upload.read(1 << 20):
+            fh.write(chunk)
+    return target
+
+
+@router.post("", status_code=201, response_model=AdapterOut, dependencies=[AdminKey])
+async def upload_adapter(
+    state: State,
+    adapter_id: Annotated[str, Form(description="id to serve the adapter under")],
+    archive: Annotated[UploadFile, File(description=".tar.gz/.tgz/.zip of a PEFT save_pretrained directory")],
+    initial_archive: Annotated[UploadFile | None, File(description="untrained OLoRA/PiSSA checkpoint")] = None,
+    overwrite: Annotated[bool, Query()] = False,
+) -> AdapterOut:
+    work = state.adapters.store.staging_dir()
+    try:
+        trained = await _spool(archive, work, "trained.archive")
+        initial = await _spool(initial_archive, work, "initial.archive") if initial_archive is not None else None
+        summary = await asyncio.to_thread(state.adapters.upload, adapter_id, trained, initial, overwrite=overwrite)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    state.metrics.adapters_registered.set(len(state.adapters.store.versions()))
+    return _out(summary)
+
+
+@router.get("", response_model=AdapterList, dependencies=[ApiKey])
+async def list_adapters(state: State) -> AdapterList:
+    return AdapterList(adapters=[_out(s) for s in await asyncio.to_thread(state.adapters.list)])
+
+
+@router.get("/{adapter_id}", response_model=AdapterOut, dependencies=[ApiKey])
+async def show_adapter(adapter_id: str, state: State) -> AdapterOut:
+    return _out(state.adapters.get(adapter_id))
+
+
+@router.delete("/{adapter_id}", response_model=AdapterOut, dependencies=[AdminKey])
+async def delete_adapter(adapter_id: str, state: State) -> AdapterOut:
+    """Running requests of the adapter finish; later ones get 404."""
+    summary = await asyncio.to_thread(state.adapters.delete, adapter_id)
+    state.metrics.adapters_registered.set(len(state.adapters.store.versions()))
+    return _out(summary)
+
+
+@router.post("/merge", status_code=201, response_model=AdapterOut, dependencies=[AdminKey])
+async def merge_adapters(body: MergeRequest, state: State) -> AdapterOut:
+    """PEFT `add_weighted_adapter` semantics. Ranks: `cat` sums them (exact weighted sum of the deltas);
+    `linear`/`ties`/`dare_*`/`magnitude_prune` need equal ranks; `*svd` truncate to `svd_rank` (default: the
+    largest source rank). The result must fit `max_rank`."""
+    summary = await asyncio.to_thread(
+        state.adapters.merge, body.adapter_id, [(s.id, s.weight) for s in body.sources], body.method,
+        density=body.density, majority_sign_method=body.majority_sign_method, svd_rank=body.svd_rank,
+        seed=body.seed, overwrite=body.overwrite)
+    state.metrics.adapters_registered.set(len(state.adapters.store.versions()))
+    return _out(summary)
+
+
+@router.post("/{adapter_id}/merge-into-base", dependencies=[AdminKey],
+             responses={200: {"content": {"application/x-tar": {}}}})
+async def merge_into_base(adapter_id: str, state: State) -> StreamingResponse:
+    """A standalone model (base + adapter merged; safetensors, config, tokenizer) streamed as a tar.
+    Memory-bounded: the base is read one tensor at a time from its original safetensors files."""
+    from olora_core.merge_into_base import iter_merged_model_tar
+
+    stored = state.adapters.store.get(adapter_id)
+    if stored is None:
+        raise HTTPException(404, f"adapter {adapter_id!r} not found")
+    if state.base_dir is None:
+        raise HTTPException(409, "the base model's files are not on local disk; merge-into-base is unavailable")
+    # The store keeps a retired version for a grace period, so an overwrite during the stream does not cut it.
+    return StreamingResponse(
+        iter_merged_model_tar(Path(state.base_dir), stored.path), media_type="application/x-tar",
+        headers={"Content-Disposition": f'attachment; filename="{adapter_id}-merged.tar"'})

@@ -1,0 +1,50 @@
+"""Operations: /health (live), /ready (model loaded), /info, /metrics; TGI's /v2/health/* aliases."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from app import __version__
+from app.deps import State
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health")
+@router.get("/v2/health/live")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+@router.get("/v2/health/ready")
+async def ready(request: Request):
+    state = getattr(request.app.state, "olora", None)
+    if state is None:
+        return JSONResponse({"status": "starting"}, status_code=503)
+    return {"status": "ready", "model": state.engine.model_name}
+
+
+@router.get("/info")
+async def info(state: State) -> dict:
+    s = state.settings
+    return {
+        "version": __version__, "model_id": state.engine.model_name, "base_fingerprint": state.engine.base_fingerprint,
+        "quantize": s.quantize, "dtype": s.dtype, "device": str(getattr(state.engine, "device", s.device)),
+        "max_loras": s.max_loras, "max_cpu_adapters": s.max_cpu_adapters, "max_rank": s.max_rank,
+        "max_batch_size": s.max_batch_size, "max_batch_tokens": s.max_batch_tokens,
+        "max_input_tokens": s.max_input_tokens, "max_total_tokens": s.max_total_tokens,
+        "max_waiting": s.max_waiting, "auth": s.auth_enabled,
+    }
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    stats = state.engine.stats()
+    state.metrics.set_lora_info(list(stats.running_adapters), list(stats.waiting_adapters))
+    state.metrics.queue_length.set(stats.waiting)
+    state.metrics.running.set(stats.running)
+    state.metrics.adapters_resident.labels(tier="device").set(stats.slots_used)
+    state.metrics.adapters_resident.labels(tier="host").set(stats.host_adapters)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
