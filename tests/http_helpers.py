@@ -1,0 +1,50 @@
+"""Shared pieces of the HTTP tests: archives of adapter dirs, PEFT reference generations, app construction."""
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+
+def tar_gz(adapter_dir: str | Path, arcname: str = "adapter") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(str(adapter_dir), arcname=arcname)
+    return buf.getvalue()
+
+
+def zip_bytes(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def peft_greedy_text(base_dir, adapter_dir, prompt: str, max_new_tokens: int, *, mutate_olora_initial=None) -> str:
+    """Reference: greedy text of PEFT's PeftModel with this one adapter (or the base model when None)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id or 0)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def upload(client, adapter_id: str, archive: bytes, initial: bytes | None = None, overwrite: bool = False,
+           headers: dict | None = None):
+    files = {"archive": ("adapter.tgz", archive, "application/gzip")}
+    if initial is not None:
+        files["initial_archive"] = ("initial.tgz", initial, "application/gzip")
+    return client.post("/adapters" + ("?overwrite=true" if overwrite else ""), data={"adapter_id": adapter_id},
+                       files=files, headers=headers or {})

@@ -1,0 +1,251 @@
+"""Integration tests of the HTTP API through TestClient (the lifespan runs: `with TestClient(app)`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.main import create_app
+from app.settings import Settings
+from helpers import save_random_lora, save_tiny_checkpoint
+from http_helpers import peft_greedy_text, tar_gz, upload
+
+PROMPT = "Return the number of items"
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    return Path(save_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny", seed=0))
+
+
+@pytest.fixture(scope="module")
+def lora_dirs(base_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        "qv4": Path(save_random_lora(base_dir, root / "qv4", r=4, seed=1, task_type="CAUSAL_LM")),
+        "all8": Path(save_random_lora(base_dir, root / "all8", r=8, seed=2, task_type="CAUSAL_LM",
+                                      targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"))),
+        "qv4b": Path(save_random_lora(base_dir, root / "qv4b", r=4, seed=3, task_type="CAUSAL_LM")),
+    }
+
+
+def make_settings(tmp_path: Path, base_dir: Path, **overrides) -> Settings:
+    values = dict(model=str(base_dir), adapter_dir=tmp_path / "store", demo_adapters=False, max_batch_size=4,
+                  max_input_tokens=64, max_total_tokens=128, max_loras=2, max_cpu_adapters=4, max_rank=16)
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture()
+def client(tmp_path, base_dir):
+    with TestClient(create_app(make_settings(tmp_path, base_dir))) as c:
+        yield c
+
+
+def gen(client, adapter_id=None, prompt=PROMPT, **params):
+    params.setdefault("max_new_tokens", 8)
+    return client.post("/generate", json={"inputs": prompt, "parameters": {"adapter_id": adapter_id, **params}})
+
+
+def test_health_ready_info(client, base_dir):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json()["status"] == "ready"
+    assert client.get("/v2/health/ready").status_code == 200
+    info = client.get("/info").json()
+    assert info["max_loras"] == 2 and info["quantize"] == "none" and len(info["base_fingerprint"]) >= 16
+
+
+def test_upload_generate_matches_peft_and_base(client, base_dir, lora_dirs):
+    r = upload(client, "qv4", tar_gz(lora_dirs["qv4"]))
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert info["id"] == "qv4" and info["rank"] == 4 and info["kind"] == "lora"
+    assert set(info["target_modules"]) == {"q_proj", "v_proj"} and len(info["sha256"]) == 64
+    assert info["base_fingerprint"] == client.get("/info").json()["base_fingerprint"]
+    assert [a["id"] for a in client.get("/adapters").json()["adapters"]] == ["qv4"]
+    assert client.get("/adapters/qv4").json()["sha256"] == info["sha256"]
+
+    with_adapter = gen(client, "qv4").json()["generated_text"]
+    base = gen(client, None).json()["generated_text"]
+    assert with_adapter == peft_greedy_text(base_dir, lora_dirs["qv4"], PROMPT, 8)
+    assert base == peft_greedy_text(base_dir, None, PROMPT, 8)
+    assert with_adapter != base  # the adapter changes the output
+
+
+def test_details_full_text_and_x_adapter_header(client, lora_dirs):
+    upload(client, "qv4", tar_gz(lora_dirs["qv4"]))
+    body = gen(client, "qv4", details=True, return_full_text=True).json()
+    assert body["generated_text"].startswith(PROMPT)
+    d = body["details"]
+    assert d["finish_reason"] == "length" and d["generated_tokens"] == 8 and len(d["tokens"]) == 8
+    assert all(t["logprob"] <= 0 for t in d["tokens"])
+    r = client.post("/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "qv4"}},
+                    headers={"X-Adapter-Id": "other"})
+    assert r.status_code == 400 and "X-Adapter-Id" in r.json()["error"]
+    r = client.post("/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "qv4"}},
+                    headers={"X-Adapter-Id": "qv4"})
+    assert r.status_code == 200
+
+
+def test_seeded_sampling_is_reproducible(client):
+    a = gen(client, None, do_sample=True, temperature=0.9, top_p=0.9, seed=7, details=True).json()
+    b = gen(client, None, do_sample=True, temperature=0.9, top_p=0.9, seed=7, details=True).json()
+    assert a["generated_text"] == b["generated_text"] and a["details"]["seed"] == 7
+
+
+def test_stream_matches_generate(client, lora_dirs):
+    upload(client, "all8", tar_gz(lora_dirs["all8"]))
+    expected = gen(client, "all8", max_new_tokens=10).json()["generated_text"]
+    with client.stream("POST", "/generate_stream",
+                       json={"inputs": PROMPT, "parameters": {"adapter_id": "all8", "max_new_tokens": 10}}) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    assert len(events) == 10
+    assert "".join(e["token"]["text"] for e in events) == expected
+    assert events[-1]["generated_text"] == expected and events[-1]["details"]["finish_reason"] == "length"
+    assert all(e["generated_text"] is None for e in events[:-1])
+
+
+def test_openai_endpoints(client, lora_dirs, base_dir):
+    upload(client, "qv4", tar_gz(lora_dirs["qv4"]))
+    models = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert "qv4" in models and len(models) == 2
+    expected = gen(client, "qv4", max_new_tokens=6).json()["generated_text"]
+    r = client.post("/v1/completions", json={"model": "qv4", "prompt": PROMPT, "max_tokens": 6, "temperature": 0})
+    body = r.json()
+    assert body["choices"][0]["text"] == expected and body["usage"]["completion_tokens"] == 6
+    with client.stream("POST", "/v1/completions",
+                       json={"model": "qv4", "prompt": PROMPT, "max_tokens": 6, "stream": True}) as r:
+        lines = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
+    assert lines[-1] == "[DONE]"
+    assert "".join(json.loads(x)["choices"][0]["text"] for x in lines[:-1]) == expected
+    chat = client.post("/v1/chat/completions", json={"model": "qv4", "max_tokens": 5,
+                                                     "messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["choices"][0]["message"]["role"] == "assistant" and chat["usage"]["completion_tokens"] == 5
+    base_name = client.get("/info").json()["model_id"]
+    assert client.post("/v1/completions", json={"model": base_name, "prompt": PROMPT, "max_tokens": 3}).status_code == 200
+    assert client.post("/v1/completions", json={"model": "nope", "prompt": PROMPT}).status_code == 404
+
+
+def test_overwrite_conflict_and_delete(client, lora_dirs):
+    assert upload(client, "a", tar_gz(lora_dirs["qv4"])).status_code == 201
+    r = upload(client, "a", tar_gz(lora_dirs["qv4b"]))
+    assert r.status_code == 409 and "overwrite" in r.json()["error"]
+    first = gen(client, "a").json()["generated_text"]
+    assert upload(client, "a", tar_gz(lora_dirs["qv4b"]), overwrite=True).status_code == 201
+    second = gen(client, "a").json()["generated_text"]
+    assert first != second  # the new version is served, not a cached old one
+    assert client.delete("/adapters/a").status_code == 200
+    r = gen(client, "a")
+    assert r.status_code == 404 and "a" in r.json()["error"]
+    assert client.delete("/adapters/a").status_code == 404
+
+
+def test_merge_endpoint_and_per_request_merge(client, lora_dirs):
+    upload(client, "x", tar_gz(lora_dirs["qv4"]))
+    upload(client, "y", tar_gz(lora_dirs["qv4b"]))
+    r = client.post("/adapters/merge", json={"adapter_id": "xy", "sources": [{"id": "x", "weight": 0.5},
+                                                                           {"id": "y", "weight": 0.5}],
+                                             "method": "cat"})
+    assert r.status_code == 201, r.text
+    assert r.json()["kind"] == "merged" and r.json()["rank"] == 8
+    merged = gen(client, "xy").json()["generated_text"]
+    per_request = client.post("/generate", json={"inputs": PROMPT, "parameters": {
+        "max_new_tokens": 8, "merged_adapters": {"ids": ["x", "y"], "weights": [0.5, 0.5]}}}).json()
+    assert per_request["generated_text"] == merged  # LoRAX `linear` = exact weighted sum = PEFT `cat`
+    r = client.post("/adapters/merge", json={"adapter_id": "bad", "sources": [{"id": "x"}, {"id": "nope"}]})
+    assert r.status_code == 404
+
+
+def test_merge_into_base_streams_a_loadable_model(client, lora_dirs, tmp_path):
+    import io
+    import tarfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    upload(client, "qv4", tar_gz(lora_dirs["qv4"]))
+    expected = gen(client, "qv4").json()["generated_text"]
+    r = client.post("/adapters/qv4/merge-into-base")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-tar"
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+        tar.extractall(tmp_path / "merged", filter="data")
+    root = tmp_path / "merged"
+    root = next(p.parent for p in root.rglob("config.json"))
+    model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(root)
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                         eos_token_id=None)
+    assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == expected
+
+
+def test_metrics_are_prometheus_and_count(client, lora_dirs):
+    upload(client, "qv4", tar_gz(lora_dirs["qv4"]))
+    for _ in range(2):
+        gen(client, "qv4", max_new_tokens=4)
+    gen(client, None, max_new_tokens=4)
+    text = client.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("olora_adapter_requests_total", (("adapter", "qv4"),))] == 2
+    assert samples[("olora_adapter_requests_total", (("adapter", "__base__"),))] == 1
+    assert samples[("olora_generated_tokens_total", ())] == 12
+    assert samples[("olora_requests_total", (("route", "/generate"), ("status", "200")))] == 3
+    assert samples[("olora_time_to_first_token_seconds_count", ())] == 3
+    assert samples[("olora_adapters_registered", ())] == 1
+    assert any(n == "olora_adapter_cache_events_total" and dict(l).get("event") == "load"
+               for n, l in samples)
+    info = [s for s in families["vllm:lora_requests_info"].samples]
+    assert info and set(info[0].labels) == {"max_lora", "running_lora_adapters", "waiting_lora_adapters"}
+    assert info[0].labels["max_lora"] == "2"
+
+
+def test_restart_keeps_adapters(tmp_path, base_dir, lora_dirs):
+    settings = make_settings(tmp_path, base_dir)
+    with TestClient(create_app(settings)) as c:
+        assert upload(c, "keep", tar_gz(lora_dirs["qv4"])).status_code == 201
+        before = gen(c, "keep").json()["generated_text"]
+    with TestClient(create_app(settings)) as c:
+        assert [a["id"] for a in c.get("/adapters").json()["adapters"]] == ["keep"]
+        assert gen(c, "keep").json()["generated_text"] == before
+
+
+def test_auth(tmp_path, base_dir, lora_dirs):
+    settings = make_settings(tmp_path, base_dir, api_keys="user-key", admin_keys="admin-key")
+    with TestClient(create_app(settings)) as c:
+        assert gen(c).status_code == 401
+        assert c.post("/generate", json={"inputs": "x"}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        user = {"Authorization": "Bearer user-key"}
+        admin = {"Authorization": "Bearer admin-key"}
+        assert c.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}},
+                      headers=user).status_code == 200
+        assert upload(c, "a", tar_gz(lora_dirs["qv4"]), headers=user).status_code == 403
+        assert upload(c, "a", tar_gz(lora_dirs["qv4"]), headers=admin).status_code == 201
+        assert c.delete("/adapters/a", headers=user).status_code == 403
+        assert c.get("/health").status_code == 200  # probes stay open
+        assert c.get("/metrics").status_code == 200
+
+
+def test_queue_full_is_429(tmp_path, base_dir):
+    import threading
+
+    settings = make_settings(tmp_path, base_dir, max_batch_size=1, max_waiting=1)
+    with TestClient(create_app(settings)) as c:
+        codes, lock = [], threading.Lock()
+
+        def one():
+            r = gen(c, None, max_new_tokens=40)
+            with lock:
+                codes.append((r.status_code, r.headers.get("retry-after")))
+
+        threads = [threading.Thread(target=one) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert (429, "1") in codes and any(code == 200 for code, _ in codes)
