@@ -54,3 +54,67 @@ def quantized_tiny_llama(model_dir, bits: int, seed: int = 0):
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map="cpu")
     model.eval()
     return model
+
+
+# ---- engine tests: a byte-level tokenizer and a saved tiny checkpoint --------------------------------------
+BYTE_VOCAB = 256
+BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def byte_tokenizer():
+    """A tokenizer with one token per byte (ids 0..255) + <s>=256, </s>=257, <pad>=258: every non-ASCII
+    character spans several tokens, which exercises incremental detokenization."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    vocab.update({"<s>": BOS_ID, "</s>": EOS_ID, "<pad>": PAD_ID})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def save_tiny_checkpoint(path, seed: int = 0, **kwargs) -> str:
+    """Save tiny_llama(vocab=259, ...) + byte_tokenizer() as a local HF checkpoint (safetensors); returns path."""
+    kwargs.setdefault("vocab", BYTE_VOCAB + 3)
+    model = tiny_llama(seed=seed, **kwargs)
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = BOS_ID, EOS_ID, PAD_ID
+    model.generation_config.bos_token_id, model.generation_config.eos_token_id = BOS_ID, EOS_ID
+    model.generation_config.pad_token_id = PAD_ID
+    model.save_pretrained(str(path))
+    byte_tokenizer().save_pretrained(str(path))
+    return str(path)
+
+
+def save_random_lora(base_dir, out_dir, r: int = 4, targets=("q_proj", "v_proj"), seed: int = 1,
+                     a_std: float = 0.1, b_std: float = 0.05, **config_kwargs) -> str:
+    """Build a PEFT LoRA on the checkpoint at base_dir with random (non-zero) A and B and save it with PEFT."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    config_kwargs.setdefault("lora_alpha", 2 * r)
+    peft_model = get_peft_model(model, LoraConfig(r=r, target_modules=list(targets), **config_kwargs))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                std = a_std if "lora_A" in name else b_std
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+    peft_model.save_pretrained(str(out_dir))
+    return str(out_dir)

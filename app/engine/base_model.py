@@ -1,0 +1,135 @@
+"""Loading the shared base model (HF id or local dir; dtype; bitsandbytes quantization; device) and its fingerprint.
+
+Fingerprint = "sha256:" + sha256 over the *original files*: `config.json` bytes, then for every `*.safetensors`
+file in name order its name and bytes. It is computed before quantization from what is on disk, so the same
+checkpoint gives the same fingerprint whatever `dtype`/`quantize`/`device` the engine uses; adapters validated on
+one replica are valid on every replica of the same checkpoint. Hashing reads the weights once (~1 s per GB).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import BaseModelError
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+_CHUNK = 8 << 20
+
+
+@dataclass
+class LoadedBase:
+    model: nn.Module  # a transformers *ForCausalLM in eval mode
+    tokenizer: object
+    name: str  # what the user asked for (HF id or directory), or "default" for the embedded model
+    path: Path  # local directory the files came from
+    fingerprint: str
+    device: torch.device
+    dtype: torch.dtype  # compute/activation dtype (= LoRA slot dtype)
+    quantize: str
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise BaseModelError(f"invalid device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BaseModelError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise BaseModelError(f"invalid dtype {dtype!r}: expected auto, {', '.join(sorted(DTYPES))}")
+    return DTYPES[dtype]
+
+
+def resolve_model_dir(model: str | None) -> tuple[str, Path]:
+    """(display name, local directory). None = the embedded default model; a local dir; else an HF hub id."""
+    if model is None:
+        try:
+            from olora_core.default_model import default_model_path
+
+            return "default", Path(default_model_path())
+        except Exception as exc:  # not installed, or its assets are missing
+            raise BaseModelError(f"no model given and the embedded default model is unavailable ({exc})") from None
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return model, path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(repo_id=model, allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"])
+    except Exception as exc:  # offline, unknown id, auth...
+        raise BaseModelError(f"model {model!r} is not a local directory and could not be fetched from the hub "
+                             f"({type(exc).__name__}: {exc})") from None
+    return model, Path(local)
+
+
+def fingerprint_model_dir(path: Path) -> str:
+    """sha256 over config.json and every *.safetensors file (name + bytes, name order). See module docstring."""
+    config = path / "config.json"
+    weights = sorted(path.glob("*.safetensors"))
+    if not config.is_file():
+        raise BaseModelError(f"{path}: no config.json")
+    if not weights:
+        found = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        raise BaseModelError(f"{path}: no *.safetensors weights (pickle files {found} are never loaded)")
+    digest = hashlib.sha256()
+    for file in [config, *weights]:
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return "sha256:" + digest.hexdigest()
+
+
+def _quantization_config(quantize: str, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quantize in ("nf4", "fp4"):
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=dtype)
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base_model(model: str | None = None, dtype: str = "auto", quantize: str = "none",
+                    device: str = "auto") -> LoadedBase:
+    """Load tokenizer + causal LM from safetensors only (no remote code), in eval mode, on one device."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if quantize not in QUANTIZATIONS:
+        raise BaseModelError(f"invalid quantize {quantize!r}: expected one of {', '.join(QUANTIZATIONS)}")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    name, path = resolve_model_dir(model)
+    fingerprint = fingerprint_model_dir(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        net = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch_dtype, quantization_config=_quantization_config(quantize, torch_dtype),
+            device_map={"": dev}, use_safetensors=True, trust_remote_code=False)
+    except Exception as exc:
+        raise BaseModelError(f"cannot load model from {path} ({type(exc).__name__}: {exc})") from None
+    net.eval()
+    for param in net.parameters():
+        param.requires_grad_(False)
+    compute_dtype = net.get_input_embeddings().weight.dtype
+    return LoadedBase(model=net, tokenizer=tokenizer, name=name, path=path, fingerprint=fingerprint, device=dev,
+                      dtype=compute_dtype, quantize=quantize)
+

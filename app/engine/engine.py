@@ -1,0 +1,312 @@
+"""The engine: one base model, many LoRA adapters in the same batch, continuous batching on a model thread.
+
+    engine = Engine(EngineConfig(), DirectoryAdapterSource(root)); engine.start()
+    handle = engine.submit(prompt_ids, "my-adapter", SamplingParams(max_new_tokens=32))
+    async for event in handle: ...            # or handle.result() from blocking code
+
+Every iteration of the model loop: drop finished/cancelled rows, admit newcomers (adapter in host memory and a
+slot pinned), decode the running rows in one forward and prefill the newcomers in another, then sample one token
+per row and hand it to the request's consumer.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapter_cache import AdapterCache
+from .adapter_files import AdapterInfo, AdapterSource, ParsedAdapter, parse_adapter, read_adapter_config
+from .base_model import load_base_model
+from .errors import EngineError, EngineNotRunning, InputTooLong, InvalidRequest
+from .handle import RequestHandle, TokenEvent
+from .lora_layers import KERNELS, LoRASlotBank, find_target_modules
+from .observer import EngineObserver, RequestStats, SafeObserver
+from .runner import ModelRunner
+from .sampling import RowSampler, SamplingParams, choose_tokens
+from .scheduler import Limits, Scheduler, Sequence
+from .text import IncrementalDetokenizer, find_stop
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF id or local directory; None = the embedded default model
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    quantize: str = "none"  # none | nf4 | fp4 | int8 (bitsandbytes)
+    device: str = "auto"  # auto (CUDA if present) | cpu | cuda | cuda:N
+    max_loras: int = 8  # device slots
+    max_cpu_adapters: int = 64  # host-memory LRU entries
+    max_rank: int = 64  # slot rank r_max; adapters above it are refused
+    max_batch_size: int = 16  # running rows
+    max_batch_tokens: int = 2048  # padded prompt tokens prefilled per iteration
+    max_input_tokens: int = 1024
+    max_total_tokens: int = 1536  # prompt + max_new_tokens; also the KV row length
+    target_modules: tuple[str, ...] | None = None  # e.g. ("q_proj", "v_proj"); None = every Linear of the blocks
+    max_waiting: int = 256  # bounded waiting queue (QueueFull beyond)
+    kernel: str = "auto"  # LoRA kernel: auto | bgmv | grouped | reference (tests)
+
+    def validate(self) -> None:
+        positive = ("max_loras", "max_cpu_adapters", "max_rank", "max_batch_size", "max_batch_tokens",
+                    "max_input_tokens", "max_total_tokens", "max_waiting")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise InvalidRequest(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise InvalidRequest("EngineConfig.max_input_tokens must be < max_total_tokens")
+        if self.max_input_tokens > self.max_batch_tokens:
+            raise InvalidRequest("EngineConfig.max_input_tokens must be <= max_batch_tokens")
+        if self.kernel not in KERNELS:
+            raise InvalidRequest(f"EngineConfig.kernel must be one of {KERNELS}")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    waiting: int
+    running: int
+    running_adapters: tuple[str, ...]  # distinct ids, sorted (vLLM's running_lora_adapters)
+    waiting_adapters: tuple[str, ...]
+    max_loras: int
+    slots_used: int
+    slots_pinned: int
+    slot_adapters: tuple[str | None, ...]  # per slot 1..max_loras
+    host_adapters: int
+    host_bytes: int
+    max_cpu_adapters: int
+    pending_loads: int
+    steps: int
+    alive: bool
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, adapters: AdapterSource, observer: EngineObserver | None = None):
+        config.validate()
+        self.config = config
+        self.observer = SafeObserver(observer)
+        base = load_base_model(config.model, config.dtype, config.quantize, config.device)
+        self.tokenizer = base.tokenizer
+        self.model_name: str = base.name
+        self.base_fingerprint: str = base.fingerprint
+        self.model_path: Path = base.path  # local directory of the base checkpoint
+        self.device = base.device
+        self.model = base.model
+        targets = find_target_modules(base.model, config.target_modules)
+        if not targets:
+            raise InvalidRequest(f"no Linear module of the decoder blocks matches target_modules={config.target_modules}")
+        self.bank = LoRASlotBank(base.model, targets, config.max_loras, config.max_rank, base.dtype, base.device,
+                                 kernel=config.kernel)
+        self.runner = ModelRunner(base.model, self.bank, config.max_batch_size, config.max_total_tokens)
+        self._wake = threading.Condition()
+        self.cache = AdapterCache(adapters, self.bank, config.max_cpu_adapters, self._parse, self.observer,
+                                  pin_memory=base.device.type == "cuda", on_change=self._notify)
+        self.scheduler = Scheduler(Limits(config.max_batch_size, config.max_batch_tokens, config.max_waiting),
+                                   self.cache, self.runner.kv)
+        self._eos_ids = self._find_eos_ids()
+        self._ids = itertools.count()
+        self._by_id: dict[str, Sequence] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._fatal: BaseException | None = None
+        self.steps = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._wake:
+            if self._thread is not None:
+                return
+            self._stop = False
+            self.cache.start()
+            self._thread = threading.Thread(target=self._loop, name="olora-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the threads; unfinished requests end with finish_reason "cancelled". Idempotent."""
+        with self._wake:
+            self._stop = True
+            self._wake.notify_all()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=60)
+        self.cache.stop()
+        for seq in self.scheduler.running + self.scheduler.waiting_snapshot():
+            if not seq.handle.done:
+                self._finish(seq, "cancelled")
+
+    # ---- public API --------------------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], adapter_id: str | None, params: SamplingParams) -> RequestHandle:
+        """Queue a request. Raises AdapterNotFound / AdapterRejected / InputTooLong / QueueFull /
+        InvalidRequest / EngineNotRunning."""
+        if self._thread is None or self._fatal is not None:
+            raise EngineNotRunning(f"engine is not running{f' (loop died: {self._fatal!r})' if self._fatal else ''}")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequest("params must be a SamplingParams")
+        vocab = self.runner.vocab_size
+        if not prompt_ids or not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
+            raise InvalidRequest(f"prompt_ids must be a non-empty list of token ids in [0, {vocab})")
+        cfg = self.config
+        if len(prompt_ids) > cfg.max_input_tokens:
+            raise InputTooLong(f"prompt has {len(prompt_ids)} tokens, max_input_tokens is {cfg.max_input_tokens}")
+        if len(prompt_ids) + params.max_new_tokens > cfg.max_total_tokens:
+            raise InputTooLong(f"prompt tokens ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) "
+                               f"must be <= max_total_tokens ({cfg.max_total_tokens})")
+        key = self.cache.resolve(adapter_id) if adapter_id is not None else None
+        if key is not None and self.cache.status(key) == "loading":
+            read_adapter_config(Path(key.path))  # cheap early refusal of unsupported configs
+        request_id = f"req-{next(self._ids)}"
+        handle = RequestHandle(request_id, self.cancel)
+        seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), adapter_id=adapter_id, key=key,
+                       params=params, sampler=RowSampler(params, self.device),
+                       detok=IncrementalDetokenizer(self.tokenizer, prompt_ids), handle=handle)
+        self._by_id[request_id] = seq
+        try:
+            self.scheduler.enqueue(seq)
+        except EngineError:
+            self._by_id.pop(request_id, None)
+            raise
+        self._notify()
+        return handle
+
+    def cancel(self, request_id: str) -> None:
+        seq = self._by_id.get(request_id)
+        if seq is not None:
+            seq.cancelled = True
+            self._notify()
+
+    def invalidate(self, adapter_id: str) -> None:
+        """The adapter was deleted or overwritten: later requests get the new version or AdapterNotFound."""
+        self.cache.invalidate(adapter_id)
+        self._notify()
+
+    invalidate_adapter = invalidate  # the name the HTTP layer uses
+
+    def validate_adapter(self, path: str | Path) -> AdapterInfo:
+        """Check an adapter directory against this base (targets, shapes, rank, finite floats, binding) without
+        putting it in a slot. Raises the typed AdapterRejected subclasses."""
+        return self._parse(Path(path)).info
+
+    def stats(self) -> EngineStats:
+        snap = self.cache.snapshot()
+        running = list(self.scheduler.running)
+        waiting = self.scheduler.waiting_snapshot()
+        return EngineStats(
+            waiting=len(waiting), running=len(running),
+            running_adapters=tuple(sorted({s.adapter_id for s in running if s.adapter_id})),
+            waiting_adapters=tuple(sorted({s.adapter_id for s in waiting if s.adapter_id})),
+            max_loras=self.config.max_loras, slots_used=sum(e is not None for e in snap["slots"]),
+            slots_pinned=sum(e is not None and e[1] > 0 for e in snap["slots"]),
+            slot_adapters=tuple(None if e is None else e[0] for e in snap["slots"]),
+            host_adapters=len(snap["host_adapters"]), host_bytes=snap["host_bytes"],
+            max_cpu_adapters=self.config.max_cpu_adapters, pending_loads=snap["pending_loads"], steps=self.steps,
+            alive=self._thread is not None and self._fatal is None)
+
+    # ---- internals ---------------------------------------------------------------------------------------
+    def _parse(self, path: Path) -> ParsedAdapter:
+        return parse_adapter(path, self.bank.targets, self.config.max_rank, self.bank.dtype, self.base_fingerprint)
+
+    def _find_eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen = getattr(self.model, "generation_config", None)
+        for value in (getattr(gen, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(v for v in value if isinstance(v, int))
+        return ids
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while not self._stop:
+                    if not self._step():
+                        with self._wake:
+                            if not self._stop:
+                                self._wake.wait(timeout=0.05)
+        except BaseException as exc:  # a bug or OOM: fail every request instead of hanging them
+            self._fatal = exc
+            traceback.print_exc()
+            error = EngineNotRunning(f"engine loop died: {type(exc).__name__}: {exc}")
+            for seq in self.scheduler.running + self.scheduler.waiting_snapshot():
+                if not seq.handle.done:
+                    seq.error = error
+                    self._finish(seq, "error")
+
+    def _step(self) -> bool:
+        """One scheduler iteration; False when there was nothing to do."""
+        sched = self.scheduler
+        for seq in sched.running:
+            if seq.cancelled and not seq.done:
+                self._finish(seq, "cancelled")
+        sched.compact()
+        newcomers, dropped = sched.admit()
+        for seq in dropped:
+            self._finish(seq, seq.finish_reason or "cancelled")
+        old = list(sched.running)
+        if not old and not newcomers:
+            return bool(dropped)
+        rows: list[Sequence] = []
+        logits = []
+        if old:
+            logits.append(self.runner.decode([s.generated[-1] for s in old], [s.cached_tokens for s in old],
+                                             [s.slot for s in old]))
+            rows += old
+        prefill_tokens = 0
+        if newcomers:
+            prefill_tokens = len(newcomers) * max(len(s.prompt_ids) for s in newcomers)
+            logits.append(self.runner.prefill(len(old), [s.prompt_ids for s in newcomers],
+                                              [s.slot for s in newcomers]))
+            rows += newcomers
+            sched.start_running(newcomers)
+        histories = [self._history(s) for s in rows]
+        tokens, logprobs = choose_tokens(torch.cat(logits) if len(logits) > 1 else logits[0],
+                                         [s.sampler for s in rows], histories)
+        for seq, token, logprob in zip(rows, tokens, logprobs):
+            self._emit(seq, token, logprob)
+        self.steps += 1
+        self.observer.on_step(len(old) + len(newcomers), sched.n_waiting, prefill_tokens, len(old))
+        return True
+
+    def _history(self, seq: Sequence) -> torch.Tensor | None:
+        if seq.sampler.batched_greedy or seq.params.repetition_penalty == 1.0:
+            return None
+        return torch.tensor([seq.prompt_ids + seq.generated], dtype=torch.long, device=self.device)  # (1, n)
+
+    def _emit(self, seq: Sequence, token: int, logprob: float) -> None:
+        seq.generated.append(token)
+        text = seq.detok.add(token)
+        reason = None
+        if token in self._eos_ids and not seq.params.ignore_eos:
+            reason = "eos_token"
+        elif find_stop(seq.detok.text, len(text), seq.params.stop) >= 0:
+            reason = "stop_sequence"
+        elif len(seq.generated) >= seq.params.max_new_tokens or seq.cached_tokens + 1 >= self.config.max_total_tokens:
+            reason = "length"
+        if reason is not None:
+            text += seq.detok.flush()
+        seq.handle._push(TokenEvent(token, text, logprob, reason))
+        if reason is not None:
+            self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        """End a request: free its slot pin now; its row is compacted at the next iteration."""
+        if seq.handle.done:
+            return
+        seq.finish_reason = reason
+        if seq.admitted_at is not None and seq.slot:
+            self.cache.release_slot(seq.slot)
+            seq.slot = 0
+        seq.handle._push(None, finish_reason=reason, error=seq.error)
+        self._by_id.pop(seq.request_id, None)
+        now = time.perf_counter()
+        self.observer.on_request_done(RequestStats(
+            request_id=seq.request_id, adapter_id=seq.adapter_id, finish_reason=reason,
+            prompt_tokens=len(seq.prompt_ids), generated_tokens=len(seq.generated),
+            queue_seconds=(seq.admitted_at or now) - seq.submitted_at,
+            time_to_first_token=seq.handle.time_to_first_token, total_seconds=now - seq.submitted_at,
+            error=None if seq.error is None else str(seq.error)))

@@ -1,0 +1,71 @@
+"""Typed errors of the serving engine. Every message names the problem (file, key, shapes).
+
+The HTTP layer maps them to status codes; `status_code` is a hint for it (this module imports no web framework).
+"""
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+    status_code = 500
+
+
+class BaseModelError(EngineError):
+    """The base model could not be loaded (missing files, pickle-only weights, bad dtype/quantization/device)."""
+
+    status_code = 500
+
+
+class AdapterNotFound(EngineError):
+    """The adapter source has no adapter with this id (or it was deleted)."""
+
+    status_code = 404
+
+
+class AdapterRejected(EngineError):
+    """An adapter exists but cannot be served on this base; the message says which file/key/feature/shape."""
+
+    status_code = 422
+
+
+class UnsupportedAdapterFeature(AdapterRejected):
+    """DoRA, modules_to_save, embedding/lm_head targets, bias training, unconverted OLoRA/PiSSA/..."""
+
+
+class AdapterShapeMismatch(AdapterRejected):
+    """A lora_A/lora_B tensor does not fit the targeted base module (or the rank in the config)."""
+
+
+class AdapterRankTooLarge(AdapterRejected):
+    """The adapter's rank is above the engine's `max_rank` (slot tensors are preallocated at max_rank)."""
+
+
+class AdapterBaseMismatch(AdapterRejected):
+    """The adapter was bound (metadata.json `base_fingerprint`) to a different base model."""
+
+
+class InvalidAdapterFiles(AdapterRejected):
+    """Missing/corrupt adapter_config.json or adapter_model.safetensors, pickle-only weights, non-finite values."""
+
+
+class InvalidRequest(EngineError):
+    """Bad sampling parameters or prompt ids."""
+
+    status_code = 422
+
+
+class InputTooLong(InvalidRequest):
+    """Prompt longer than `max_input_tokens`, or prompt + max_new_tokens above `max_total_tokens`."""
+
+
+class QueueFull(EngineError):
+    """The waiting queue already holds `max_waiting` requests."""
+
+    status_code = 503
+
+
+class EngineNotRunning(EngineError):
+    """`submit` before `start()` or after `shutdown()`, or the engine loop died (the message says why)."""
+
+    status_code = 503

@@ -1,0 +1,132 @@
+"""What `Engine.submit` returns: a stream of `TokenEvent`s, usable from asyncio or blocking code.
+
+The engine thread pushes events; an asyncio consumer is woken with `loop.call_soon_threadsafe`, a blocking one
+through a condition variable. Consume a handle one way only (`async for` or `result()`).
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    text: str  # new text this token completes ("" while a multi-byte character is incomplete, or for EOS)
+    logprob: float  # log-probability of the token under the distribution it was drawn from
+    finish_reason: str | None = None  # set on the last token: "length" | "eos_token" | "stop_sequence"
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    time_to_first_token: float | None = None  # seconds from submit
+    total_seconds: float = 0.0
+
+
+class RequestHandle:
+    """Async iterator of TokenEvent. The stream ends after the last token; `finish_reason` then says why
+    ("cancelled" ends it without a final token). Errors found after submit (e.g. the adapter failed to load)
+    are raised by the iteration / `result()` as the engine's typed exceptions."""
+
+    def __init__(self, request_id: str, cancel: Callable[[str], None]):
+        self.request_id = request_id
+        self.submitted_at = time.perf_counter()
+        self.finish_reason: str | None = None
+        self.error: Exception | None = None
+        self._cancel_cb = cancel
+        self._events: deque[TokenEvent] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._first_token_at: float | None = None
+        self._finished_at: float | None = None
+
+    def cancel(self) -> None:
+        """Stop generating: the row, slot pin and KV row are freed at the engine's next step boundary."""
+        self._cancel_cb(self.request_id)
+
+    # ---- engine side -------------------------------------------------------------------------------------
+    def _push(self, event: TokenEvent | None, finish_reason: str | None = None,
+              error: Exception | None = None) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            now = time.perf_counter()
+            if event is not None:
+                self._events.append(event)
+                if self._first_token_at is None:
+                    self._first_token_at = now
+            if finish_reason is not None or error is not None:
+                self.finish_reason = finish_reason or "error"
+                self.error = error
+                self._finished_at = now
+                self._closed = True
+            self._cond.notify_all()
+            loop, wake = self._loop, self._wake
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+                pass
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self._first_token_at is None else self._first_token_at - self.submitted_at
+
+    @property
+    def done(self) -> bool:
+        return self._closed
+
+    # ---- asyncio consumer --------------------------------------------------------------------------------
+    def __aiter__(self) -> "RequestHandle":
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        while True:
+            with self._cond:
+                if self._events:
+                    return self._events.popleft()
+                if self._closed:
+                    if self.error is not None:
+                        raise self.error
+                    raise StopAsyncIteration
+                if self._loop is None:
+                    self._loop = asyncio.get_running_loop()
+                    self._wake = asyncio.Event()
+                self._wake.clear()
+            await self._wake.wait()
+
+    # ---- blocking consumer -------------------------------------------------------------------------------
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """Block until the request finishes; return all its tokens and text. Raises its error, if any."""
+        out = GenerationResult(request_id=self.request_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                while self._events:
+                    event = self._events.popleft()
+                    out.token_ids.append(event.token_id)
+                    out.logprobs.append(event.logprob)
+                    out.text += event.text
+                if self._closed:
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
+                self._cond.wait(left)
+        if self.error is not None:
+            raise self.error
+        out.finish_reason = self.finish_reason
+        out.time_to_first_token = self.time_to_first_token
+        out.total_seconds = (self._finished_at or time.perf_counter()) - self.submitted_at
+        return out

@@ -1,0 +1,81 @@
+"""One forward of the HF model over rows of the row KV cache, each row with its own LoRA slot.
+
+The runner knows nothing about requests: the scheduler gives it rows, token ids, positions and slots.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from .kv_cache import RowKVCache
+from .lora_layers import LoRASlotBank
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, bank: LoRASlotBank, max_batch: int, max_tokens: int):
+        cfg = model.config
+        embeddings = model.get_input_embeddings().weight
+        self.model = model
+        self.bank = bank
+        self.device = embeddings.device
+        self.dtype = embeddings.dtype
+        self.vocab_size = int(cfg.vocab_size)
+        heads = int(cfg.num_attention_heads)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        self.kv = RowKVCache(int(cfg.num_hidden_layers), max_batch, kv_heads, max_tokens, head_dim, self.dtype,
+                             self.device)
+        self.max_batch = max_batch
+        self.max_tokens = max_tokens
+        self._masked = torch.finfo(self.dtype).min
+        self._positions = torch.arange(max_tokens, device=self.device)  # (max_tokens,)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
+                 logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                         logits_to_keep=logits_to_keep, **{self._cache_kwarg: self.kv})
+        return out.logits[:, -1, :]  # (B, V)
+
+    @torch.inference_mode()
+    def prefill(self, row_start: int, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Run the prompts of newcomers placed at rows [row_start, row_start+n); returns last-token logits (n, V)."""
+        n, t = len(prompts), max(len(p) for p in prompts)
+        if row_start + n > self.max_batch or t > self.max_tokens:
+            raise ValueError(f"prefill of rows {row_start}..{row_start + n} x {t} tokens exceeds the cache")
+        ids = torch.zeros(n, t, dtype=torch.long)  # right-padded with token 0 (masked out)
+        for i, prompt in enumerate(prompts):
+            ids[i, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        ids = ids.to(self.device, non_blocking=True)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)  # (n,)
+        pos = self._positions[:t]  # (T,)
+        # query q may see key k iff k <= q (causal) and k is a real prompt token of its row.
+        allowed = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lengths[:, None, None])
+        mask = torch.zeros(n, 1, t, t, dtype=self.dtype, device=self.device)  # (n, 1, T, T) additive
+        mask.masked_fill_(~allowed[:, None], self._masked)
+        self.kv.plan_prefill(row_start, n, t)
+        self.bank.meta.set_rows(slots)
+        try:
+            return self._forward(ids, mask, pos[None, :].expand(n, t), (lengths - 1)[:, None])
+        finally:
+            self.bank.meta.clear()
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        """Rows 0..B-1 each feed one token at their own position; returns logits (B, V)."""
+        b = len(tokens)
+        length = max(positions) + 1
+        ids = torch.tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)[:, None]  # (B, 1)
+        pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)  # (B,)
+        # row b sees its cached tokens 0..pos[b]-1 and the new one at pos[b]; longer rows' tail is masked.
+        mask = torch.zeros(b, 1, 1, length, dtype=self.dtype, device=self.device)  # (B, 1, 1, L)
+        mask.masked_fill_((self._positions[None, :length] > pos[:, None])[:, None, None, :], self._masked)
+        self.kv.plan_decode(pos, length)
+        self.bank.meta.set_rows(slots)
+        try:
+            return self._forward(ids, mask, pos[:, None], 1)
+        finally:
+            self.bank.meta.clear()

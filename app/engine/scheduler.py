@@ -1,0 +1,170 @@
+"""Continuous batching policy: the bounded waiting queue, admission into batch rows, and row compaction.
+
+Running sequences occupy KV rows 0..B-1 in `running` order (running[i].row == i). Each scheduler iteration:
+remove finished/cancelled rows (the last row moves into each hole), then admit waiting requests FIFO while
+there are free rows and prefill-token budget. A request is admitted only when its adapter is in host memory and a
+device slot can be pinned for it; otherwise it is skipped (it stays queued, its load runs on the loader thread)
+and later requests may go first.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .adapter_cache import AdapterCache, AdapterKey
+from .errors import AdapterNotFound, EngineError, QueueFull
+from .handle import RequestHandle
+from .kv_cache import RowKVCache
+from .sampling import RowSampler, SamplingParams
+from .text import IncrementalDetokenizer
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's state, owned by the engine thread once submitted (only `cancelled` is set elsewhere)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    adapter_id: str | None
+    key: AdapterKey | None  # None = base model (slot 0)
+    params: SamplingParams
+    sampler: RowSampler
+    detok: IncrementalDetokenizer
+    handle: RequestHandle
+    submitted_at: float = field(default_factory=time.perf_counter)
+    generated: list[int] = field(default_factory=list)
+    slot: int = 0
+    admitted_at: float | None = None
+    cancelled: bool = False
+    finish_reason: str | None = None
+    error: EngineError | None = None
+
+    @property
+    def cached_tokens(self) -> int:
+        """Positions held in the KV row: the prompt and every generated token but the last (fed next step)."""
+        return len(self.prompt_ids) + len(self.generated) - 1
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch_size: int
+    max_batch_tokens: int
+    max_waiting: int
+
+
+class Scheduler:
+    def __init__(self, limits: Limits, cache: AdapterCache, kv: RowKVCache):
+        self.limits = limits
+        self.cache = cache
+        self.kv = kv
+        self.running: list[Sequence] = []  # engine thread only; index == KV row
+        self._waiting: deque[Sequence] = deque()
+        self._lock = threading.Lock()
+
+    # ---- any thread --------------------------------------------------------------------------------------
+    def enqueue(self, seq: Sequence) -> None:
+        with self._lock:
+            if len(self._waiting) >= self.limits.max_waiting:
+                raise QueueFull(f"waiting queue is full ({self.limits.max_waiting} requests)")
+            self._waiting.append(seq)
+        if seq.key is not None:
+            self.cache.want(seq.key)
+
+    def waiting_snapshot(self) -> list[Sequence]:
+        with self._lock:
+            return list(self._waiting)
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self._waiting)
+
+    # ---- engine thread -----------------------------------------------------------------------------------
+    def admit(self) -> tuple[list[Sequence], list[Sequence]]:
+        """Pick newcomers for this iteration. Returns (admitted, dropped); dropped sequences were cancelled or
+        failed while waiting (their `finish_reason`/`error` is set) and must be finished by the caller."""
+        admitted: list[Sequence] = []
+        dropped: list[Sequence] = []
+        free_rows = self.limits.max_batch_size - len(self.running)
+        longest = 0
+        with self._lock:
+            candidates = list(self._waiting)
+        for seq in candidates:
+            if seq.cancelled:
+                seq.finish_reason = "cancelled"
+                dropped.append(seq)
+                continue
+            if free_rows <= len(admitted):
+                continue
+            if seq.key is not None and not self._refresh_key(seq):
+                dropped.append(seq)
+                continue
+            longest_after = max(longest, len(seq.prompt_ids))
+            if admitted and (len(admitted) + 1) * longest_after > self.limits.max_batch_tokens:
+                break  # padded prefill budget used up; FIFO order resumes next iteration
+            slot = 0
+            if seq.key is not None:
+                status = self.cache.status(seq.key)
+                if isinstance(status, EngineError):
+                    seq.finish_reason, seq.error = "error", status
+                    dropped.append(seq)
+                    continue
+                if status == "loading":
+                    continue
+                slot = self.cache.acquire_slot(seq.key)
+                if slot is None:
+                    continue  # all slots pinned (or evicted from host meanwhile): stays queued
+            seq.slot = slot
+            seq.admitted_at = time.perf_counter()
+            longest = longest_after
+            admitted.append(seq)
+        gone = admitted + dropped
+        if gone:
+            with self._lock:
+                ids = {id(s) for s in gone}
+                self._waiting = deque(s for s in self._waiting if id(s) not in ids)
+            for seq in gone:
+                if seq.key is not None:
+                    self.cache.unwant(seq.key)
+        return admitted, dropped
+
+    def _refresh_key(self, seq: Sequence) -> bool:
+        """The adapter was invalidated while this request waited: move it to the current version."""
+        if self.cache.is_current(seq.key):
+            return True
+        old = seq.key
+        try:
+            seq.key = self.cache.resolve(seq.adapter_id)
+        except EngineError as exc:
+            seq.finish_reason, seq.error = "error", exc
+            if isinstance(exc, AdapterNotFound):
+                seq.error = AdapterNotFound(f"adapter {seq.adapter_id!r} was deleted while the request waited")
+            seq.key = old  # admit() unwants the key it wanted
+            return False
+        self.cache.want(seq.key)
+        self.cache.unwant(old)
+        return True
+
+    def start_running(self, newcomers: list[Sequence]) -> None:
+        self.running.extend(newcomers)
+
+    def compact(self) -> list[Sequence]:
+        """Remove finished rows, moving the last running row into each hole. Returns the removed sequences."""
+        removed = []
+        i = 0
+        while i < len(self.running):
+            if not self.running[i].done:
+                i += 1
+                continue
+            removed.append(self.running[i])
+            last = self.running.pop()
+            if last is not removed[-1]:
+                # `last` (row len(running)) moves into row i; its KV row is copied up to its cached length.
+                self.kv.move_row(len(self.running), i, last.cached_tokens)
+                self.running[i] = last
+        return removed
