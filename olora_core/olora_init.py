@@ -174,8 +174,10 @@ def _check_config(config) -> None:
     for flag in _UNSUPPORTED_CONFIG_FLAGS:
         if getattr(config, flag, False):
             raise UnsupportedLayerError(f"OLoRA init with LoraConfig.{flag}=True is not supported")
-    if getattr(config, "target_parameters", None):
-        raise UnsupportedLayerError("OLoRA init on target_parameters (nn.Parameter targets) is not supported")
+    for field in ("target_parameters", "alora_invocation_tokens", "arrow_config", "velora_config",
+                  "monteclora_config", "kasa_config"):
+        if getattr(config, field, None):
+            raise UnsupportedLayerError(f"OLoRA init with LoraConfig.{field} set is not supported")
 
 
 def _lora_layers(peft_model, adapter_name: str) -> list[tuple[str, nn.Module]]:
