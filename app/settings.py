@@ -16,40 +16,40 @@ class Settings(BaseSettings):
 
     # base model
     model: str | None = Field(None, description="HF id or local directory of the base model; default: embedded model")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    quantize: Literal["none", "nf4", "fp4", "int8"] = "none"
-    device: str = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="compute dtype; auto: bf16 on CUDA, fp32 on CPU")
+    quantize: Literal["none", "nf4", "fp4", "int8"] = Field("none", description="bitsandbytes quantization of the base")
+    device: str = Field("auto", description="auto (CUDA if present), cpu, cuda, cuda:N")
 
     # network
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, description="port to bind")
     allow_public_without_keys: bool = Field(
         False, description="bind a non-loopback host even though no API keys are configured")
 
     # adapters
-    adapter_dir: Path = Path("adapters")
+    adapter_dir: Path = Field(Path("adapters"), description="persistent adapter store (shared by replicas)")
     demo_adapters: bool = Field(True, description="register the shipped demo adapters at first start")
     max_loras: int = Field(8, ge=1, description="device slots")
     max_cpu_adapters: int = Field(64, ge=1, description="host-memory LRU size")
-    max_rank: int = Field(64, ge=1)
+    max_rank: int = Field(64, ge=1, description="largest adapter rank accepted (slot size)")
     store_poll_s: float = Field(1.0, gt=0, description="how often other replicas' store changes are picked up")
 
     # batching and limits
-    max_batch_size: int = Field(16, ge=1)
-    max_batch_tokens: int = Field(2048, ge=1)
-    max_input_tokens: int = Field(1024, ge=1)
-    max_total_tokens: int = Field(1536, ge=2)
+    max_batch_size: int = Field(16, ge=1, description="sequences in the running batch")
+    max_batch_tokens: int = Field(2048, ge=1, description="prompt tokens prefilled per step")
+    max_input_tokens: int = Field(1024, ge=1, description="longest prompt; past it: 422")
+    max_total_tokens: int = Field(1536, ge=2, description="prompt + max_new_tokens per request")
     max_waiting: int = Field(256, ge=1, description="queued requests; past it: 429")
-    max_new_tokens_default: int = Field(20, ge=1)
-    request_timeout_s: float = Field(300.0, gt=0)
+    max_new_tokens_default: int = Field(20, ge=1, description="max_new_tokens when a request gives none")
+    request_timeout_s: float = Field(300.0, gt=0, description="a generation running longer is cancelled (504)")
     max_request_bytes: int = Field(1 << 20, description="JSON bodies; past it: 413")
     max_upload_bytes: int = Field(512 << 20, description="compressed adapter archive; past it: 413")
     max_unpacked_bytes: int = Field(2 << 30, description="uncompressed adapter archive; past it: 413")
     metrics_max_adapter_labels: int = Field(100, ge=0, description="per-adapter metric label cardinality bound")
 
     # auth (comma-separated lists in the environment)
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="keys for generation and reading")
+    admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="keys for upload/delete/merge (API keys act as admin keys when none is set)")
 
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
