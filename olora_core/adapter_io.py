@@ -5,6 +5,7 @@ Never runs code named by a config: `auto_mapping` and other code-naming keys are
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -162,13 +163,18 @@ def save_adapter_dir(out_dir: str | os.PathLike, config: dict, tensors: dict[str
             os.replace(out_dir, old / "d")
             os.replace(tmp, out_dir)
         else:
-            os.rename(tmp, out_dir)
+            try:
+                os.rename(tmp, out_dir)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):  # another writer got there first
+                    raise OutputExistsError(f"{out_dir}: appeared while writing; not replaced") from None
+                raise
         _fsync_dir(parent)
     except BaseException:
         if old is not None and (old / "d").exists() and not out_dir.exists():
             os.replace(old / "d", out_dir)  # put the previous directory back
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
+        if old is not None and not (old / "d").exists():  # never delete a previous adapter we could not restore
             shutil.rmtree(old, ignore_errors=True)
         raise
     if old is not None:

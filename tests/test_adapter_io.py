@@ -85,6 +85,24 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch, existing):
         assert load_adapter_dir(out).config["r"] == 4
 
 
+def test_failed_swap_restores_previous_adapter(tmp_path, monkeypatch):
+    out = save_adapter_dir(tmp_path / "adapter", CONFIG, tensors())
+    before = listing(tmp_path)
+    real_replace, calls = adapter_io.os.replace, []
+
+    def flaky_replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # moving the new dir into place fails after the old one was moved aside
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(adapter_io.os, "replace", flaky_replace)
+    with pytest.raises(OSError, match="rename failed"):
+        save_adapter_dir(out, dict(CONFIG, r=2), tensors(), overwrite=True)
+    monkeypatch.undo()
+    assert len(calls) == 3 and listing(tmp_path) == before and load_adapter_dir(out).config["r"] == 4
+
+
 def test_save_refuses_bad_inputs_before_writing(tmp_path):
     bad = tensors()
     bad[KEY_A][1, 2] = float("inf")

@@ -12,8 +12,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
-from helpers import quantized_tiny_llama, tiny_llama
+from helpers import quantized_tiny_llama, tiny_gpt2, tiny_llama
 from olora_core.convert import ConversionReport, convert
+from olora_core.olora_init import apply_olora
 from olora_core.errors import (AdapterFormatError, AdapterMismatchError, NonFiniteError, NothingToConvertError,
                                OutputExistsError, RankError, UnsupportedInitError, UnsupportedLayerError)
 
@@ -133,6 +134,23 @@ def test_matches_peft_and_reproduces_trained_model(tmp_path, variant):
             assert layer.r["default"] == 2 * ref_layer.r["default"]
             s, s_ref = layer.scaling["default"], ref_layer.scaling["default"]
             assert abs(s - s_ref) <= 1e-12 * s_ref, (name, s, s_ref)  # per-layer scaling survives doubling
+
+
+def test_gpt2_conv1d_pipeline_with_our_init(tmp_path):
+    """Our OLoRA init on GPT-2 Conv1D layers (PEFT's is wrong there), PEFT training/saving, our conversion:
+    the plain LoRA on the original GPT-2 reproduces the trained model."""
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_fc", "c_proj"], fan_in_fan_out=True,
+                        init_lora_weights="olora", task_type="CAUSAL_LM")
+    peft_model = apply_olora(tiny_gpt2(), config)
+    peft_model.save_pretrained(tmp_path / "initial")
+    train_a_little(peft_model)
+    peft_model.save_pretrained(tmp_path / "trained")
+    trained_logits = logits(peft_model)
+    report = convert(tmp_path / "initial", tmp_path / "trained", tmp_path / "ours")
+    assert report.n_layers == 8 and report.r_out == 16
+    effect = (trained_logits - logits(tiny_gpt2())).abs().max().item()
+    err = (logits(PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours")) - trained_logits).abs().max().item()
+    assert effect > 0.05 and err <= 1e-5, (effect, err)
 
 
 @pytest.fixture(scope="module")
