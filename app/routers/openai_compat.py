@@ -52,6 +52,9 @@ def _usage(g: Generation) -> dict:
 def _start(state: AppState, request: Request, model: str, prompt: str, max_tokens: int | None, temperature,
            top_p, seed, stop: list[str]) -> tuple[object, Generation]:
     adapter_id = _adapter_for_model(state, model)
+    header_adapter = request.headers.get("x-adapter-id")
+    if header_adapter is not None and header_adapter != (adapter_id or ""):
+        raise HTTPException(400, f"X-Adapter-Id header {header_adapter!r} does not match the model {model!r}")
     request.scope["state"]["adapter_id"] = adapter_id
     params = sampling_params(max_new_tokens=max_tokens, default_max_new_tokens=state.settings.max_new_tokens_default,
                              temperature=temperature, top_p=top_p, seed=seed, stop=stop)
