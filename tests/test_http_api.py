@@ -252,3 +252,17 @@ def test_queue_full_is_429(tmp_path, base_dir):
         for t in threads:
             t.join()
     assert (429, "1") in codes and any(code == 200 for code, _ in codes)
+
+
+def test_request_timeout_is_504_and_frees_the_row(tmp_path, base_dir):
+    settings = make_settings(tmp_path, base_dir, request_timeout_s=0.05)
+    with TestClient(create_app(settings)) as c:
+        r = gen(c, None, max_new_tokens=100, ignore_eos_token=True)
+        assert r.status_code == 504 and "timeout" in r.json()["error"]
+        engine = c.app.state.olora.engine
+        for _ in range(100):
+            if engine.stats().running == 0:
+                break
+            import time
+            time.sleep(0.05)
+        assert engine.stats().running == 0
