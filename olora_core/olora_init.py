@@ -157,7 +157,8 @@ def _set_residual(module: nn.Module, fmt: str, residual: Tensor, dense_dtype: to
 
 def olora_init_module(module: nn.Module, r: int, alpha: float, use_rslora: bool = False) -> OLoRAInit:
     """OLoRA on one layer: sets the module's base weight to the residual (same dtype / quant format and
-    settings) and returns A0/B0 (float32). Nothing is modified when an error is raised."""
+    settings) and returns A0/B0 (float32). On an error the weight keeps its values (a 4-bit weight that
+    bitsandbytes had repacked for its CPU kernel may be left in the standard layout)."""
     fmt = weight_format(module)
     dense = _dense_weight(module, fmt)  # (out, in)
     init = olora_init(dense, r, alpha, use_rslora)
@@ -200,6 +201,9 @@ def _lora_layers(peft_model, adapter_name: str) -> list[tuple[str, nn.Module]]:
             raise UnsupportedLayerError(f"{name}: base weight dtype {dense.dtype} is not float32/16/bf16")
         if not torch.isfinite(dense).all():
             raise NonFiniteError(f"{name}: base weight holds NaN/Inf")
+        scaling = lora_scaling(r, layer.lora_alpha[adapter_name], layer.use_rslora[adapter_name])
+        if scaling != layer.scaling[adapter_name]:  # same formula as PEFT; guard against drift
+            raise OLoRAError(f"{name}: scaling {scaling} != PEFT's {layer.scaling[adapter_name]}")
         layers.append((name, layer))
     if not layers:
         raise UnsupportedLayerError(f"no LoRA layer for adapter {adapter_name!r}: check target_modules")
@@ -211,8 +215,8 @@ def apply_olora(model: nn.Module, lora_config, adapter_name: str = "default"):
     """Wrap `model` with PEFT LoRA layers and initialise them with OLoRA (per-layer r / alpha from
     rank_pattern / alpha_pattern, rsLoRA). Mutates the base weights to the residuals. The returned
     PeftModel's config says init_lora_weights='olora' (PEFT's conversion and reload rely on that).
-    Every layer is checked (type, rank, finite weight) before any base weight is touched; on an error
-    the model is unwrapped again."""
+    Every layer is checked (type, rank, finite weight, scaling) before any base weight is touched; on an
+    error the model is unwrapped again. Whatever `lora_config.init_lora_weights` says, OLoRA is applied."""
     from peft import PeftModel, get_peft_model
 
     if isinstance(model, PeftModel):
@@ -226,11 +230,9 @@ def apply_olora(model: nn.Module, lora_config, adapter_name: str = "default"):
     except OLoRAError:
         peft_model.unload()  # puts the original modules back into `model`
         raise
-    for name, layer in layers:
+    for _, layer in layers:
         r, alpha = layer.r[adapter_name], layer.lora_alpha[adapter_name]
         init = olora_init_module(layer.get_base_layer(), r, alpha, layer.use_rslora[adapter_name])
-        if init.scaling != layer.scaling[adapter_name]:  # same formula as PEFT; guard against drift
-            raise OLoRAError(f"{name}: scaling {init.scaling} != PEFT's {layer.scaling[adapter_name]}")
         lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
         lora_A.data = init.A0.to(device=lora_A.device, dtype=lora_A.dtype)
         lora_B.data = init.B0.to(device=lora_B.device, dtype=lora_B.dtype)

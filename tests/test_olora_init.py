@@ -186,6 +186,17 @@ def test_linear8bit_module_keeps_settings_and_clears_stale_state():
     assert torch.equal(module.weight.data, expected.data) and torch.equal(module.weight.SCB, expected.SCB)
 
 
+def test_linear8bit_with_fp16_weights_stays_float():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    module = bnb.nn.Linear8bitLt(32, 24, has_fp16_weights=True)
+    W = module.weight.data.clone()
+    init = olora_init_module(module, r=3, alpha=6)
+    assert type(module.weight).__name__ == "Int8Params" and module.weight.has_fp16_weights
+    assert module.weight.dtype == W.dtype and torch.equal(module.weight.data, init.residual.to(W.dtype))
+    torch.testing.assert_close(init.residual + 2.0 * init.B0 @ init.A0, W.float(), atol=1e-6, rtol=0)
+
+
 def test_conv1d_gpt2_output_unchanged_where_peft_fails():
     targets = ["c_attn", "c_fc", "c_proj"]  # 64->192, 64->256 (non-square), 64->64 and 256->64
     config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights="olora",
