@@ -189,8 +189,8 @@ class Engine:
 
     def stats(self) -> EngineStats:
         snap = self.cache.snapshot()
-        running = list(self.scheduler.running)
-        waiting = self.scheduler.waiting_snapshot()
+        running = [s for s in list(self.scheduler.running) if not s.done]
+        waiting = [s for s in self.scheduler.waiting_snapshot() if not s.cancelled]
         return EngineStats(
             waiting=len(waiting), running=len(running),
             running_adapters=tuple(sorted({s.adapter_id for s in running if s.adapter_id})),
