@@ -27,7 +27,7 @@ adapter for the original base, which can share one base with any number of other
 EPILOG = """\
 examples:
   olora train --data examples/shout.jsonl --out runs/shout --steps 150
-  olora generate --adapter runs/shout/converted --prompt $'text: Return the list of items.\\nshout: '
+  olora generate --adapter runs/shout/converted --prompt $'text: Return the list of items.\\nshout:'
   olora convert --initial runs/shout/initial --trained runs/shout/trained --out shout-lora
   olora serve --help"""
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
-    from olora_core.data import OLoRAError
+    from olora_core.errors import OLoRAError
 
     _quiet_libraries()
     try:
@@ -173,7 +173,7 @@ def _default_model_dir() -> Path | None:
         from olora_core.default_model import DefaultModelError, default_model_path
     except ImportError:
         return None
-    from olora_core.data import OLoRAError
+    from olora_core.errors import OLoRAError
 
     try:
         return default_model_path()
@@ -245,7 +245,7 @@ def greedy_generate(base: str | Path, prompt: str, adapter: str | Path | None = 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from olora_core.data import OLoRAError
+    from olora_core.errors import OLoRAError
 
     base = Path(base)
     if not (base / "config.json").is_file():

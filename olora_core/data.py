@@ -20,11 +20,7 @@ from pathlib import Path
 
 import torch
 
-try:  # the shared error base of olora_core (a ValueError); fall back while it is not there
-    from olora_core.errors import OLoRAError
-except ImportError:  # pragma: no cover - only in builds without olora_core.errors
-    class OLoRAError(ValueError):
-        """Base of the errors olora_core raises on bad input."""
+from olora_core.errors import OLoRAError
 
 IGNORE_INDEX = -100  # label value that the causal-LM loss skips
 SUPPORTED_SUFFIXES = (".txt", ".jsonl")

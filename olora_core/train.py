@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from olora_core.data import OLoRAError, SeededBatches, TokenDataset, load_dataset
+from olora_core.data import SeededBatches, TokenDataset, load_dataset
+from olora_core.errors import OLoRAError
 
 INIT_CHOICES = ("olora", "pissa", "lora")
 DTYPE_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

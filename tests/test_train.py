@@ -12,7 +12,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from helpers import tiny_llama
-from olora_core.data import IGNORE_INDEX, DataError, OLoRAError, SeededBatches, load_dataset
+from olora_core.data import IGNORE_INDEX, DataError, SeededBatches, load_dataset
+from olora_core.errors import OLoRAError
 from olora_core.train import TrainConfig, TrainError, train
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
