@@ -41,3 +41,8 @@ class UnsupportedInitError(OLoRAError):
 
 class OutputExistsError(OLoRAError):
     """The output directory exists and is not empty, and overwrite was not requested."""
+
+
+class MergeError(OLoRAError):
+    """Adapters cannot be combined (merge_adapters), or an adapter cannot be merged into a base model
+    (merge_into_base), exactly: unequal ranks, bad density, key/shape mismatches, unconverted OLoRA/PiSSA."""
