@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: install serve test bench clean
 
 $(STAMP): pyproject.toml
+	bash scripts/install_system_deps.sh
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
