@@ -58,7 +58,7 @@ def system_binary(name: str, package: str) -> str:
 
 
 def nginx_binary() -> str:
-    return system_binary("nginx", "nginx-light")
+    return system_binary("nginx", "nginx")
 
 
 def venv_binary(name: str, package: str) -> str:
