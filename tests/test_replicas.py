@@ -93,6 +93,8 @@ class Balancer:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([nginx_binary(), "-e", "stderr", "-p", str(prefix), "-c", str(conf),
                                       "-g", "daemon off;"], stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self) -> None:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"nginx exited: {self.log_path.read_text()[-3000:]}"
@@ -138,8 +140,10 @@ def cluster(tmp_path_factory, request):
         shutil.rmtree(prefix, ignore_errors=True)
     request.addfinalizer(cleanup)
 
-    replicas = [Replica(f"replica{i}", base, store, root) for i in (1, 2)]
-    started.extend(replicas)
+    replicas = []
+    for i in (1, 2):
+        replicas.append(Replica(f"replica{i}", base, store, root))
+        started.append(replicas[-1])
     # Adapters are built while the replicas load (same base: the replicas only read it).
     loras = {f"ad{i}": Path(save_random_lora(base, root / f"ad{i}", r=4, seed=100 + i, task_type="CAUSAL_LM"))
              for i in range(N_ADAPTERS)}
@@ -147,6 +151,7 @@ def cluster(tmp_path_factory, request):
         replica.wait_ready()
     balancer = Balancer(replicas, prefix)
     started.append(balancer)
+    balancer.wait_ready()
     return Cluster(root, base, loras, store, replicas, balancer)
 
 
