@@ -7,7 +7,6 @@ STAMP := $(VENV)/.installed
 .PHONY: install serve test bench clean
 
 $(STAMP): pyproject.toml
-	bash scripts/install_system_deps.sh
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
@@ -19,6 +18,7 @@ serve: $(STAMP)
 	$(BIN)/olora serve --host 127.0.0.1 --port 8000
 
 test: $(STAMP)
+	bash scripts/install_system_deps.sh   # nginx and promtool for the deployment tests (apt, as root)
 	$(BIN)/python -m pytest -q
 
 clean:

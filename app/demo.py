@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from app.deps import AppState
+from app.store.adapter_store import AdapterExists
 
 DEMO_DIR = Path(__file__).parent / "demo_adapters"
 log = logging.getLogger("olora.server")
@@ -25,7 +26,10 @@ def register_demo_adapters(state: AppState) -> list[str]:
     for adapter_id, path in demo_adapter_dirs().items():
         if state.adapters.store.get(adapter_id) is not None:
             continue
-        state.adapters.register_dir(adapter_id, path, "olora-converted", extra={"demo": True})
+        try:
+            state.adapters.register_dir(adapter_id, path, "olora-converted", extra={"demo": True})
+        except AdapterExists:
+            continue  # another replica sharing the store registered it first
         registered.append(adapter_id)
         log.info("registered demo adapter %s", adapter_id)
     return registered
