@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from app.engine.adapter_files import DirectoryAdapterSource
 from app.engine.engine import Engine, EngineConfig
-from app.engine.lora_layers import bgmv_delta, grouped_delta_, reference_delta
+from app.engine.lora_layers import bgmv_delta, grouped_delta_, reference_delta, rows_delta
 from app.engine.sampling import SamplingParams
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -146,7 +146,7 @@ def test_engine_greedy_tokens_match_peft_generate(files, quantize):
         assert res.finish_reason == "length"
 
 
-@pytest.mark.parametrize("kernel", ["bgmv", "grouped"])
+@pytest.mark.parametrize("kernel", ["rows", "bgmv", "grouped", "auto"])
 def test_fast_kernels_equal_reference_in_model(files, kernel):
     base, adapters = files
     ref, _ = engine_logits(make_engine(base, adapters, kernel="reference"), adapters, steps=2)
@@ -167,6 +167,7 @@ def test_kernels_equal_reference_random():
     for b, s in enumerate(slots):  # the reference itself against the textbook formula
         torch.testing.assert_close(expected[b], x[b] @ lora_a[s].T @ lora_b[s].T)
     torch.testing.assert_close(bgmv_delta(x, lora_a, lora_b, torch.tensor(slots)), expected)
+    torch.testing.assert_close(rows_delta(x, lora_a[slots], lora_b[slots]), expected)
     out = torch.zeros(7, 3, 12)
     groups = [(2, torch.tensor([0, 2, 6])), (3, slice(3, 5)), (1, slice(5, 6))]
     grouped_delta_(out, x, lora_a, lora_b, groups)
@@ -186,3 +187,29 @@ def test_loading_never_touches_base_weights(files):
         assert torch.equal(p, after[n]), n
     assert all(float(layer.lora_A[0].abs().sum()) == 0 and float(layer.lora_B[0].abs().sum()) == 0
                for layer in engine.bank.layers.values()), "slot 0 must stay all zeros"
+
+
+def test_row_bindings_follow_slot_reloads_and_row_moves(files):
+    """rows mode keeps per-row copies of slots: they must be refreshed when a slot is reloaded or a row changes."""
+    base, adapters = files
+    rows = make_engine(base, adapters, kernel="rows")
+    ref = make_engine(base, adapters, kernel="reference")
+    names = sorted(ADAPTERS)
+
+    def both(fn):
+        return fn(rows), fn(ref)
+
+    def load(slot, name):
+        return lambda e: e.bank.load(slot, e._parse(adapters / name))
+
+    def prefill(row, slots):
+        return lambda e: e.runner.prefill(row, PROMPTS[:len(slots)], slots)
+
+    both(load(1, names[0]))
+    both(load(2, names[1]))
+    for slots, row in (([1, 2, 0], 0), ([2, 1, 1], 0), ([1], 2)):
+        ours, theirs = both(prefill(row, slots))
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    both(load(1, names[2]))  # slot 1 now holds another adapter: rows bound to it must not keep the old one
+    ours, theirs = both(prefill(0, [1, 2, 1]))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)

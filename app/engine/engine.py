@@ -22,7 +22,7 @@ import torch
 from .adapter_cache import AdapterCache
 from .adapter_files import AdapterInfo, AdapterSource, ParsedAdapter, parse_adapter, read_adapter_config
 from .base_model import load_base_model
-from .errors import EngineError, EngineNotRunning, InputTooLong, InvalidRequest
+from .errors import BaseModelError, EngineError, EngineNotRunning, InputTooLong, InvalidRequest
 from .handle import RequestHandle, TokenEvent
 from .lora_layers import KERNELS, LoRASlotBank, find_target_modules
 from .observer import EngineObserver, RequestStats, SafeObserver
@@ -47,7 +47,7 @@ class EngineConfig:
     max_total_tokens: int = 1536  # prompt + max_new_tokens; also the KV row length
     target_modules: tuple[str, ...] | None = None  # e.g. ("q_proj", "v_proj"); None = every Linear of the blocks
     max_waiting: int = 256  # bounded waiting queue (QueueFull beyond)
-    kernel: str = "auto"  # LoRA kernel: auto | bgmv | grouped | reference (tests)
+    kernel: str = "auto"  # LoRA kernel: auto | rows | bgmv | grouped | reference (tests)
 
     def validate(self) -> None:
         positive = ("max_loras", "max_cpu_adapters", "max_rank", "max_batch_size", "max_batch_tokens",
@@ -93,11 +93,15 @@ class Engine:
         self.model_path: Path = base.path  # local directory of the base checkpoint
         self.device = base.device
         self.model = base.model
+        window = getattr(base.model.config, "sliding_window", None)
+        if isinstance(window, int) and window < config.max_total_tokens:
+            raise BaseModelError(f"{base.name}: sliding-window attention ({window}) is not supported by the row KV "
+                                 f"cache; use max_total_tokens <= {window}")
         targets = find_target_modules(base.model, config.target_modules)
         if not targets:
             raise InvalidRequest(f"no Linear module of the decoder blocks matches target_modules={config.target_modules}")
         self.bank = LoRASlotBank(base.model, targets, config.max_loras, config.max_rank, base.dtype, base.device,
-                                 kernel=config.kernel)
+                                 kernel=config.kernel, max_rows=config.max_batch_size)
         self.runner = ModelRunner(base.model, self.bank, config.max_batch_size, config.max_total_tokens)
         self._wake = threading.Condition()
         self.cache = AdapterCache(adapters, self.bank, config.max_cpu_adapters, self._parse, self.observer,
@@ -258,9 +262,13 @@ class Engine:
             rows += old
         prefill_tokens = 0
         if newcomers:
-            prefill_tokens = len(newcomers) * max(len(s.prompt_ids) for s in newcomers)
-            logits.append(self.runner.prefill(len(old), [s.prompt_ids for s in newcomers],
-                                              [s.slot for s in newcomers]))
+            newcomers.sort(key=lambda s: len(s.prompt_ids))  # rows in length order: little padding per group
+            row = len(old)
+            for group in _padding_groups(newcomers):
+                width = len(group[-1].prompt_ids)
+                prefill_tokens += len(group) * width
+                logits.append(self.runner.prefill(row, [s.prompt_ids for s in group], [s.slot for s in group]))
+                row += len(group)
             rows += newcomers
             sched.start_running(newcomers)
         histories = [self._history(s) for s in rows]
@@ -310,3 +318,19 @@ class Engine:
             queue_seconds=(seq.admitted_at or now) - seq.submitted_at,
             time_to_first_token=seq.handle.time_to_first_token, total_seconds=now - seq.submitted_at,
             error=None if seq.error is None else str(seq.error)))
+
+
+def _padding_groups(seqs: list[Sequence], max_waste: float = 0.2) -> list[list[Sequence]]:
+    """Split length-sorted newcomers into consecutive prefill groups whose right-padding stays under `max_waste`
+    of their real tokens (one forward per group; on CPU padded tokens cost as much as real ones)."""
+    groups: list[list[Sequence]] = []
+    real = 0
+    for seq in seqs:
+        n = len(seq.prompt_ids)
+        if groups and (len(groups[-1]) + 1) * n <= (1 + max_waste) * (real + n):
+            groups[-1].append(seq)
+            real += n
+        else:
+            groups.append([seq])
+            real = n
+    return groups

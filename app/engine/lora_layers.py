@@ -17,7 +17,8 @@ from .adapter_files import ParsedAdapter
 
 # A row group is (slot, rows): rows is a slice when the rows are consecutive (no gather), else an index tensor.
 RowGroup = tuple[int, "slice | torch.Tensor"]
-KERNELS = ("auto", "bgmv", "grouped", "reference")
+KERNELS = ("auto", "rows", "bgmv", "grouped", "reference")
+ROW_BUFFER_BUDGET = 512 << 20  # auto mode keeps per-row weight copies only if they take at most this many bytes
 
 
 def bgmv_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:
@@ -30,6 +31,16 @@ def bgmv_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slot
     b = lora_b.index_select(0, slot_index)  # (B, out, r)
     shrunk = torch.bmm(x, a.transpose(1, 2))  # (B, T, r)
     return torch.bmm(shrunk, b.transpose(1, 2))  # (B, T, out)
+
+
+def rows_delta(x: torch.Tensor, row_a: torch.Tensor, row_b: torch.Tensor) -> torch.Tensor:
+    """Row-aligned weights: row b's adapter was copied into row b of `row_a`/`row_b` when the row was bound, so
+    the step reads each row's weights once and gathers nothing (what a BGMV kernel does, in two bmm).
+
+    Semantics: for b in range(B): out[b] = x[b] @ row_a[b].T @ row_b[b].T  (row_a[b] == lora_a[slot[b]])
+    x: (B, T, in); row_a: (B, r, in) view; row_b: (B, out, r) view -> out: (B, T, out)
+    """
+    return torch.bmm(torch.bmm(x, row_a.transpose(1, 2)), row_b.transpose(1, 2))
 
 
 def grouped_delta_(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -64,30 +75,19 @@ class LoRABatchMeta:
     """Which rows of the *current* forward use which slot. Set once per forward; read by every LoRA layer."""
 
     device: torch.device
-    kernel: str = "auto"  # "auto" picks grouped for few distinct adapters, bgmv otherwise
-    slots: list[int] = field(default_factory=list)  # per row; 0 = no adapter
+    slots: list[int] = field(default_factory=list)  # per row of this forward; 0 = no adapter
+    row_start: int = 0  # KV/batch row of the forward's first row (rows mode reads row_A[row_start:...])
     slot_index: torch.Tensor | None = None  # (B,) long on device, only when mode == "bgmv"
     groups: list[RowGroup] = field(default_factory=list)
-    mode: str = "none"  # "none" | "bgmv" | "grouped" | "reference"
+    mode: str = "none"  # "none" | "rows" | "bgmv" | "grouped" | "reference"
 
-    def set_rows(self, slots: list[int]) -> None:
-        """Record the slot of every row of the next forward and choose the kernel (no device sync)."""
-        self.slots = list(slots)
-        distinct = sorted({s for s in slots if s != 0})
+    def set(self, mode: str, slots: list[int], row_start: int) -> None:
+        self.mode, self.slots, self.row_start = mode, list(slots), row_start
         self.slot_index, self.groups = None, []
-        if not distinct:
-            self.mode = "none"
-            return
-        kernel = self.kernel
-        if kernel == "auto":
-            # Grouping reads each adapter's weights once and needs no gather; it wins while few adapters share
-            # many rows. BGMV costs one gather per row but a fixed number of kernels whatever the mix.
-            kernel = "grouped" if len(distinct) * 4 <= len(slots) or len(distinct) == 1 else "bgmv"
-        self.mode = kernel
-        if kernel == "bgmv":
+        if mode == "bgmv":
             self.slot_index = torch.tensor(slots, dtype=torch.long, device=self.device)
-        elif kernel == "grouped":
-            for slot in distinct:
+        elif mode == "grouped":
+            for slot in sorted({s for s in slots if s != 0}):
                 rows = [b for b, s in enumerate(slots) if s == slot]
                 if rows[-1] - rows[0] + 1 == len(rows):
                     self.groups.append((slot, slice(rows[0], rows[-1] + 1)))
@@ -95,7 +95,7 @@ class LoRABatchMeta:
                     self.groups.append((slot, torch.tensor(rows, dtype=torch.long, device=self.device)))
 
     def clear(self) -> None:
-        self.slots, self.slot_index, self.groups, self.mode = [], None, [], "none"
+        self.slots, self.slot_index, self.groups, self.mode, self.row_start = [], None, [], "none", 0
 
 
 class MultiLoRALinear(nn.Module):
@@ -103,7 +103,7 @@ class MultiLoRALinear(nn.Module):
     bitsandbytes Linear4bit/Linear8bitLt, which only see `base_layer(x)`)."""
 
     def __init__(self, base_layer: nn.Module, n_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device, meta: LoRABatchMeta):
+                 device: torch.device, meta: LoRABatchMeta, row_capacity: int = 0):
         super().__init__()
         self.base_layer = base_layer
         self.in_features = int(base_layer.in_features)
@@ -113,6 +113,11 @@ class MultiLoRALinear(nn.Module):
                                                    device=device), persistent=False)  # (S+1, r, in)
         self.register_buffer("lora_B", torch.zeros(n_slots + 1, self.out_features, max_rank, dtype=dtype,
                                                    device=device), persistent=False)  # (S+1, out, r)
+        # Per-row copies of the slot each batch row uses (rows mode); empty when not affordable.
+        self.register_buffer("row_A", torch.zeros(row_capacity, max_rank, self.in_features, dtype=dtype,
+                                                  device=device), persistent=False)  # (max_batch, r, in)
+        self.register_buffer("row_B", torch.zeros(row_capacity, self.out_features, max_rank, dtype=dtype,
+                                                  device=device), persistent=False)  # (max_batch, out, r)
 
     def load_slot(self, slot: int, weights: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """Copy (A (r, in), B*scaling (out, r)) into `slot`, zero-padding to r_max; None = zeros (not targeted)."""
@@ -133,6 +138,9 @@ class MultiLoRALinear(nn.Module):
         if meta.mode == "none":
             return out
         xa = x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
+        if meta.mode == "rows":
+            rows = slice(meta.row_start, meta.row_start + x.shape[0])
+            return out + rows_delta(xa, self.row_A[rows], self.row_B[rows]).to(out.dtype)
         if meta.mode == "bgmv":
             return out + bgmv_delta(xa, self.lora_A, self.lora_B, meta.slot_index).to(out.dtype)
         if meta.mode == "grouped":
@@ -160,25 +168,30 @@ def find_target_modules(model: nn.Module, kinds: tuple[str, ...] | None) -> list
 
 
 class LoRASlotBank:
-    """All served LoRA layers of one model, with their shared batch metadata."""
+    """All served LoRA layers of one model, their shared batch metadata, and the per-row bindings."""
 
     def __init__(self, model: nn.Module, target_names: list[str], n_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device, kernel: str = "auto"):
+                 device: torch.device, kernel: str = "auto", max_rows: int = 0):
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.n_slots = n_slots
         self.max_rank = max_rank
         self.dtype = dtype
-        self.meta = LoRABatchMeta(device=device, kernel=kernel)
+        self.kernel = kernel
+        self.meta = LoRABatchMeta(device=device)
+        modules = {name: model.get_submodule(name) for name in target_names}
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        row_bytes = max_rows * max_rank * itemsize * sum(m.in_features + m.out_features for m in modules.values())
+        use_rows = kernel == "rows" or (kernel == "auto" and row_bytes <= ROW_BUFFER_BUDGET)
+        self.row_capacity = max_rows if use_rows else 0
+        self.row_slot = [-1] * self.row_capacity  # slot whose weights each row buffer holds (-1: none)
         self.layers: dict[str, MultiLoRALinear] = {}
-        for name in target_names:
+        for name, base in modules.items():
             parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            base = getattr(parent, child)
             if isinstance(base, MultiLoRALinear):
                 raise ValueError(f"{name} is already wrapped")
-            wrapped = MultiLoRALinear(base, n_slots, max_rank, dtype, device, self.meta)
-            setattr(parent, child, wrapped)
+            wrapped = MultiLoRALinear(base, n_slots, max_rank, dtype, device, self.meta, self.row_capacity)
+            setattr(model.get_submodule(parent_name), child, wrapped)
             self.layers[name] = wrapped
 
     @property
@@ -191,13 +204,46 @@ class LoRASlotBank:
             raise ValueError(f"slot {slot} out of range 1..{self.n_slots} (slot 0 is the permanent no-adapter slot)")
         for name, layer in self.layers.items():
             layer.load_slot(slot, adapter.modules.get(name))
+        self._unbind(slot)
 
     def clear(self, slot: int) -> None:
         if slot != 0:
             for layer in self.layers.values():
                 layer.load_slot(slot, None)
+            self._unbind(slot)
+
+    def _unbind(self, slot: int) -> None:
+        self.row_slot = [-1 if s == slot else s for s in self.row_slot]
+
+    def prepare(self, row_start: int, slots: list[int]) -> None:
+        """Set the metadata for a forward over rows [row_start, row_start + len(slots)) and pick the kernel."""
+        distinct = {s for s in slots if s != 0}
+        if not distinct:
+            self.meta.set("none", slots, row_start)
+            return
+        mode = self.kernel
+        if mode == "auto":
+            # Few adapters over many rows: one matmul pair per adapter, nothing copied (grouped). Otherwise the
+            # row-aligned copies (no per-step gather), or BGMV when they would not fit in memory.
+            if len(distinct) == 1 or len(distinct) * 4 <= len(slots):
+                mode = "grouped"
+            else:
+                mode = "rows" if self.row_capacity else "bgmv"
+        if mode == "rows":
+            self._bind(row_start, slots)
+        self.meta.set(mode, slots, row_start)
+
+    def _bind(self, row_start: int, slots: list[int]) -> None:
+        """Copy each row's slot into its row buffer unless it holds it already (rows that joined or moved)."""
+        for i, slot in enumerate(slots):
+            row = row_start + i
+            if self.row_slot[row] != slot:
+                for layer in self.layers.values():
+                    layer.row_A[row].copy_(layer.lora_A[slot])
+                    layer.row_B[row].copy_(layer.lora_B[slot])
+                self.row_slot[row] = slot
 
     @property
     def nbytes(self) -> int:
-        return sum(l.lora_A.numel() * l.lora_A.element_size() + l.lora_B.numel() * l.lora_B.element_size()
-                   for l in self.layers.values())
+        return sum(t.numel() * t.element_size() for l in self.layers.values()
+                   for t in (l.lora_A, l.lora_B, l.row_A, l.row_B))

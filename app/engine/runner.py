@@ -57,7 +57,7 @@ class ModelRunner:
         mask = torch.zeros(n, 1, t, t, dtype=self.dtype, device=self.device)  # (n, 1, T, T) additive
         mask.masked_fill_(~allowed[:, None], self._masked)
         self.kv.plan_prefill(row_start, n, t)
-        self.bank.meta.set_rows(slots)
+        self.bank.prepare(row_start, slots)
         try:
             return self._forward(ids, mask, pos[None, :].expand(n, t), (lengths - 1)[:, None])
         finally:
@@ -74,7 +74,7 @@ class ModelRunner:
         mask = torch.zeros(b, 1, 1, length, dtype=self.dtype, device=self.device)  # (B, 1, 1, L)
         mask.masked_fill_((self._positions[None, :length] > pos[:, None])[:, None, None, :], self._masked)
         self.kv.plan_decode(pos, length)
-        self.bank.meta.set_rows(slots)
+        self.bank.prepare(0, slots)
         try:
             return self._forward(ids, mask, pos[:, None], 1)
         finally:
