@@ -64,11 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "that was saved before training (olora train writes it to OUT/initial).",
                            "Nothing is written when the conversion fails; the error goes to stderr and "
                            "the exit status is 2."))
-    p.add_argument("--initial", required=True, type=Path, metavar="DIR",
-                   help="the untrained adapter saved right after the OLoRA/PiSSA init")
+    p.add_argument("--initial", type=Path, metavar="DIR",
+                   help="the untrained adapter saved right after the OLoRA/PiSSA init (or --recompute-init)")
     p.add_argument("--trained", required=True, type=Path, metavar="DIR", help="the trained adapter")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the converted adapter")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
+    _add_beyond_peft_convert_flags(p)  # --- Beyond PEFT (olora_core/quant_convert.py, recompute_init.py)
     p.set_defaults(handler=_cmd_convert)
 
     p = sub.add_parser("train", formatter_class=_Formatter,
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype to load the base in (float32 keeps the conversion exact)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads while training (default: torch's choice; on a busy machine 1 is "
+                        "often fastest; results are reproducible for a fixed thread count)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous training output in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_train)
@@ -194,6 +198,12 @@ def _cmd_default_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    if args.recompute_init or args.quantization != "none":  # --- Beyond PEFT
+        return _cmd_convert_beyond_peft(args)
+    if args.initial is None:
+        return _missing_component("--initial DIR is required (or --recompute-init --base DIR)")
+    if args.rank is not None or args.max_rel_error is not None:
+        return _missing_component("--rank / --max-rel-error need --quantization (the quantization-aware conversion)")
     from olora_core.convert import convert
 
     report = convert(args.initial, args.trained, args.out, overwrite=args.overwrite)
@@ -201,6 +211,62 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     for key, value in _report_items(report):
         print(f"  {key}: {value}")
     return EXIT_OK
+
+
+# ---- Beyond PEFT: quantization-aware conversion and init recomputation (docs/beyond-peft.md) ----------------
+def _add_beyond_peft_convert_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantization", choices=("none", "nf4", "fp4", "int8"), default="none",
+                   help="the adapter was trained on this bitsandbytes base and is served on it: write the exact served "
+                        "delta at low rank (needs --base)")
+    p.add_argument("--base", type=Path, default=None, metavar="DIR",
+                   help="base model directory (safetensors; for --quantization and --recompute-init)")
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--rank", type=int, default=None, metavar="K",
+                      help="rank of the quantization-aware result (default: 2r, PEFT's)")
+    rank.add_argument("--max-rel-error", type=float, default=None, metavar="E",
+                      help="per layer, the smallest rank whose relative Frobenius error is <= E")
+    p.add_argument("--recompute-init", action="store_true",
+                   help="no --initial: recompute the OLoRA/PiSSA init from --base (same weights bit for bit)")
+    p.add_argument("--init-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype the base checkpoint was loaded in (before any quantization) when the adapter was "
+                        "initialised")
+
+
+def _cmd_convert_beyond_peft(args: argparse.Namespace) -> int:
+    if args.base is None:
+        return _missing_component("--quantization and --recompute-init need --base DIR (the base model directory)")
+    if args.recompute_init and args.initial is not None:
+        return _missing_component("--recompute-init replaces --initial; give one of them")
+    if args.recompute_init:
+        from olora_core.recompute_init import convert_recomputed
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            report = convert_recomputed(args.trained, args.base, args.out, init_dtype=args.init_dtype,
+                                        quantization=args.quantization, rank=args.rank,
+                                        max_rel_error=args.max_rel_error, overwrite=args.overwrite)
+        for warning in caught:
+            print(f"warning: {warning.message}", file=sys.stderr)
+        print(f"init recomputed from {args.base} ({report.kind}, {report.init_dtype}, {report.quantization})")
+        conversion = report.conversion
+    else:
+        if args.initial is None:
+            return _missing_component("--initial DIR is required (or --recompute-init)")
+        from olora_core.quant_convert import DTYPES, convert_quant_aware
+
+        conversion = convert_quant_aware(args.initial, args.trained, args.out, args.base, args.quantization,
+                                         rank=args.rank, max_rel_error=args.max_rel_error,
+                                         dtype=DTYPES[args.init_dtype], overwrite=args.overwrite)
+    print(f"converted adapter written to {args.out}")
+    for key, value in _report_items(conversion):
+        if key != "layers":
+            print(f"  {key}: {value}")
+    if getattr(conversion, "layers", None):
+        from olora_core.quant_convert import format_layer_table
+
+        print(format_layer_table(conversion))
+    return EXIT_OK
+# ---- end Beyond PEFT -----------------------------------------------------------------------------------------
 
 
 def _report_items(report) -> list[tuple[str, object]]:
@@ -227,7 +293,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(base=base, data=args.data, out=args.out, r=args.r, alpha=args.alpha, targets=targets,
                       steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
                       seed=args.seed, init=args.init, use_rslora=args.rslora, dtype=args.dtype,
-                      overwrite=args.overwrite, progress=not args.quiet)
+                      threads=args.threads, overwrite=args.overwrite, progress=not args.quiet)
     report = train(cfg)
     print(f"trained {len(report.losses)} steps in {report.timings_s['train_s']:.1f} s "
           f"(loss {report.first_loss:.4f} -> {report.last_loss:.4f}, "

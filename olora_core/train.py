@@ -19,6 +19,7 @@ clipped to norm 1.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -62,6 +63,7 @@ class TrainConfig:
     init: str = "olora"
     use_rslora: bool = False
     dtype: str = "float32"
+    threads: int | None = None  # torch CPU threads during the run (None: leave torch's setting)
     overwrite: bool = False  # replace an existing training output directory in `out`
     progress: bool = True  # show a tqdm bar on stderr
 
@@ -75,6 +77,8 @@ class TrainConfig:
                 raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise TrainError(f"seq_len must be at least 2, got {self.seq_len}")
+        if self.threads is not None and self.threads < 1:
+            raise TrainError(f"threads must be at least 1, got {self.threads}")
         if not self.lr > 0:
             raise TrainError(f"lr must be positive, got {self.lr}")
         if isinstance(self.targets, str) and self.targets != "all-linear":
@@ -147,7 +151,8 @@ def train(cfg: TrainConfig) -> TrainReport:
         timings["save_initial_s"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        losses = _train_loop(model, dataset, tokenizer, cfg)
+        with _torch_threads(cfg.threads):
+            losses = _train_loop(model, dataset, tokenizer, cfg)
         timings["train_s"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
@@ -214,6 +219,20 @@ def _check_ranks(model, r: int) -> None:
                              f"rows, in/out features limit the rank): lower --r or change --targets")
 
 
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """Run with `threads` intra-op CPU threads, then restore (on a busy machine 1 is often fastest)."""
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _train_loop(model, dataset: TokenDataset, tokenizer, cfg: TrainConfig) -> list[float]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     torch.manual_seed(cfg.seed)
@@ -223,7 +242,7 @@ def _train_loop(model, dataset: TokenDataset, tokenizer, cfg: TrainConfig) -> li
     model.train()
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="train", unit="step", file=sys.stderr, disable=not cfg.progress,
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
     for _step in bar:
         batch = batches.next_batch()  # input_ids, attention_mask, labels: (B, T)
         loss = model(**batch).loss

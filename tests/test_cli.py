@@ -25,7 +25,7 @@ def tiny_run(tiny_base, tmp_path_factory) -> Path:
     """`olora train` on the tiny base: a real initial/ + trained/ pair for the convert tests."""
     out = tmp_path_factory.mktemp("cli_runs") / "run"
     code = main(["train", "--base", str(tiny_base), "--data", str(EXAMPLES / "shout.jsonl"), "--out", str(out),
-                 "--steps", "3", "--r", "4", "--batch-size", "2", "--quiet"])
+                 "--steps", "3", "--r", "4", "--batch-size", "2", "--threads", "1", "--quiet"])
     assert code == 0
     return out
 
@@ -184,7 +184,7 @@ def test_train_writes_the_report(tiny_run):
 def test_train_summary_output(tiny_base, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train", "--base", str(tiny_base), "--data", str(EXAMPLES / "pirate.jsonl"), "--out", str(out),
-                 "--steps", "2", "--r", "2", "--targets", "all-linear", "--rslora", "--quiet"])
+                 "--steps", "2", "--r", "2", "--targets", "all-linear", "--rslora", "--threads", "1", "--quiet"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "trained 2 steps" in captured.out and str(out / "converted") in captured.out
@@ -215,3 +215,37 @@ def test_generate_with_and_without_adapter(tiny_base, tiny_run, capsys):
 def test_generate_with_a_missing_adapter_exits_2(tiny_base, tmp_path, capsys):
     code = main(["generate", "--base", str(tiny_base), "--adapter", str(tmp_path / "none"), "--prompt", "x"])
     assert code == 2 and "adapter_model.safetensors" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- acceptance: a real task on the default model
+
+
+def _upper_fraction(text: str) -> float:
+    letters = [char for char in text.strip().split("\n")[0] if char.isalpha()]
+    return sum(char.isupper() for char in letters) / max(1, len(letters))
+
+
+@pytest.mark.slow
+def test_olora_train_on_the_default_model_visibly_changes_greedy_output(tmp_path, capsys):
+    """`olora train` on examples/shout.jsonl: on held-out prompts the converted adapter answers in upper case,
+    the base model does not, and the converted adapter on the original base generates exactly what the
+    unconverted OLoRA adapter (PEFT re-running the init) generates."""
+    from olora_core.default_model import default_model_path
+
+    out = tmp_path / "shout"
+    code = main(["train", "--data", str(EXAMPLES / "shout.jsonl"), "--out", str(out), "--steps", "60",
+                 "--lr", "3e-3", "--threads", "1", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    losses = json.loads((out / "train_report.json").read_text())["losses"]
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.4, losses
+
+    base = default_model_path()
+    prompts = [json.loads(line)["prompt"] for line in (EXAMPLES / "shout-heldout.jsonl").read_text().splitlines()[:3]]
+    for prompt in prompts:
+        before = greedy_generate(base, prompt, max_new_tokens=16)
+        after = greedy_generate(base, prompt, out / "converted", max_new_tokens=16)
+        unconverted = greedy_generate(base, prompt, out / "trained", max_new_tokens=16)
+        assert after != before
+        assert _upper_fraction(before) < 0.5, before
+        assert _upper_fraction(after) > 0.9, after
+        assert after == unconverted

@@ -62,7 +62,7 @@ def shout_data(tmp_path_factory) -> Path:
 
 def tiny_config(base: Path, data: Path, out: Path, **overrides) -> TrainConfig:
     settings = dict(base=base, data=data, out=out, r=4, alpha=8.0, steps=16, lr=1e-2, batch_size=4,
-                    seq_len=128, seed=7, progress=False)
+                    seq_len=128, seed=7, threads=1, progress=False)
     settings.update(overrides)
     return TrainConfig(**settings)
 
