@@ -203,8 +203,8 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = {"base": "(1) engine,\nbase only", "engine": "(2) engine,\n64 adapters",
-              "peft_naive": "(3) PEFT naive\n(1 at a time)", "peft_mixed": "(4) PEFT mixed\nstatic batch"}
+    labels = {"base": "(1) engine\nbase only", "engine": f"(2) engine\n{results['args']['adapters']} adapters",
+              "peft_naive": "(3) PEFT naive\n1 at a time", "peft_mixed": "(4) PEFT mixed\nstatic batch"}
     keys = [k for k in labels if k in results["scenarios"]]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     tput = [results["scenarios"][k]["tokens_per_s"] for k in keys]
@@ -227,6 +227,10 @@ def plot(results: dict, path: Path) -> None:
     axes[2].set_ylabel("ms")
     axes[2].set_title(f"Cold load, rank-{results['args']['rank']} adapter")
     axes[2].legend()
+    for ax in axes[:2]:
+        ax.tick_params(axis="x", labelsize=8)
+    axes[1].text(0.99, 0.98, "(3): service time only, no queueing", transform=axes[1].transAxes, ha="right",
+                 va="top", fontsize=7)
     fig.suptitle(results["title"], fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -258,7 +262,7 @@ def main() -> None:
                    "model_parameters": n_params, "scenarios": {}}
         results["title"] = (f"{n_params / 1e6:.1f}M-param Llama, {args.adapters} rank-{args.rank} adapters (q,k,v,o), "
                             f"C={args.concurrency}, {args.new_tokens} new tokens, fp32 on "
-                            f"{torch.get_num_threads()} CPU threads (not measured on GPU)")
+                            f"{torch.get_num_threads()} CPU thread(s) (not measured on GPU)")
         warm = make_requests(args, args.concurrency, rng)
         run_engine(engine, args, warm, use_adapters=False)  # warm-up: allocator, kernels
         for prompt, name in [([5] * 8, n) for n in names]:  # every adapter in host memory (max_cpu_adapters = K)
