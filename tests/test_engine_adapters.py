@@ -185,3 +185,33 @@ def test_converted_olora_is_served_exactly_and_unconverted_is_refused(setup, tmp
     idle.bank.load(1, idle._parse(store / "olora-converted"))
     ours = idle.runner.prefill(0, [prompt], [1])[0]
     assert (ours - trained).abs().max().item() < 1e-4
+
+
+def test_base_fingerprint_is_over_the_original_files(setup, tmp_path):
+    import hashlib
+    import shutil
+
+    from app.engine import BaseModelError
+    from app.engine.base_model import fingerprint_model_dir, load_base_model
+
+    engine, base, _, _ = setup
+    digest = hashlib.sha256()
+    for name in ["config.json"] + sorted(p.name for p in engine.model_path.glob("*.safetensors")):
+        digest.update(name.encode() + b"\0" + (engine.model_path / name).read_bytes() + b"\0")
+    assert engine.base_fingerprint == "sha256:" + digest.hexdigest()
+    copy = tmp_path / "copy"
+    shutil.copytree(base, copy)
+    assert fingerprint_model_dir(copy) == engine.base_fingerprint  # location-independent
+    assert load_base_model(str(copy), quantize="nf4", device="cpu").fingerprint == engine.base_fingerprint
+    config = json.loads((copy / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-5
+    (copy / "config.json").write_text(json.dumps(config))
+    assert fingerprint_model_dir(copy) != engine.base_fingerprint
+    for path in copy.glob("*.safetensors"):
+        path.rename(path.with_suffix(".bin"))
+    with pytest.raises(BaseModelError, match="never loaded"):
+        load_base_model(str(copy), device="cpu")
+    with pytest.raises(BaseModelError, match="quantize"):
+        load_base_model(base, quantize="int3", device="cpu")
+    with pytest.raises(BaseModelError, match="dtype"):
+        load_base_model(base, dtype="fp8", device="cpu")

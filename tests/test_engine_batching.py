@@ -233,3 +233,31 @@ def test_queue_full(engine):
     for h in running + waiting:
         h.cancel()
     assert all(h.result(timeout=30).finish_reason == "cancelled" for h in running + waiting)
+
+
+def test_prefill_token_budget_and_request_stats(engine):
+    class Record:
+        def __init__(self):
+            self.prefill, self.done = [], []
+
+        def on_step(self, running, waiting, prefill_tokens, decode_tokens):
+            self.prefill.append(prefill_tokens)
+
+        def on_request_done(self, stats):
+            self.done.append(stats)
+
+    record = Record()
+    engine.observer.inner = record
+    try:
+        prompts = [[7 + i] * 30 for i in range(4)]  # 4 x 30 tokens; max_batch_tokens is 64
+        handles = [engine.submit(p, "x", SamplingParams(max_new_tokens=3, ignore_eos=True)) for p in prompts]
+        results = [h.result(timeout=60) for h in handles]
+    finally:
+        engine.observer.inner = None
+    assert 0 < max(record.prefill) <= 64 and sum(record.prefill) == 120  # never 3 prompts in one iteration
+    assert {s.request_id for s in record.done} == {h.request_id for h in handles}
+    for stats in record.done:
+        assert stats.finish_reason == "length" and stats.prompt_tokens == 30 and stats.generated_tokens == 3
+        assert stats.adapter_id == "x" and 0 <= stats.queue_seconds <= stats.total_seconds
+        assert stats.time_to_first_token is not None and stats.error is None
+    assert all(len(r.token_ids) == 3 for r in results)
