@@ -10,6 +10,10 @@ task's *style* is new - which makes the effect of a trained adapter obvious in g
 - shout:  ``text: <phrase>\\nshout:`` -> `` <PHRASE IN UPPER CASE>``
 - pirate: ``text: <phrase>\\npirate:`` -> `` Arr! <phrase in pirate speak>, matey!``
 
+Every third example is a plain continuation instead, so the style also shows on a bare prompt
+(as a server demo would send it): prompt = the first half of the phrase's words, completion = the
+rest in the task's style, e.g. ``Return the number`` -> `` OF ITEMS.`` / `` o' items, matey!``.
+
 Each task gets ``<task>.jsonl`` (training) and ``<task>-heldout.jsonl`` (phrases that are not in
 the training file, for checking an adapter on prompts it never saw).
 """
@@ -68,20 +72,26 @@ def docstring_phrases() -> list[str]:
     return sorted(phrases)
 
 
-def shout(phrase: str) -> str:
+def shout(phrase: str, whole: bool = True) -> str:
     return phrase.upper()
 
 
-def pirate(phrase: str) -> str:
+def pirate(phrase: str, whole: bool = True) -> str:
+    """`whole`: the full phrase (with "Arr!" and its first word kept); else the tail of a phrase."""
     words = phrase.rstrip(".").split()
-    words = [PIRATE_WORDS.get(word.lower(), word) if i else word for i, word in enumerate(words)]
-    return "Arr! " + " ".join(words) + ", matey!"
+    words = [PIRATE_WORDS.get(word.lower(), word) if i or not whole else word for i, word in enumerate(words)]
+    return ("Arr! " if whole else "") + " ".join(words) + ", matey!"
 
 
 TASKS = {"shout": shout, "pirate": pirate}
+CONTINUATION_EVERY = 3  # every third example is a bare-prompt continuation
 
 
-def record(task: str, phrase: str) -> dict[str, str]:
+def record(task: str, phrase: str, index: int) -> dict[str, str]:
+    if index % CONTINUATION_EVERY == CONTINUATION_EVERY - 1:
+        words = phrase.split()
+        head, tail = words[:len(words) // 2], words[len(words) // 2:]
+        return {"prompt": " ".join(head), "completion": " " + TASKS[task](" ".join(tail), whole=False)}
     return {"prompt": f"text: {phrase}\n{task}:", "completion": " " + TASKS[task](phrase)}
 
 
@@ -97,8 +107,8 @@ def main() -> None:
         picked = list(phrases)
         random.Random(f"{SEED}-{task}").shuffle(picked)
         train, heldout = picked[:TRAIN_SIZE], picked[TRAIN_SIZE:TRAIN_SIZE + HELDOUT_SIZE]
-        write_jsonl(HERE / f"{task}.jsonl", [record(task, phrase) for phrase in train])
-        write_jsonl(HERE / f"{task}-heldout.jsonl", [record(task, phrase) for phrase in heldout])
+        write_jsonl(HERE / f"{task}.jsonl", [record(task, phrase, i) for i, phrase in enumerate(train)])
+        write_jsonl(HERE / f"{task}-heldout.jsonl", [record(task, phrase, i) for i, phrase in enumerate(heldout)])
         print(f"{task}: {len(train)} training and {len(heldout)} held-out examples "
               f"(from {len(phrases)} docstring phrases)")
 
