@@ -344,15 +344,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(rest: list[str]) -> int:
-    try:
-        from app import cli_serve
-    except ImportError as exc:
-        if exc.name not in ("app", "app.cli_serve"):
-            raise  # the server is there but something it needs is broken: show it
+    """The server registers itself as the `serve` entry point of group "olora.commands" (pyproject.toml):
+    this library never imports it, so it stays usable without the server and its dependencies."""
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group="olora.commands", name="serve"))
+    if not found:
         print("the server is not installed in this build", file=sys.stderr)
         return EXIT_ERROR
+    server_main = found[0].load()
     try:
-        code = cli_serve.main(rest)
+        code = server_main(rest)
     except SystemExit as exc:  # the server's argparse: --help (0) or a usage error (2)
         code = exc.code if isinstance(exc.code, int) or exc.code is None else EXIT_ERROR
     return EXIT_OK if code is None else int(code)
