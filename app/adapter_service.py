@@ -89,7 +89,8 @@ class AdapterService:
 
     # ---- writing ---------------------------------------------------------------------------------------
     def upload(self, adapter_id: str, archive: Path, initial_archive: Path | None = None, *,
-               overwrite: bool = False) -> AdapterSummary:
+               overwrite: bool = False, recompute_init: bool = False, init_dtype: str | None = None,
+               quant_aware: bool | None = None) -> AdapterSummary:
         check_adapter_id(adapter_id)
         work = self.store.staging_dir()
         try:
@@ -97,6 +98,14 @@ class AdapterService:
             trained_dir = extract_archive(archive, work / "trained", self.archive_limits)
             files = load_adapter_dir(trained_dir)
             kind = adapter_kind(files.config, files.tensors)
+            if kind in MUTATED_INIT_KINDS and (recompute_init or self._quant_aware(kind, quant_aware)):
+                # --- Beyond PEFT: init recomputation / quantization-aware conversion (docs/beyond-peft.md)
+                extra = self._convert_beyond_peft(adapter_id, kind, trained_dir, initial_archive, work, recompute_init,
+                                                  init_dtype, quant_aware)
+                return self._commit(adapter_id, work / "converted", f"{kind}-converted", overwrite, extra)
+            if recompute_init:
+                raise UploadRefused(f"adapter {adapter_id!r} is a plain {kind} adapter: recompute_init is only for "
+                                    "OLoRA/PiSSA adapters")
             if kind in MUTATED_INIT_KINDS:
                 if initial_archive is None:
                     raise UploadRefused(
@@ -104,7 +113,7 @@ class AdapterService:
                         f"{files.config.get('init_lora_weights')!r}): it was trained on a base from which "
                         f"s*B0*A0 was subtracted, so it cannot be served on the shared base as it is. Send its "
                         f"untrained initial checkpoint as 'initial_archive' and the server converts it to a plain "
-                        f"LoRA (rank 2r).")
+                        f"LoRA (rank 2r), or set recompute_init=true if it was initialised on exactly this base.")
                 (work / "initial").mkdir()
                 initial_dir = extract_archive(initial_archive, work / "initial", self.archive_limits)
                 convert(initial_dir, trained_dir, work / "converted")
@@ -115,6 +124,65 @@ class AdapterService:
             return self._commit(adapter_id, trained_dir, kind, overwrite)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    # ---- Beyond PEFT (olora_core/quant_convert.py, olora_core/recompute_init.py) -------------------------------
+    def _served_quantization(self):
+        """The served base's QuantSpec (its bitsandbytes settings), or None when the base is not quantized."""
+        from olora_core.quant_convert import QuantSpec
+
+        quantize = getattr(getattr(self.engine, "config", None), "quantize", "none")
+        if quantize == "none":
+            return None
+        model = getattr(self.engine, "model", None)
+        spec = QuantSpec.from_model(model, device="cpu") if model is not None else QuantSpec(kind=quantize)
+        return spec if spec.kind == quantize else QuantSpec(kind=quantize)
+
+    def _quant_aware(self, kind: str, requested: bool | None) -> bool:
+        """OLoRA on a quantized server: the quantization-aware conversion unless the client said quant_aware=false."""
+        if requested is False or self._served_quantization() is None:
+            return False
+        if kind != "olora":
+            if requested:
+                raise UploadRefused(f"quant_aware=true is for OLoRA adapters only, this one is {kind}")
+            return False
+        return True
+
+    def _convert_beyond_peft(self, adapter_id: str, kind: str, trained_dir: Path, initial_archive: Path | None,
+                             work: Path, recompute_init: bool, init_dtype: str | None,
+                             quant_aware: bool | None) -> dict[str, Any]:
+        from olora_core.quant_convert import convert_quant_aware
+        from olora_core.recompute_init import convert_recomputed
+
+        base_dir = getattr(self.engine, "model_path", None)
+        if base_dir is None or not Path(base_dir).is_dir():
+            raise UploadRefused("the base model's files are not on local disk: recompute_init and the "
+                                "quantization-aware conversion are unavailable; send initial_archive")
+        spec = self._served_quantization() if self._quant_aware(kind, quant_aware) else None
+        if spec is not None and init_dtype is not None:
+            from dataclasses import replace
+
+            from olora_core.quant_convert import DTYPES
+            spec = replace(spec, dtype=DTYPES[init_dtype])
+        extra: dict[str, Any] = {"conversion": f"quant_aware:{spec.kind}" if spec is not None else "peft"}
+        if recompute_init:
+            if initial_archive is not None:
+                raise UploadRefused(f"adapter {adapter_id!r}: send either initial_archive or recompute_init=true")
+            dtype = init_dtype or (str(spec.dtype).removeprefix("torch.") if spec is not None else "float32")
+            report = convert_recomputed(trained_dir, Path(base_dir), work / "converted", init_dtype=dtype,
+                                        quantization=spec if spec is not None else "none", emit_warnings=False)
+            extra.update(init="recomputed", init_dtype=dtype, warnings=report.warnings)
+            conversion = report.conversion
+        else:
+            if initial_archive is None:
+                raise UploadRefused(f"adapter {adapter_id!r} is an unconverted {kind.upper()} adapter: send its "
+                                    "initial checkpoint as 'initial_archive', or set recompute_init=true")
+            (work / "initial").mkdir()
+            initial_dir = extract_archive(initial_archive, work / "initial", self.archive_limits)
+            conversion = convert_quant_aware(initial_dir, trained_dir, work / "converted", Path(base_dir), spec)
+        if hasattr(conversion, "max_rel_error"):
+            extra.update(max_rel_error=conversion.max_rel_error, max_peft_rel_error=conversion.max_peft_rel_error)
+        return extra
+    # ---- end Beyond PEFT ----------------------------------------------------------------------------------------
 
     def register_dir(self, adapter_id: str, adapter_dir: Path, kind: str, *, overwrite: bool = False,
                      extra: dict[str, Any] | None = None) -> AdapterSummary:

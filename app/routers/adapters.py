@@ -75,12 +75,20 @@ async def upload_adapter(
     archive: Annotated[UploadFile, File(description=".tar.gz/.tgz/.zip of a PEFT save_pretrained directory")],
     initial_archive: Annotated[UploadFile | None, File(description="untrained OLoRA/PiSSA checkpoint")] = None,
     overwrite: Annotated[bool, Query()] = False,
+    # --- Beyond PEFT (docs/beyond-peft.md): recompute the OLoRA/PiSSA init from the served base; the
+    # quantization-aware conversion (default for OLoRA on a quantized base; quant_aware=false for PEFT's)
+    recompute_init: Annotated[bool, Query(description="no initial_archive: recompute the init from the base")] = False,
+    recompute_init_field: Annotated[bool, Form(alias="recompute_init")] = False,
+    init_dtype: Annotated[Literal["float32", "bfloat16", "float16"] | None, Form()] = None,
+    quant_aware: Annotated[bool | None, Form()] = None,
 ) -> AdapterOut:
     work = state.adapters.store.staging_dir()
     try:
         trained = await _spool(archive, work, "trained.archive")
         initial = await _spool(initial_archive, work, "initial.archive") if initial_archive is not None else None
-        summary = await asyncio.to_thread(state.adapters.upload, adapter_id, trained, initial, overwrite=overwrite)
+        summary = await asyncio.to_thread(state.adapters.upload, adapter_id, trained, initial, overwrite=overwrite,
+                                          recompute_init=recompute_init or recompute_init_field, init_dtype=init_dtype,
+                                          quant_aware=quant_aware)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     state.metrics.adapters_registered.set(len(state.adapters.store.versions()))
