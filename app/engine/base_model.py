@@ -108,6 +108,25 @@ def _quantization_config(quantize: str, dtype: torch.dtype):
     return None
 
 
+CPU_4BIT_BLOCK_N = 32  # bitsandbytes' AVX512-BF16 4-bit kernel packs out_features in blocks of 32
+
+
+def _avoid_unsupported_cpu_4bit_packing(net: torch.nn.Module) -> int:
+    """bitsandbytes 0.50 repacks a Linear4bit's weight for its AVX512-BF16 CPU kernel at the first forward and
+    needs out_features % 32 == 0 and in_features a multiple of the quantization block (the embedded model's
+    688-wide MLP fails both). Such layers keep the generic 4-bit CPU path: still nf4/fp4, no repacking.
+    Returns how many layers were switched."""
+    switched = 0
+    for module in net.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64) or 64
+        if module.out_features % CPU_4BIT_BLOCK_N or module.in_features % blocksize:
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
+
+
 def load_base_model(model: str | None = None, dtype: str = "auto", quantize: str = "none",
                     device: str = "auto") -> LoadedBase:
     """Load tokenizer + causal LM from safetensors only (no remote code), in eval mode, on one device."""
@@ -129,6 +148,8 @@ def load_base_model(model: str | None = None, dtype: str = "auto", quantize: str
     net.eval()
     for param in net.parameters():
         param.requires_grad_(False)
+    if quantize in ("nf4", "fp4") and dev.type == "cpu":
+        _avoid_unsupported_cpu_4bit_packing(net)
     compute_dtype = net.get_input_embeddings().weight.dtype
     return LoadedBase(model=net, tokenizer=tokenizer, name=name, path=path, fingerprint=fingerprint, device=dev,
                       dtype=compute_dtype, quantize=quantize)

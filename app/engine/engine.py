@@ -236,7 +236,8 @@ class Engine:
             self._fatal = exc
             traceback.print_exc()
             error = EngineNotRunning(f"engine loop died: {type(exc).__name__}: {exc}")
-            for seq in self.scheduler.running + self.scheduler.waiting_snapshot():
+            # every live request, including newcomers taken off the queue by the step that failed
+            for seq in list(self._by_id.values()):
                 if not seq.handle.done:
                     seq.error = error
                     self._finish(seq, "error")

@@ -23,6 +23,8 @@ async def ready(request: Request):
     state = getattr(request.app.state, "olora", None)
     if state is None:
         return JSONResponse({"status": "starting"}, status_code=503)
+    if not state.engine.stats().alive:  # the engine loop died: take this replica out of rotation
+        return JSONResponse({"status": "engine stopped", "model": state.engine.model_name}, status_code=503)
     return {"status": "ready", "model": state.engine.model_name}
 
 

@@ -1,0 +1,66 @@
+"""Quantized serving of the embedded default model, and the engine's behaviour when its loop dies."""
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+
+from app.engine import Engine, EngineConfig
+from app.engine.adapter_files import DirectoryAdapterSource
+from app.engine.base_model import _avoid_unsupported_cpu_4bit_packing
+from app.engine.errors import EngineNotRunning
+from app.engine.sampling import SamplingParams
+from olora_core.default_model import default_model_path
+
+PROMPT = "Return the"
+
+
+def _hf_greedy(quant, ids: list[int], n: int) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(default_model_path(), quantization_config=quant,
+                                                 device_map={"": "cpu"})
+    _avoid_unsupported_cpu_4bit_packing(model)
+    t = torch.tensor([ids])
+    out = model.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=n, do_sample=False,
+                         eos_token_id=None)
+    return out[0, t.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_quantized_default_model_matches_transformers(quantize):
+    """The embedded model's 688-wide MLP does not fit bitsandbytes' packed AVX512 4-bit CPU kernel; the engine
+    keeps those layers on the generic 4-bit path instead of crashing, and generates what transformers does."""
+    from transformers import BitsAndBytesConfig
+
+    engine = Engine(EngineConfig(quantize=quantize, max_batch_size=2), DirectoryAdapterSource(tempfile.mkdtemp()))
+    engine.start()
+    try:
+        ids = engine.tokenizer(PROMPT)["input_ids"]
+        got = engine.submit(ids, None, SamplingParams(max_new_tokens=8, ignore_eos=True)).result(120).token_ids
+    finally:
+        engine.shutdown()
+    quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+             if quantize == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
+    assert got == _hf_greedy(quant, ids, 8)
+
+
+def test_a_dying_loop_fails_every_request_instead_of_hanging(monkeypatch):
+    engine = Engine(EngineConfig(max_batch_size=2), DirectoryAdapterSource(tempfile.mkdtemp()))
+
+    def broken_prefill(*args, **kwargs):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(engine.runner, "prefill", broken_prefill)
+    engine.start()
+    try:
+        ids = engine.tokenizer(PROMPT)["input_ids"]
+        handles = [engine.submit(ids, None, SamplingParams(max_new_tokens=4)) for _ in range(3)]
+        for handle in handles:
+            with pytest.raises(EngineNotRunning, match="simulated kernel failure"):
+                handle.result(timeout=30)
+        with pytest.raises(EngineNotRunning):
+            engine.submit(ids, None, SamplingParams(max_new_tokens=4))
+    finally:
+        engine.shutdown()
