@@ -47,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cold-loads", type=int, default=192, help="disk -> slot loads to time")
     p.add_argument("--kernel", default="auto", choices=("auto", "rows", "bgmv", "grouped", "reference"))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="compute dtype of every scenario (engine and PEFT alike)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     p.add_argument("--skip-peft", action="store_true", help="only the engine scenarios")
@@ -136,11 +138,14 @@ def run_engine(engine: Engine, args, requests, use_adapters: bool) -> dict:
     return summary(tokens, time.perf_counter() - start, latencies, ttfts)
 
 
-def load_peft(model_dir: Path, adapters: Path, names: list[str]):
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_peft(model_dir: Path, adapters: Path, names: list[str], dtype: str = "fp32"):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=TORCH_DTYPES[dtype])
     model = PeftModel.from_pretrained(model, str(adapters / names[0]), adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(str(adapters / name), adapter_name=name)
@@ -249,7 +254,7 @@ def main() -> None:
         for i, name in enumerate(names):
             write_adapter(tmp / "adapters" / name, args.rank, seed=1000 + i)
         max_total = args.prompt_max + args.new_tokens
-        config = EngineConfig(model=str(tmp / "model"), dtype="fp32", max_loras=2 * args.concurrency,
+        config = EngineConfig(model=str(tmp / "model"), dtype=args.dtype, max_loras=2 * args.concurrency,
                               max_cpu_adapters=args.adapters, max_rank=args.rank,
                               max_batch_size=args.concurrency, max_batch_tokens=args.concurrency * args.prompt_max,
                               max_input_tokens=args.prompt_max, max_total_tokens=max_total + 1,
@@ -261,7 +266,7 @@ def main() -> None:
                                "torch": torch.__version__, "device": str(engine.device), "gpu": "not measured on GPU"},
                    "model_parameters": n_params, "scenarios": {}}
         results["title"] = (f"{n_params / 1e6:.1f}M-param Llama, {args.adapters} rank-{args.rank} adapters (q,k,v,o), "
-                            f"C={args.concurrency}, {args.new_tokens} new tokens, fp32 on "
+                            f"C={args.concurrency}, {args.new_tokens} new tokens, {args.dtype} on "
                             f"{torch.get_num_threads()} CPU thread(s) (not measured on GPU)")
         warm = make_requests(args, args.concurrency, rng)
         run_engine(engine, args, warm, use_adapters=False)  # warm-up: allocator, kernels
@@ -285,7 +290,7 @@ def main() -> None:
         print("cold loads ...", flush=True)
         results["cold_load"] = cold_loads(engine, tmp / "adapters", names, args.cold_loads)
         if not args.skip_peft:
-            peft_model = load_peft(tmp / "model", tmp / "adapters", names)
+            peft_model = load_peft(tmp / "model", tmp / "adapters", names, args.dtype)
             print("(3) PEFT naive ...", flush=True)
             run_peft_naive(peft_model, args, requests[:1])  # warm-up
             results["scenarios"]["peft_naive"] = run_peft_naive(peft_model, args, requests[:args.naive_requests])
