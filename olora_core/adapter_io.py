@@ -114,7 +114,7 @@ def load_adapter_dir(path: str | os.PathLike) -> AdapterFiles:
     return AdapterFiles(config=config, tensors=tensors, path=path)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -157,7 +157,7 @@ def save_adapter_dir(out_dir: str | os.PathLike, config: dict, tensors: dict[str
         _write_file(tmp / CONFIG_NAME, lambda fh: fh.write(config_bytes))
         weights_bytes = save(tensors, metadata={"format": "pt"})  # same bytes as PEFT's safe_save_file
         _write_file(tmp / WEIGHTS_NAME, lambda fh: fh.write(weights_bytes))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if out_dir.is_dir():  # empty, or overwrite: move aside, move in, then drop the old one
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=parent))
             os.replace(out_dir, old / "d")
@@ -169,7 +169,7 @@ def save_adapter_dir(out_dir: str | os.PathLike, config: dict, tensors: dict[str
                 if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):  # another writer got there first
                     raise OutputExistsError(f"{out_dir}: appeared while writing; not replaced") from None
                 raise
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException:
         if old is not None and (old / "d").exists() and not out_dir.exists():
             os.replace(old / "d", out_dir)  # put the previous directory back

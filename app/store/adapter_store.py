@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from olora_core.adapter_io import fsync_dir
+
 ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 OLD_VERSION_GRACE_S = 60.0
@@ -60,14 +62,6 @@ def check_adapter_id(adapter_id: str) -> str:
         raise InvalidAdapterId(
             f"invalid adapter id {adapter_id!r}: it must match ^[A-Za-z0-9][A-Za-z0-9._-]{{0,127}}$")
     return adapter_id
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class AdapterStore:
@@ -168,7 +162,7 @@ class AdapterStore:
                 pointer = adapter_dir / f".CURRENT.{uuid.uuid4().hex}"
                 pointer.write_text(version)
                 os.replace(pointer, adapter_dir / "CURRENT")
-                _fsync_dir(adapter_dir)
+                fsync_dir(adapter_dir)
                 if previous is not None:
                     (adapter_dir / previous / RETIRED_MARKER).write_text(str(time.time()))
                 self._collect_old_versions(adapter_dir, keep=version)
@@ -185,7 +179,7 @@ class AdapterStore:
                 raise AdapterMissing(f"adapter {adapter_id!r} not found")
             adapter_dir = self.root / adapter_id
             os.unlink(adapter_dir / "CURRENT")
-            _fsync_dir(adapter_dir)
+            fsync_dir(adapter_dir)
             self._collect_old_versions(adapter_dir, keep=None)
         return stored
 
