@@ -35,7 +35,9 @@ class UploadRefused(ValueError):
 
 @dataclass
 class AdapterSummary:
-    adapter_id: str
+    """What the API reports about a stored adapter (also the response body of the /adapters routes)."""
+
+    id: str
     kind: str
     rank: int
     alpha: float
@@ -72,7 +74,7 @@ class AdapterService:
         problem = None if servable else (
             f"adapter {stored.adapter_id!r} is bound to base {bound}, this server serves {self.engine.base_fingerprint}")
         return AdapterSummary(
-            adapter_id=stored.adapter_id, kind=meta.get("kind", "lora"), rank=int(meta.get("rank", 0)),
+            id=stored.adapter_id, kind=meta.get("kind", "lora"), rank=int(meta.get("rank", 0)),
             alpha=float(meta.get("alpha", 0)), target_modules=list(meta.get("target_modules", [])),
             sha256=meta.get("sha256", ""), size_bytes=int(meta.get("size_bytes", 0)), base_fingerprint=bound,
             created=float(meta.get("created", 0)), version=stored.version, servable=servable,

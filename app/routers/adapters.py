@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -17,24 +16,8 @@ from app.deps import AdminKey, ApiKey, State
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
 
-class AdapterOut(BaseModel):
-    id: str
-    kind: str
-    rank: int
-    alpha: float
-    target_modules: list[str]
-    sha256: str
-    size_bytes: int
-    base_fingerprint: str
-    created: float
-    version: str
-    servable: bool
-    problem: str | None = None
-    sources: list[dict] | None = None
-
-
 class AdapterList(BaseModel):
-    adapters: list[AdapterOut]
+    adapters: list[AdapterSummary]
 
 
 class MergeSource(BaseModel):
@@ -54,12 +37,6 @@ class MergeRequest(BaseModel):
     overwrite: bool = False
 
 
-def _out(summary: AdapterSummary) -> AdapterOut:
-    data = asdict(summary)
-    data["id"] = data.pop("adapter_id")
-    return AdapterOut(**data)
-
-
 async def _spool(upload: UploadFile, directory: Path, name: str) -> Path:
     target = directory / name
     with open(target, "wb") as fh:
@@ -68,7 +45,7 @@ async def _spool(upload: UploadFile, directory: Path, name: str) -> Path:
     return target
 
 
-@router.post("", status_code=201, response_model=AdapterOut, dependencies=[AdminKey])
+@router.post("", status_code=201, response_model=AdapterSummary, dependencies=[AdminKey])
 async def upload_adapter(
     state: State,
     adapter_id: Annotated[str, Form(description="id to serve the adapter under")],
@@ -81,7 +58,7 @@ async def upload_adapter(
     recompute_init_field: Annotated[bool, Form(alias="recompute_init")] = False,
     init_dtype: Annotated[Literal["float32", "bfloat16", "float16"] | None, Form()] = None,
     quant_aware: Annotated[bool | None, Form()] = None,
-) -> AdapterOut:
+) -> AdapterSummary:
     work = state.adapters.store.staging_dir()
     try:
         trained = await _spool(archive, work, "trained.archive")
@@ -92,29 +69,29 @@ async def upload_adapter(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     state.metrics.adapters_registered.set(len(state.adapters.store.versions()))
-    return _out(summary)
+    return summary
 
 
 @router.get("", response_model=AdapterList, dependencies=[ApiKey])
 async def list_adapters(state: State) -> AdapterList:
-    return AdapterList(adapters=[_out(s) for s in await asyncio.to_thread(state.adapters.list)])
+    return AdapterList(adapters=await asyncio.to_thread(state.adapters.list))
 
 
-@router.get("/{adapter_id}", response_model=AdapterOut, dependencies=[ApiKey])
-async def show_adapter(adapter_id: str, state: State) -> AdapterOut:
-    return _out(state.adapters.get(adapter_id))
+@router.get("/{adapter_id}", response_model=AdapterSummary, dependencies=[ApiKey])
+async def show_adapter(adapter_id: str, state: State) -> AdapterSummary:
+    return state.adapters.get(adapter_id)
 
 
-@router.delete("/{adapter_id}", response_model=AdapterOut, dependencies=[AdminKey])
-async def delete_adapter(adapter_id: str, state: State) -> AdapterOut:
+@router.delete("/{adapter_id}", response_model=AdapterSummary, dependencies=[AdminKey])
+async def delete_adapter(adapter_id: str, state: State) -> AdapterSummary:
     """Running requests of the adapter finish; later ones get 404."""
     summary = await asyncio.to_thread(state.adapters.delete, adapter_id)
     state.metrics.adapters_registered.set(len(state.adapters.store.versions()))
-    return _out(summary)
+    return summary
 
 
-@router.post("/merge", status_code=201, response_model=AdapterOut, dependencies=[AdminKey])
-async def merge_adapters(body: MergeRequest, state: State) -> AdapterOut:
+@router.post("/merge", status_code=201, response_model=AdapterSummary, dependencies=[AdminKey])
+async def merge_adapters(body: MergeRequest, state: State) -> AdapterSummary:
     """PEFT `add_weighted_adapter` semantics. Ranks: `cat` sums them (exact weighted sum of the deltas);
     `linear`/`ties`/`dare_*`/`magnitude_prune` need equal ranks; `*svd` truncate to `svd_rank` (default: the
     largest source rank). The result must fit `max_rank`."""
@@ -123,7 +100,7 @@ async def merge_adapters(body: MergeRequest, state: State) -> AdapterOut:
         density=body.density, majority_sign_method=body.majority_sign_method, svd_rank=body.svd_rank,
         seed=body.seed, overwrite=body.overwrite)
     state.metrics.adapters_registered.set(len(state.adapters.store.versions()))
-    return _out(summary)
+    return summary
 
 
 @router.post("/{adapter_id}/merge-into-base", dependencies=[AdminKey],

@@ -150,6 +150,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 async def models(state: State) -> ModelList:
     now = int(time.time())
     cards = [ModelCard(id=state.engine.model_name, created=now)]
-    cards += [ModelCard(id=a.adapter_id, created=int(a.created), parent=state.engine.model_name)
+    cards += [ModelCard(id=a.id, created=int(a.created), parent=state.engine.model_name)
               for a in state.adapters.list() if a.servable]
     return ModelList(data=cards)
