@@ -87,20 +87,24 @@ class ErrorBody(BaseModel):
 
 
 # ---- OpenAI-compatible ---------------------------------------------------------------------------------
-class CompletionRequest(BaseModel):
+class _OpenAIRequest(BaseModel):
+    """Fields /v1/completions and /v1/chat/completions share."""
     model: str
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0)
+    user: str | None = None
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     echo: bool = False
-    user: str | None = None
 
 
 class ChatMessage(BaseModel):
@@ -108,18 +112,10 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatCompletionRequest(BaseModel):
-    model: str
+class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
-    user: str | None = None
 
 
 class ModelCard(BaseModel):
