@@ -88,6 +88,9 @@ def _sse(state: AppState, request: Request, handle, g: Generation, stop: list[st
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, state: State):
+    if body.presence_penalty or body.frequency_penalty:
+        raise HTTPException(422, "presence_penalty and frequency_penalty are not supported (they would be ignored); "
+                                 "use repetition_penalty with POST /generate")
     if isinstance(body.prompt, list):
         if len(body.prompt) != 1:
             raise HTTPException(422, "only one prompt per request is supported")
