@@ -29,7 +29,7 @@ def _hf_greedy(quant, ids: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])
-def test_quantized_default_model_matches_transformers(quantize):
+def test_quantized_default_model_matches_transformers(quantize, caplog):
     """The embedded model's 688-wide MLP does not fit bitsandbytes' packed AVX512 4-bit CPU kernel; the engine
     keeps those layers on the generic 4-bit path instead of crashing, and generates what transformers does."""
     from transformers import BitsAndBytesConfig
@@ -38,9 +38,11 @@ def test_quantized_default_model_matches_transformers(quantize):
     engine.start()
     try:
         ids = engine.tokenizer(PROMPT)["input_ids"]
-        got = engine.submit(ids, None, SamplingParams(max_new_tokens=8, ignore_eos=True)).result(120).token_ids
+        with caplog.at_level("WARNING"):
+            got = engine.submit(ids, None, SamplingParams(max_new_tokens=8, ignore_eos=True)).result(120).token_ids
     finally:
         engine.shutdown()
+    assert not [r for r in caplog.records if "inputs will be cast" in r.getMessage()]  # no per-matmul log flood
     quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
              if quantize == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
     assert got == _hf_greedy(quant, ids, 8)

@@ -8,6 +8,7 @@ one replica are valid on every replica of the same checkpoint. Hashing reads the
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +128,19 @@ def _avoid_unsupported_cpu_4bit_packing(net: torch.nn.Module) -> int:
     return switched
 
 
+class _DropInt8CastWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _quiet_int8_cast_warning() -> None:
+    """bitsandbytes logs "inputs will be cast ... to float16" on *every* int8 matmul of a non-fp16 model (one
+    line per layer per step): expected for LLM.int8, and it would flood the server's log. Drop just that line."""
+    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropInt8CastWarning) for f in bnb_logger.filters):
+        bnb_logger.addFilter(_DropInt8CastWarning())
+
+
 def load_base_model(model: str | None = None, dtype: str = "auto", quantize: str = "none",
                     device: str = "auto") -> LoadedBase:
     """Load tokenizer + causal LM from safetensors only (no remote code), in eval mode, on one device."""
@@ -150,6 +164,8 @@ def load_base_model(model: str | None = None, dtype: str = "auto", quantize: str
         param.requires_grad_(False)
     if quantize in ("nf4", "fp4") and dev.type == "cpu":
         _avoid_unsupported_cpu_4bit_packing(net)
+    if quantize == "int8":
+        _quiet_int8_cast_warning()
     compute_dtype = net.get_input_embeddings().weight.dtype
     return LoadedBase(model=net, tokenizer=tokenizer, name=name, path=path, fingerprint=fingerprint, device=dev,
                       dtype=compute_dtype, quantize=quantize)
