@@ -268,3 +268,33 @@ def test_request_timeout_is_504_and_frees_the_row(tmp_path, base_dir):
             import time
             time.sleep(0.05)
         assert engine.stats().running == 0
+
+
+def test_delete_lets_running_requests_finish(client, lora_dirs, monkeypatch):
+    import threading
+    import time
+
+    upload(client, "del", tar_gz(lora_dirs["all8"]))
+    expected = gen(client, "del", max_new_tokens=60, ignore_eos_token=True).json()["generated_text"]
+    result = {}
+    runner = client.app.state.olora.engine.runner
+    decode = runner.decode
+    monkeypatch.setattr(runner, "decode", lambda *a, **k: (time.sleep(0.01), decode(*a, **k))[1])  # >= 0.6 s
+
+    def long_request():
+        result["r"] = gen(client, "del", max_new_tokens=60, ignore_eos_token=True, details=True)
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    engine = client.app.state.olora.engine
+    deadline = time.monotonic() + 30
+    while engine.stats().running == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert engine.stats().running == 1  # the request is generating...
+    assert client.delete("/adapters/del").status_code == 200  # ...when its adapter is deleted
+    assert gen(client, "del").status_code == 404  # later requests: 404
+    assert worker.is_alive() and engine.stats().running == 1  # all of this happened while it was running
+    worker.join(60)
+    body = result["r"].json()
+    assert result["r"].status_code == 200 and body["details"]["finish_reason"] == "length"
+    assert body["generated_text"] == expected  # finished with the adapter it started with
