@@ -4,8 +4,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,43 +15,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import save_random_lora, save_tiny_checkpoint
 from http_helpers import tar_gz
+from server_process import Replica
 
 PROMPTS = ["Return the number", "Open the file and", "Create a new", "If the value is"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, base_dir: Path, store: Path, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, OLORA_MODEL=str(base_dir), OLORA_ADAPTER_DIR=str(store), OLORA_DEMO_ADAPTERS="false",
-                   OLORA_MAX_BATCH_SIZE="8", OLORA_MAX_LORAS="4")
-        self.log = open(log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "olora_core.cli", "serve", "--port", str(self.port)],
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited: {log.read_text()[-2000:]}"
-            try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError("server did not become ready")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+def start_server(base_dir: Path, store: Path, log_dir: Path) -> Replica:
+    server = Replica("server", base_dir, store, log_dir)
+    server.wait_ready()
+    return server
 
 
 def metric_samples(url: str) -> dict:
@@ -74,7 +44,7 @@ def setup(tmp_path_factory):
 def test_real_server_end_to_end(setup):
     base, loras, root = setup
     store = root / "store"
-    server = Server(base, store, root / "server.log")
+    server = start_server(base, store, root)
     try:
         with httpx.Client(base_url=server.url, timeout=60) as http:
             for adapter_id, path in loras.items():
@@ -123,7 +93,7 @@ def test_real_server_end_to_end(setup):
     finally:
         server.stop()
 
-    server = Server(base, store, root / "server.log")  # restart: the adapters are still there and servable
+    server = start_server(base, store, root)  # restart: the adapters are still there and servable
     try:
         ids = [a["id"] for a in httpx.get(server.url + "/adapters").json()["adapters"]]
         assert ids == sorted(loras)
