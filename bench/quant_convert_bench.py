@@ -25,15 +25,13 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from olora_core.convert import convert  # noqa: E402
 from olora_core.data import SeededBatches, collate, load_dataset  # noqa: E402
-from olora_core.olora_init import _dense_weight, weight_format  # noqa: E402
-from olora_core.quant_convert import convert_quant_aware  # noqa: E402
+from olora_core.quant_convert import convert_quant_aware, dequantize_linears  # noqa: E402
 
 R, ALPHA, TARGETS = 8, 16, ["q_proj", "v_proj"]
 
@@ -76,18 +74,7 @@ def load_base(base: Path, quantization: str):
     return model.eval()
 
 
-def dequantized(model: nn.Module) -> nn.Module:
-    """Every bitsandbytes Linear (not PEFT's wrapper of one) -> float32 Linear of its dequantized weight."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child).__name__ in ("Linear4bit", "Linear8bitLt") and not hasattr(child, "base_layer"):
-                weight = _dense_weight(child, weight_format(child)).float()  # (out, in)
-                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=child.bias is not None)
-                linear.weight.data = weight.clone()
-                if child.bias is not None:
-                    linear.bias.data = child.bias.data.float()
-                setattr(module, name, linear)
-    return model
+dequantized = dequantize_linears
 
 
 def train(base: Path, quantization: str, data: Path, out: Path, steps: int, lr: float, seed: int, tokenizer) -> float:

@@ -36,7 +36,7 @@ from .adapter_io import PICKLE_SUFFIXES, AdapterFiles, load_adapter_dir, save_ad
 from .convert import (KEY_PREFIX, LORA_A_SUFFIX, LORA_B_SUFFIX, _check_match, _check_supported, _layer_rank,
                       _split_keys, check_olora_initial, conversion_kind, pattern_key)
 from .errors import OLoRAError, OutputExistsError, RankError, UnsupportedInitError, UnsupportedLayerError
-from .olora_init import _dense_weight, _set_residual, lora_scaling
+from .olora_init import _dense_weight, _set_residual, lora_scaling, weight_format
 
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -369,3 +369,19 @@ def format_layer_table(report: QuantConversionReport) -> str:
 __all__ = ["QUANTIZATIONS", "QuantSpec", "Quantizer", "BaseWeights", "BaseWeightsError", "LayerError",
            "QuantConversionReport", "convert_quant_aware", "quant_aware_tensors", "exact_served_delta",
            "pick_rank", "low_rank_factors", "format_layer_table"]
+
+
+def dequantize_linears(model: nn.Module) -> nn.Module:
+    """Replace, in place, every bitsandbytes Linear4bit/Linear8bitLt (not PEFT's wrappers around one) by a float32
+    nn.Linear of its dequantized weight: the model's *weights* exactly, without bitsandbytes' kernels (LLM.int8
+    also quantizes activations). Used to separate weight error from kernel error when measuring conversions."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child).__name__ in ("Linear4bit", "Linear8bitLt") and not hasattr(child, "base_layer"):
+                weight = _dense_weight(child, weight_format(child)).float()  # (out, in)
+                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=child.bias is not None)
+                linear.weight.data = weight.clone()
+                if child.bias is not None:
+                    linear.bias.data = child.bias.data.float()
+                setattr(module, name, linear)
+    return model

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from helpers import quantized_tiny_llama, tiny_llama
 from olora_core.convert import convert
 from olora_core.errors import OLoRAError, RankError, UnsupportedInitError
 from olora_core.olora_init import _dense_weight, weight_format
-from olora_core.quant_convert import (BaseWeights, BaseWeightsError, QuantSpec, Quantizer, convert_quant_aware,
+from olora_core.quant_convert import (BaseWeights, dequantize_linears, BaseWeightsError, QuantSpec, Quantizer, convert_quant_aware,
                                       exact_served_delta)
 
 R, ALPHA, TARGETS = 8, 16, ["q_proj", "v_proj"]
@@ -32,18 +31,7 @@ BITS = {"nf4": 4, "int8": 8}
 IDS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))  # (B, T)
 
 
-def dequantized(model: nn.Module) -> nn.Module:
-    """Replace every bitsandbytes Linear (not PEFT's wrappers around one) by a float32 Linear of its weights."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child).__name__ in ("Linear4bit", "Linear8bitLt") and not hasattr(child, "base_layer"):
-                weight = _dense_weight(child, weight_format(child)).float()  # (out, in)
-                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=child.bias is not None)
-                linear.weight.data = weight.clone()
-                if child.bias is not None:
-                    linear.bias.data = child.bias.data.float()
-                setattr(module, name, linear)
-    return model
+dequantized = dequantize_linears
 
 
 def logits(model) -> torch.Tensor:
