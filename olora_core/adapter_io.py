@@ -138,8 +138,9 @@ def save_adapter_dir(out_dir: str | os.PathLike, config: dict, tensors: dict[str
     left behind and an existing `out_dir` is untouched."""
     out_dir = Path(out_dir)
     parent = out_dir.parent
-    if not parent.is_dir():
-        raise AdapterFormatError(f"{out_dir}: parent directory {parent} does not exist")
+    if parent.exists() and not parent.is_dir():
+        raise AdapterFormatError(f"{out_dir}: parent {parent} is not a directory")
+    parent.mkdir(parents=True, exist_ok=True)  # like `mkdir -p`
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:

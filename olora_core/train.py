@@ -296,8 +296,9 @@ def _looks_like_train_output(path: Path) -> bool:
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if not out_dir.exists():
-        if not out_dir.parent.is_dir():
-            raise TrainError(f"parent of the output directory does not exist: {out_dir.parent}")
+        if out_dir.parent.exists() and not out_dir.parent.is_dir():
+            raise TrainError(f"parent of the output directory is not a directory: {out_dir.parent}")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)  # like `mkdir -p`: runs/NAME works on a fresh clone
         return
     if not out_dir.is_dir():
         raise TrainError(f"output path exists and is not a directory: {out_dir}")

@@ -63,8 +63,10 @@ def test_existing_output(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputExistsError, match="not a directory"):
         save_adapter_dir(tmp_path / "file", CONFIG, tensors(), overwrite=True)
-    with pytest.raises(AdapterFormatError, match="parent directory"):
-        save_adapter_dir(tmp_path / "no" / "adapter", CONFIG, tensors())
+    with pytest.raises(AdapterFormatError, match="parent .* is not a directory"):
+        save_adapter_dir(tmp_path / "file" / "adapter", CONFIG, tensors())
+    save_adapter_dir(tmp_path / "new" / "adapter", CONFIG, tensors())  # missing parents are created (mkdir -p)
+    assert load_adapter_dir(tmp_path / "new" / "adapter").config["r"] == 4
 
 
 @pytest.mark.parametrize("existing", [False, True])

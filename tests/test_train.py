@@ -193,7 +193,8 @@ def test_initial_olora_adapter_keeps_the_base_output(olora_runs, tiny_base):
 
 
 def test_plain_lora_is_not_converted(tiny_base, shout_data, tmp_path):
-    report = train(tiny_config(tiny_base, shout_data, tmp_path / "lora", init="lora", steps=3))
+    # also: the output's missing parents are created, as `olora train --out runs/NAME` needs on a fresh clone
+    report = train(tiny_config(tiny_base, shout_data, tmp_path / "runs" / "lora", init="lora", steps=3))
     out = Path(report.out_dir)
     assert report.converted_dir is None and not (out / "converted").exists()
     assert "nothing to convert" in report.conversion_note
