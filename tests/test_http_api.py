@@ -236,11 +236,15 @@ def test_auth(tmp_path, base_dir, lora_dirs):
         assert c.get("/metrics").status_code == 200
 
 
-def test_queue_full_is_429(tmp_path, base_dir):
+def test_queue_full_is_429(tmp_path, base_dir, monkeypatch):
     import threading
+    import time
 
     settings = make_settings(tmp_path, base_dir, max_batch_size=1, max_waiting=1)
     with TestClient(create_app(settings)) as c:
+        runner = c.app.state.olora.engine.runner
+        decode = runner.decode  # >= 0.4 s per request: the others surely arrive while it runs, even on a slow CI
+        monkeypatch.setattr(runner, "decode", lambda *a, **k: (time.sleep(0.01), decode(*a, **k))[1])
         codes, lock = [], threading.Lock()
 
         def one():
