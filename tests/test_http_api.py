@@ -260,9 +260,12 @@ def test_queue_full_is_429(tmp_path, base_dir, monkeypatch):
     assert (429, "1") in codes and any(code == 200 for code, _ in codes)
 
 
-def test_request_timeout_is_504_and_frees_the_row(tmp_path, base_dir):
+def test_request_timeout_is_504_and_frees_the_row(tmp_path, base_dir, monkeypatch):
     settings = make_settings(tmp_path, base_dir, request_timeout_s=0.05)
     with TestClient(create_app(settings)) as c:
+        runner = c.app.state.olora.engine.runner
+        decode = runner.decode  # 100 steps >= 1 s: far past the 0.05 s timeout on any machine
+        monkeypatch.setattr(runner, "decode", lambda *a, **k: (__import__("time").sleep(0.01), decode(*a, **k))[1])
         r = gen(c, None, max_new_tokens=100, ignore_eos_token=True)
         assert r.status_code == 504 and "timeout" in r.json()["error"]
         engine = c.app.state.olora.engine
