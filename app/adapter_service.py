@@ -132,11 +132,10 @@ class AdapterService:
         """The served base's QuantSpec (its bitsandbytes settings), or None when the base is not quantized."""
         from olora_core.quant_convert import QuantSpec
 
-        quantize = getattr(getattr(self.engine, "config", None), "quantize", "none")
+        quantize = self.engine.config.quantize
         if quantize == "none":
             return None
-        model = getattr(self.engine, "model", None)
-        spec = QuantSpec.from_model(model, device="cpu") if model is not None else QuantSpec(kind=quantize)
+        spec = QuantSpec.from_model(self.engine.model, device="cpu")
         return spec if spec.kind == quantize else QuantSpec(kind=quantize)
 
     def _quant_aware(self, kind: str, requested: bool | None) -> bool:
@@ -155,10 +154,7 @@ class AdapterService:
         from olora_core.quant_convert import convert_quant_aware
         from olora_core.recompute_init import convert_recomputed
 
-        base_dir = getattr(self.engine, "model_path", None)
-        if base_dir is None or not Path(base_dir).is_dir():
-            raise UploadRefused("the base model's files are not on local disk: recompute_init and the "
-                                "quantization-aware conversion are unavailable; send initial_archive")
+        base_dir = self.engine.model_path  # always a local directory (resolved when the engine loaded it)
         spec = self._served_quantization() if self._quant_aware(kind, quant_aware) else None
         if spec is not None and init_dtype is not None:
             from dataclasses import replace

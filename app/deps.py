@@ -21,7 +21,6 @@ class AppState:
     engine: object  # app.engine.engine.Engine
     adapters: AdapterService
     metrics: ServerMetrics
-    base_dir: object  # local directory of the base model (for merge-into-base)
     ephemeral: object  # app.ephemeral.EphemeralAdapters (per-request merges)
 
 

@@ -5,7 +5,6 @@ import asyncio
 import contextlib
 import logging
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -61,21 +60,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(422, str(exc), type(exc).__name__)
 
 
-def _base_dir(engine, settings: Settings) -> Path | None:
-    """Local directory of the served base model (for merge-into-base); None when it is not on disk."""
-    candidate = getattr(engine, "model_path", None) or settings.model
-    if candidate and Path(candidate).is_dir():
-        return Path(candidate)
-    if settings.model is None:
-        from olora_core.default_model import default_model_path
-        return default_model_path()
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(settings.model, local_files_only=True))
-    except Exception:  # noqa: BLE001 - a hub id not in the local cache: merge-into-base is unavailable
-        return None
-
-
 async def _watch_store(state: AppState, store: AdapterStore) -> None:
     """Pick up adapters changed or deleted by other replicas sharing the store directory."""
     known = store.versions()
@@ -89,8 +73,7 @@ async def _watch_store(state: AppState, store: AdapterStore) -> None:
         state.metrics.adapters_registered.set(len(current))
 
 
-def create_app(settings: Settings | None = None, engine_factory=None) -> FastAPI:
-    """`engine_factory(engine_config, adapter_source, observer)` lets tests inject a smaller engine."""
+def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = ServerMetrics(settings.metrics_max_adapter_labels, settings.max_loras)
 
@@ -106,13 +89,12 @@ def create_app(settings: Settings | None = None, engine_factory=None) -> FastAPI
             max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
             max_input_tokens=settings.max_input_tokens, max_total_tokens=settings.max_total_tokens,
             max_waiting=settings.max_waiting)
-        factory = engine_factory or Engine
-        engine = await asyncio.to_thread(factory, config, ServedAdapters(store, ephemeral), metrics)
+        engine = await asyncio.to_thread(Engine, config, ServedAdapters(store, ephemeral), metrics)
         engine.start()
         limits = ArchiveLimits(max_compressed_bytes=settings.max_upload_bytes,
                                max_unpacked_bytes=settings.max_unpacked_bytes)
         state = AppState(settings=settings, engine=engine, adapters=AdapterService(store, engine, limits),
-                         metrics=metrics, base_dir=_base_dir(engine, settings), ephemeral=ephemeral)
+                         metrics=metrics, ephemeral=ephemeral)
         if settings.demo_adapters:
             from app.demo import register_demo_adapters
             await asyncio.to_thread(register_demo_adapters, state)

@@ -184,7 +184,6 @@ class Engine:
         self.cache.invalidate(adapter_id)
         self._notify()
 
-    invalidate_adapter = invalidate  # the name the HTTP layer uses
 
     def validate_adapter(self, path: str | Path) -> AdapterInfo:
         """Check an adapter directory against this base (targets, shapes, rank, finite floats, binding) without

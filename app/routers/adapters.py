@@ -113,9 +113,7 @@ async def merge_into_base(adapter_id: str, state: State) -> StreamingResponse:
     stored = state.adapters.store.get(adapter_id)
     if stored is None:
         raise HTTPException(404, f"adapter {adapter_id!r} not found")
-    if state.base_dir is None:
-        raise HTTPException(409, "the base model's files are not on local disk; merge-into-base is unavailable")
     # The store keeps a retired version for a grace period, so an overwrite during the stream does not cut it.
     return StreamingResponse(
-        iter_merged_model_tar(Path(state.base_dir), stored.path), media_type="application/x-tar",
+        iter_merged_model_tar(state.engine.model_path, stored.path), media_type="application/x-tar",
         headers={"Content-Disposition": f'attachment; filename="{adapter_id}-merged.tar"'})
