@@ -28,7 +28,7 @@ class TokenOut:
 
 @dataclass
 class Generation:
-    """Everything one finished request produced."""
+    """Everything one finished request produced (its timings are the engine's: observer RequestStats)."""
 
     request_id: str
     adapter_id: str | None
@@ -37,17 +37,6 @@ class Generation:
     tokens: list[TokenOut] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
-    started: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    finished_at: float | None = None
-
-    @property
-    def ttft_s(self) -> float | None:
-        return None if self.first_token_at is None else self.first_token_at - self.started
-
-    @property
-    def total_s(self) -> float:
-        return (self.finished_at or time.perf_counter()) - self.started
 
 
 def sampling_params(*, max_new_tokens: int | None, default_max_new_tokens: int, do_sample: bool = False,
@@ -82,32 +71,27 @@ async def stream_tokens(handle, generation: Generation, *, timeout_s: float,
     """Yield the request's tokens as they come; cancel the request on timeout, disconnect or consumer exit."""
     watcher = asyncio.create_task(_watch_disconnect(disconnected, handle)) if disconnected else None
     deadline = time.monotonic() + timeout_s
+    timeout = GenerationTimeout(f"generation exceeded the request timeout of {timeout_s:g} s")
     events = handle.__aiter__()
     try:
-        while True:
+        while True:  # every event carries a token; a cancelled request ends the iteration without one
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise GenerationTimeout(f"generation exceeded the request timeout of {timeout_s:g} s")
+                raise timeout
             try:
                 event = await asyncio.wait_for(events.__anext__(), timeout=remaining)
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:
-                raise GenerationTimeout(f"generation exceeded the request timeout of {timeout_s:g} s") from None
-            if event.token_id is not None and event.finish_reason != "cancelled":
-                token = TokenOut(event.token_id, event.text, event.logprob)
-                if generation.first_token_at is None:
-                    generation.first_token_at = time.perf_counter()
-                generation.tokens.append(token)
-                generation.text += event.text
-            if event.finish_reason is not None:
-                generation.finish_reason = event.finish_reason
-            if event.token_id is not None and event.finish_reason != "cancelled":
-                yield token
+                raise timeout from None
+            token = TokenOut(event.token_id, event.text, event.logprob)
+            generation.tokens.append(token)
+            generation.text += event.text
+            generation.finish_reason = event.finish_reason
+            yield token
             if event.finish_reason is not None:
                 break
     finally:
-        generation.finished_at = time.perf_counter()
         if generation.finish_reason is None:
             generation.finish_reason = getattr(handle, "finish_reason", None) or "cancelled"
             handle.cancel()  # no-op for a finished request; frees the row of an abandoned one
