@@ -1,7 +1,6 @@
-"""FastAPI dependencies: the per-app state and API-key checks (Bearer, constant-time comparison)."""
+"""FastAPI dependencies: the per-app state and API-key checks (the rules and comparison live in app/auth.py)."""
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -9,6 +8,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.adapter_service import AdapterService
+from app.auth import role_of
 from app.metrics import ServerMetrics
 from app.settings import Settings
 
@@ -36,13 +36,6 @@ _bearer = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def _matches(token: str, keys: list[str]) -> bool:
-    found = False
-    for key in keys:  # no early exit: every key is compared, each in constant time
-        found |= hmac.compare_digest(token.encode(), key.encode())
-    return found
-
-
 def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
     if credentials is None or not credentials.credentials:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing API key (Authorization: Bearer <key>)",
@@ -50,27 +43,25 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
     return credentials.credentials
 
 
+def _require(state: AppState, credentials: HTTPAuthorizationCredentials | None, need: str) -> None:
+    """The rules of app.auth once more (the middleware already applied them before the body was read)."""
+    if not state.settings.auth_enabled:
+        return
+    role = role_of(state.settings, _token(credentials))
+    if role is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+    if need == "admin" and role != "admin":
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "this API key may generate but not change adapters")
+
+
 def require_api_key(state: State, credentials: Credentials) -> None:
     """Generation and reading: any API key or admin key."""
-    s = state.settings
-    if not s.auth_enabled:
-        return
-    if not _matches(_token(credentials), s.api_keys + s.admin_keys):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+    _require(state, credentials, "api")
 
 
 def require_admin_key(state: State, credentials: Credentials) -> None:
     """Upload, delete, merge: an admin key (the API keys too when no admin key is configured)."""
-    s = state.settings
-    if not s.auth_enabled:
-        return
-    token = _token(credentials)
-    admin = s.admin_keys or s.api_keys
-    if _matches(token, admin):
-        return
-    if _matches(token, s.api_keys):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "this API key may generate but not change adapters")
-    raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+    _require(state, credentials, "admin")
 
 
 ApiKey = Depends(require_api_key)

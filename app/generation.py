@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -84,7 +85,8 @@ async def stream_tokens(handle, generation: Generation, *, timeout_s: float,
                 break
             except asyncio.TimeoutError:
                 raise timeout from None
-            token = TokenOut(event.token_id, event.text, event.logprob)
+            finite = event.logprob is not None and math.isfinite(event.logprob)  # JSON has no NaN/Infinity
+            token = TokenOut(event.token_id, event.text, event.logprob if finite else None)
             generation.tokens.append(token)
             generation.text += event.text
             generation.finish_reason = event.finish_reason

@@ -9,18 +9,20 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from olora_core.errors import OLoRAError
 
-from app import __version__
+from app import __version__, errors
 from app.adapter_service import AdapterService, UploadRefused
 from app.deps import AppState
-from app.engine.errors import EngineError, QueueFull
+from app.engine.errors import EngineError
 from app.ephemeral import EphemeralAdapters, ServedAdapters
 from app.generation import GenerationTimeout
 from app.metrics import ServerMetrics
-from app.middleware import AccessLogMiddleware, BodySizeLimitMiddleware
+from app.auth import AuthMiddleware
+from app.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, UploadLimitMiddleware
 from app.settings import Settings
 from app.store.adapter_store import AdapterStore, StoreError
 from app.store.archive import ArchiveError, ArchiveLimits
@@ -28,36 +30,36 @@ from app.store.archive import ArchiveError, ArchiveLimits
 log = logging.getLogger("olora.server")
 
 
-def _error(status: int, message: str, error_type: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
+def _error_response(request: Request, kind: errors.ErrorKind, message: str, param: str | None = None,
+                    headers: dict | None = None) -> JSONResponse:
+    if kind.status == 429:
+        headers = {**(headers or {}), "Retry-After": "1"}
+    content = errors.body(kind, message, openai=errors.is_openai_path(request.url.path), param=param)
+    return JSONResponse(content, status_code=kind.status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
+    """Every error goes through the one table in app/errors.py (status, error_type, body shape)."""
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return _error(422, f"invalid request: {problems}", "validation")
+        kind, message, param = errors.validation_kind(exc.errors())
+        return _error_response(request, kind, message, param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail), f"http_{exc.status_code}", headers=exc.headers)
+        kind, message = errors.classify(exc)
+        return _error_response(request, kind, message, headers=exc.headers)
 
-    @app.exception_handler(QueueFull)
-    async def _queue_full(request: Request, exc: QueueFull):
-        return _error(429, str(exc), "overloaded", headers={"Retry-After": "1"})
+    async def _typed(request: Request, exc: Exception):
+        kind, message = errors.classify(exc)
+        if kind.status >= 500:
+            log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc,
+                      exc_info=exc if kind is errors.INTERNAL else None)
+        return _error_response(request, kind, message)
 
-    @app.exception_handler(EngineError)
-    async def _engine(request: Request, exc: EngineError):
-        return _error(getattr(exc, "status_code", 500), str(exc), type(exc).__name__)
-
-    for family in (ArchiveError, StoreError, UploadRefused, GenerationTimeout):
-        @app.exception_handler(family)
-        async def _typed(request: Request, exc: Exception):
-            return _error(getattr(exc, "status_code", 422), str(exc), type(exc).__name__)
-
-    @app.exception_handler(OLoRAError)
-    async def _olora(request: Request, exc: OLoRAError):
-        return _error(422, str(exc), type(exc).__name__)
+    for family in (EngineError, StoreError, ArchiveError, UploadRefused, GenerationTimeout, OLoRAError,
+                   ValidationError, UnicodeError, OSError, Exception):
+        app.add_exception_handler(family, _typed)
 
 
 async def _watch_store(state: AppState, store: AdapterStore) -> None:
@@ -115,11 +117,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="olora-serve", version=__version__, lifespan=lifespan,
                   description="Many OLoRA/LoRA adapters on one base model: TGI/LoRAX- and OpenAI-compatible.")
     _install_error_handlers(app)
+    # outermost last: access log -> keys (headers only) -> upload bound -> body size -> routes
     app.add_middleware(BodySizeLimitMiddleware, max_json_bytes=settings.max_request_bytes,
                        max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(UploadLimitMiddleware, max_uploads=settings.max_concurrent_uploads)
+    app.add_middleware(AuthMiddleware, settings=settings)
     app.add_middleware(AccessLogMiddleware, metrics=metrics)
 
     from app.routers import adapters, generate, ops, openai_compat
     for router in (generate.router, openai_compat.router, adapters.router, ops.router):
-        app.include_router(router)
+        app.include_router(router, responses=errors.openapi_error_responses())
     return app

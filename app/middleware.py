@@ -1,4 +1,5 @@
-"""ASGI middleware: request ids, structured JSON access logs, request metrics, request body size limits."""
+"""ASGI middleware: request ids, structured JSON access logs, request metrics, request body size limits,
+the bound on concurrent uploads (auth before body: app/auth.py)."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ import logging
 import time
 import uuid
 
+from app.auth import send_error
 from app.metrics import ServerMetrics
 
 access_log = logging.getLogger("olora.access")
@@ -72,7 +74,7 @@ class BodySizeLimitMiddleware:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _send_413(send, limit)
+            return await _send_413(send, scope, limit)
         received = 0
         started = {"response": False}
 
@@ -94,11 +96,31 @@ class BodySizeLimitMiddleware:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLarge:
             if not started["response"]:
-                await _send_413(send, limit)
+                await _send_413(send, scope, limit)
 
 
-async def _send_413(send, limit: int) -> None:
-    body = json.dumps({"error": f"request body larger than {limit} bytes", "error_type": "payload_too_large"}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+async def _send_413(send, scope, limit: int) -> None:
+    await send_error(send, scope, 413, f"request body larger than {limit} bytes")
+
+
+class UploadLimitMiddleware:
+    """At most `max_uploads` uploads (POST /adapters) in progress at once: the next one gets 429 + Retry-After
+    before its body is read. (Runs after the key check, so unauthenticated requests take no place.)"""
+
+    def __init__(self, app, max_uploads: int, upload_path: str = "/adapters"):
+        self.app = app
+        self.max_uploads = max_uploads
+        self.upload_path = upload_path
+        self.in_progress = 0  # one event loop: no lock needed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") != self.upload_path:
+            return await self.app(scope, receive, send)
+        if self.in_progress >= self.max_uploads:
+            return await send_error(send, scope, 429, f"{self.max_uploads} uploads are already in progress; "
+                                                      "retry later", [(b"retry-after", b"5")])
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1

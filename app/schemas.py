@@ -1,7 +1,7 @@
 """Request/response bodies: LoRAX/TGI `/generate` and the OpenAI-compatible endpoints."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class MergedAdapters(BaseModel):
     """LoRAX's per-request merge: combine several adapters into one for this request."""
     ids: list[str] = Field(min_length=1)
-    weights: list[float] | None = None
+    weights: list[Annotated[float, Field(allow_inf_nan=False)]] | None = None
     merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] = "linear"
     density: float | None = Field(None, gt=0, le=1)
     majority_sign_method: Literal["total", "frequency"] = "total"
@@ -29,13 +29,13 @@ class GenerateParameters(BaseModel):
     adapter_source: Literal["local", "hub"] | None = None
     merged_adapters: MergedAdapters | None = None
     max_new_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, gt=0)
+    temperature: float | None = Field(None, gt=0, allow_inf_nan=False)  # < 1e-5 with do_sample: greedy
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     do_sample: bool = False
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
     stop: list[str] = Field(default_factory=list, max_length=16)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, ge=1e-2, le=1e2)
     details: bool = False
     decoder_input_details: bool = False
     return_full_text: bool = False
@@ -90,12 +90,12 @@ class ErrorBody(BaseModel):
 class _OpenAIRequest(BaseModel):
     """Fields /v1/completions and /v1/chat/completions share."""
     model: str
-    temperature: float | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
     user: str | None = None
 
 

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(512 << 20, description="compressed adapter archive; past it: 413")
     max_unpacked_bytes: int = Field(2 << 30, description="uncompressed adapter archive; past it: 413")
     metrics_max_adapter_labels: int = Field(100, ge=0, description="per-adapter metric label cardinality bound")
+    metrics_require_key: bool = Field(
+        False, description="with keys set, /metrics needs an API key too (its labels name adapter ids)")
+    max_concurrent_uploads: int = Field(2, ge=1, description="adapter uploads in progress at once; past it: 429")
 
     # auth (comma-separated lists in the environment)
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="keys for generation and reading")

@@ -1,4 +1,4 @@
-"""Quantized serving of the embedded default model, and the engine's behaviour when its loop dies."""
+"""Quantized serving of the embedded default model (fault isolation: tests/test_fault_isolation.py)."""
 from __future__ import annotations
 
 import tempfile
@@ -9,7 +9,6 @@ import torch
 from app.engine import Engine, EngineConfig
 from app.engine.adapter_files import DirectoryAdapterSource
 from app.engine.base_model import _avoid_unsupported_cpu_4bit_packing
-from app.engine.errors import EngineNotRunning
 from app.engine.sampling import SamplingParams
 from olora_core.default_model import default_model_path
 
@@ -46,23 +45,3 @@ def test_quantized_default_model_matches_transformers(quantize, caplog):
     quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
              if quantize == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
     assert got == _hf_greedy(quant, ids, 8)
-
-
-def test_a_dying_loop_fails_every_request_instead_of_hanging(monkeypatch):
-    engine = Engine(EngineConfig(max_batch_size=2), DirectoryAdapterSource(tempfile.mkdtemp()))
-
-    def broken_prefill(*args, **kwargs):
-        raise RuntimeError("simulated kernel failure")
-
-    monkeypatch.setattr(engine.runner, "prefill", broken_prefill)
-    engine.start()
-    try:
-        ids = engine.tokenizer(PROMPT)["input_ids"]
-        handles = [engine.submit(ids, None, SamplingParams(max_new_tokens=4)) for _ in range(3)]
-        for handle in handles:
-            with pytest.raises(EngineNotRunning, match="simulated kernel failure"):
-                handle.result(timeout=30)
-        with pytest.raises(EngineNotRunning):
-            engine.submit(ids, None, SamplingParams(max_new_tokens=4))
-    finally:
-        engine.shutdown()

@@ -131,10 +131,10 @@ def test_openai_endpoints(client, lora_dirs, base_dir):
     assert client.post("/v1/completions", json={"model": base_name, "prompt": PROMPT, "max_tokens": 3}).status_code == 200
     assert client.post("/v1/completions", json={"model": "nope", "prompt": PROMPT}).status_code == 404
     r = client.post("/v1/completions", json={"model": "qv4", "prompt": PROMPT, "frequency_penalty": 0.5})
-    assert r.status_code == 422 and "frequency_penalty" in r.json()["error"]
+    assert r.status_code == 422 and "frequency_penalty" in r.json()["error"]["message"]
     r = client.post("/v1/completions", json={"model": "qv4", "prompt": PROMPT, "max_tokens": 2},
                     headers={"X-Adapter-Id": "other"})
-    assert r.status_code == 400 and "X-Adapter-Id" in r.json()["error"]
+    assert r.status_code == 400 and "X-Adapter-Id" in r.json()["error"]["message"]
 
 
 def test_overwrite_conflict_and_delete(client, lora_dirs):

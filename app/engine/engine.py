@@ -11,6 +11,7 @@ per row and hand it to the request's consumer.
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 import traceback
@@ -22,7 +23,8 @@ import torch
 from .adapter_cache import AdapterCache
 from .adapter_files import AdapterInfo, AdapterSource, ParsedAdapter, parse_adapter, read_adapter_config
 from .base_model import load_base_model
-from .errors import BaseModelError, EngineError, EngineNotRunning, InputTooLong, InvalidRequest
+from .errors import (BaseModelError, EngineError, EngineNotRunning, InputTooLong, InvalidRequest, NonFiniteLogits,
+                     StepFailed)
 from .handle import RequestHandle, TokenEvent
 from .lora_layers import KERNELS, LoRASlotBank, find_target_modules
 from .observer import EngineObserver, RequestStats, SafeObserver
@@ -30,6 +32,10 @@ from .runner import ModelRunner
 from .sampling import RowSampler, SamplingParams, choose_tokens
 from .scheduler import Limits, Scheduler, Sequence
 from .text import IncrementalDetokenizer, find_stop
+
+
+LOGIT_BOUND = 1e6  # |logit| past it ends the request (NonFiniteLogits): only an overflowing adapter gets there
+MAX_CONSECUTIVE_STEP_FAILURES = 3  # then the loop is declared dead (/health 503) and the process restarted
 
 
 @dataclass
@@ -114,6 +120,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._fatal: BaseException | None = None
+        self._step_rows: list[Sequence] = []  # the rows of the step in progress (failed together if it raises)
         self.steps = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
@@ -144,7 +151,8 @@ class Engine:
         """Queue a request. Raises AdapterNotFound / AdapterRejected / InputTooLong / QueueFull /
         InvalidRequest / EngineNotRunning."""
         if self._thread is None or self._fatal is not None:
-            raise EngineNotRunning(f"engine is not running{f' (loop died: {self._fatal!r})' if self._fatal else ''}")
+            died = f" (the engine loop died: {type(self._fatal).__name__})" if self._fatal is not None else ""
+            raise EngineNotRunning(f"engine is not running{died}")
         if not isinstance(params, SamplingParams):
             raise InvalidRequest("params must be a SamplingParams")
         vocab = self.runner.vocab_size
@@ -203,7 +211,7 @@ class Engine:
             slot_adapters=tuple(None if e is None else e[0] for e in snap["slots"]),
             host_adapters=len(snap["host_adapters"]), host_bytes=snap["host_bytes"],
             max_cpu_adapters=self.config.max_cpu_adapters, pending_loads=snap["pending_loads"], steps=self.steps,
-            alive=self._thread is not None and self._fatal is None)
+            alive=self._thread is not None and self._thread.is_alive() and self._fatal is None)
 
     # ---- internals ---------------------------------------------------------------------------------------
     def _parse(self, path: Path) -> ParsedAdapter:
@@ -224,22 +232,49 @@ class Engine:
             self._wake.notify_all()
 
     def _loop(self) -> None:
+        failures = 0  # consecutive failed steps: a fault that outlives the rows it hit means the engine is broken
         try:
             with torch.inference_mode():
                 while not self._stop:
-                    if not self._step():
+                    try:
+                        worked = self._step()
+                        if worked:
+                            failures = 0
+                    except Exception as exc:  # noqa: BLE001 - a step's fault is its rows' fault, not the loop's
+                        failures += 1
+                        if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                            raise
+                        self._fail_step(exc)
+                        continue
+                    if not worked:
                         with self._wake:
                             if not self._stop:
                                 self._wake.wait(timeout=0.05)
-        except BaseException as exc:  # a bug or OOM: fail every request instead of hanging them
+        except BaseException as exc:  # persistent fault (device lost, OOM every step) or interpreter exit
             self._fatal = exc
+            print(f"olora-serve: the engine loop died ({type(exc).__name__}: {exc}); /health and /ready now "
+                  "answer 503 so the orchestrator restarts this process", file=sys.stderr, flush=True)
             traceback.print_exc()
-            error = EngineNotRunning(f"engine loop died: {type(exc).__name__}: {exc}")
+            error = EngineNotRunning(f"engine loop died: {type(exc).__name__}")
             # every live request, including newcomers taken off the queue by the step that failed
             for seq in list(self._by_id.values()):
                 if not seq.handle.done:
                     seq.error = error
                     self._finish(seq, "error")
+
+    def _fail_step(self, exc: Exception) -> None:
+        """End the rows of the step that raised (running rows and the newcomers it took off the queue) with a
+        StepFailed error; waiting requests and the loop go on. Their KV rows are compacted at the next step."""
+        print(f"olora-serve: an engine step failed, its {len(self._step_rows)} request(s) end with an error: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        traceback.print_exc()
+        error = StepFailed(f"the engine step running this request failed ({type(exc).__name__}); "
+                           "the request was ended, the server goes on")
+        for seq in self._step_rows:
+            if not seq.handle.done:
+                seq.error = error
+                self._finish(seq, "error")
+        self._step_rows = []
 
     def _step(self) -> bool:
         """One scheduler iteration; False when there was nothing to do."""
@@ -252,6 +287,7 @@ class Engine:
         for seq in dropped:
             self._finish(seq, seq.finish_reason or "cancelled")
         old = list(sched.running)
+        self._step_rows = old + newcomers  # who fails if this step raises
         if not old and not newcomers:
             return bool(dropped)
         rows: list[Sequence] = []
@@ -271,14 +307,35 @@ class Engine:
                 row += len(group)
             rows += newcomers
             sched.start_running(newcomers)
+        batch_logits = torch.cat(logits) if len(logits) > 1 else logits[0]  # (B, V)
+        rows, batch_logits = self._drop_non_finite(rows, batch_logits)
         histories = [self._history(s) for s in rows]
-        tokens, logprobs = choose_tokens(torch.cat(logits) if len(logits) > 1 else logits[0],
-                                         [s.sampler for s in rows], histories)
+        tokens, logprobs = choose_tokens(batch_logits, [s.sampler for s in rows], histories) if rows else ([], [])
         for seq, token, logprob in zip(rows, tokens, logprobs):
             self._emit(seq, token, logprob)
+        self._step_rows = []
         self.steps += 1
         self.observer.on_step(len(old) + len(newcomers), sched.n_waiting, prefill_tokens, len(old))
         return True
+
+    def _drop_non_finite(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """End the rows whose logits hold NaN/Inf or exceed LOGIT_BOUND (their adapter overflowed: no trained model
+        gets near it, and past it temperature/penalties could overflow float32); the others are sampled as usual.
+        logits: (B, V) -> (B', V) of the rows kept."""
+        finite = logits.abs().amax(dim=-1) <= LOGIT_BOUND  # (B,) False for NaN and Inf too
+        if bool(finite.all()):
+            return rows, logits
+        kept = []
+        for seq, ok in zip(rows, finite.tolist()):
+            if ok:
+                kept.append(seq)
+                continue
+            seq.error = NonFiniteLogits(
+                f"the model's logits for this request are not finite (NaN/Inf or beyond {LOGIT_BOUND:g}) after "
+                f"{len(seq.generated)} tokens: "
+                f"adapter {seq.adapter_id!r} overflows on this input; the request was ended")
+            self._finish(seq, "error")
+        return kept, logits[finite]
 
     def _history(self, seq: Sequence) -> torch.Tensor | None:
         if seq.sampler.batched_greedy or seq.params.repetition_penalty == 1.0:

@@ -60,9 +60,22 @@ class InputTooLong(InvalidRequest):
 
 
 class QueueFull(EngineError):
-    """The waiting queue already holds `max_waiting` requests."""
+    """The waiting queue already holds `max_waiting` requests (the client should retry later)."""
 
-    status_code = 503
+    status_code = 429
+
+
+class NonFiniteLogits(EngineError):
+    """This request's logits held NaN/Inf (e.g. an adapter or per-request merge with huge weights): the request
+    ends with this error, the other rows of the batch go on."""
+
+    status_code = 422
+
+
+class StepFailed(EngineError):
+    """An unexpected exception in the engine step that ran this request: the step's rows fail, the loop goes on."""
+
+    status_code = 500
 
 
 class EngineNotRunning(EngineError):

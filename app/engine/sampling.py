@@ -7,6 +7,7 @@ tokens alone or in any batch.
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -19,11 +20,15 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, NonFiniteLogits
 
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_CHARS = 256
 _SEED_LIMIT = 2**63  # torch.Generator.manual_seed accepts [-2**63, 2**64); we keep it simple and non-negative.
+# Bounds that keep every processed logit finite in float32 (logits are O(10..100)):
+TEMPERATURE_FLOOR = 1e-5  # below it a sampled request decodes greedily (vLLM's _SAMPLING_EPS)
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)  # logits are multiplied or divided by it
+TOP_P_FLOOR = 1e-8  # below it only the top token survives anyway
 
 
 @dataclass
@@ -48,16 +53,18 @@ class SamplingParams:
             raise bad(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                raise bad(f"{name} must be a number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(f"{name} must be a finite number, got {value!r}")
+            setattr(self, name, float(value))  # transformers' processors take floats only
         if not self.temperature > 0:
             raise bad(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise bad(f"top_p must be in (0, 1], got {self.top_p}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise bad(f"top_k must be an integer >= 0 (0 = disabled), got {self.top_k!r}")
-        if not self.repetition_penalty > 0:
-            raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise bad(f"repetition_penalty must be in [{low:g}, {high:g}], got {self.repetition_penalty}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < _SEED_LIMIT):
             raise bad(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
@@ -74,10 +81,13 @@ class RowSampler:
 
     def __init__(self, params: SamplingParams, device: torch.device):
         self.params = params
+        # A temperature under the floor (or a top_p so small that one token survives) is greedy decoding:
+        # dividing by it would overflow the logits to inf and the draw would fail.
+        self.sampling = params.do_sample and params.temperature >= TEMPERATURE_FLOOR and params.top_p >= TOP_P_FLOOR
         processors = LogitsProcessorList()
         if params.repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-        if params.do_sample:
+        if self.sampling:
             if params.temperature != 1.0:
                 processors.append(TemperatureLogitsWarper(params.temperature))
             if params.top_k > 0:
@@ -86,7 +96,7 @@ class RowSampler:
                 processors.append(TopPLogitsWarper(params.top_p))
         self.processors = processors
         # Batched argmax is only valid when nothing changes the logits and nothing is drawn.
-        self.batched_greedy = not params.do_sample and len(processors) == 0
+        self.batched_greedy = not self.sampling and len(processors) == 0
         self.generator: torch.Generator | None = None
         self.seed: int | None = None
         if params.do_sample:
@@ -97,8 +107,11 @@ class RowSampler:
     def choose(self, scores: torch.Tensor, history: torch.Tensor) -> tuple[int, float]:
         """scores: (1, V) float32 logits of this row; history: (1, n) prompt + generated ids. -> (token, logprob)."""
         scores = self.processors(history, scores)  # (1, V)
+        if torch.isnan(scores).any() or not torch.isfinite(scores).any():  # nothing a draw could use
+            raise NonFiniteLogits("the logits became non-finite after the repetition penalty/temperature/top-k/"
+                                  "top-p processors")
         logprobs = torch.log_softmax(scores, dim=-1)  # (1, V)
-        if self.params.do_sample:
+        if self.sampling:
             token = torch.multinomial(logprobs.exp(), num_samples=1, generator=self.generator)  # (1, 1)
             token_id = int(token.item())
         else:

@@ -6,12 +6,13 @@ import shutil
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from app.adapter_service import AdapterSummary
 from app.deps import AdminKey, ApiKey, State
+from app.store.adapter_store import AdapterMissing
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -22,7 +23,7 @@ class AdapterList(BaseModel):
 
 class MergeSource(BaseModel):
     id: str
-    weight: float = 1.0
+    weight: float = Field(1.0, allow_inf_nan=False)
 
 
 class MergeRequest(BaseModel):
@@ -33,7 +34,7 @@ class MergeRequest(BaseModel):
     density: float | None = Field(None, gt=0, le=1)
     majority_sign_method: Literal["total", "frequency"] = "total"
     svd_rank: int | None = Field(None, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
     overwrite: bool = False
 
 
@@ -112,7 +113,7 @@ async def merge_into_base(adapter_id: str, state: State) -> StreamingResponse:
 
     stored = state.adapters.store.get(adapter_id)
     if stored is None:
-        raise HTTPException(404, f"adapter {adapter_id!r} not found")
+        raise AdapterMissing(f"adapter {adapter_id!r} not found")
     # The store keeps a retired version for a grace period, so an overwrite during the stream does not cut it.
     return StreamingResponse(
         iter_merged_model_tar(state.engine.model_path, stored.path), media_type="application/x-tar",

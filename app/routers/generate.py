@@ -7,6 +7,7 @@ from fastapi import APIRouter, Header, HTTPException, Request
 from sse_starlette.sse import EventSourceResponse
 
 from app.deps import ApiKey, AppState, State
+from app.errors import stream_error
 from app.generation import Generation, collect, sampling_params, stream_tokens
 from app.schemas import Details, GenerateRequest, GenerateResponse, StreamDetails, StreamResponse, Token
 
@@ -86,6 +87,6 @@ async def generate_stream(body: GenerateRequest, request: Request, state: State,
                                                 generated_tokens=len(generation.tokens), seed=generation.seed)
                 yield json.dumps(pending.model_dump(exclude_none=False))
         except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band, as TGI does
-            yield json.dumps({"error": str(exc), "error_type": type(exc).__name__})
+            yield json.dumps(stream_error(exc, openai=False))
 
     return EventSourceResponse(events(), ping=15)

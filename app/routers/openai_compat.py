@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
 from app.deps import ApiKey, AppState, State
+from app.errors import stream_error
 from app.generation import Generation, collect, sampling_params, stream_tokens
 from app.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
@@ -81,7 +82,7 @@ def _sse(state: AppState, request: Request, handle, g: Generation, stop: list[st
             yield json.dumps(chunk(final[sent:], FINISH.get(g.finish_reason, "stop")))
             yield "[DONE]"
         except Exception as exc:  # noqa: BLE001 - headers already sent: report in-band
-            yield json.dumps({"error": {"message": str(exc), "type": type(exc).__name__}})
+            yield json.dumps(stream_error(exc, openai=True))
 
     return EventSourceResponse(events(), ping=15)
 

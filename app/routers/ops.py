@@ -13,7 +13,11 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/health")
 @router.get("/v2/health/live")
-async def health() -> dict:
+async def health(request: Request):
+    """Liveness: 200 while starting and serving; 503 once the engine loop died (restart the process)."""
+    state = getattr(request.app.state, "olora", None)
+    if state is not None and not state.engine.stats().alive:
+        return JSONResponse({"status": "engine stopped", "model": state.engine.model_name}, status_code=503)
     return {"status": "ok"}
 
 

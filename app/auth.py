@@ -1,0 +1,95 @@
+"""API keys, checked from the request headers before any body is read (pure ASGI middleware).
+
+Roles: an admin key may do everything; an API key may generate and read. When no key is configured every
+request passes. Open without a key: the probes (`/health`, `/ready`, `/v2/health/*`) and `/metrics` (unless
+`metrics_require_key`). Admin routes: every method but GET/HEAD under `/adapters` (upload, delete, merge,
+merge-into-base). Everything else, `/info`, `/docs` and `/openapi.json` included, needs an API key.
+
+Because the check runs before FastAPI parses a multipart body, an upload without a valid key is answered
+401/403 without a byte of it being spooled to disk. The route dependencies in app/deps.py apply the same rules
+(`role_of`) once more, and describe the Bearer scheme in the OpenAPI document.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Literal
+
+from app import errors
+from app.settings import Settings
+
+Role = Literal["admin", "api"]
+PROBE_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"})
+READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+def _matches(token: str, keys: list[str]) -> bool:
+    found = False
+    for key in keys:  # no early exit: every key is compared, each in constant time
+        found |= hmac.compare_digest(token.encode(), key.encode())
+    return found
+
+
+def role_of(settings: Settings, token: str | None) -> Role | None:
+    """What a bearer token may do (None: nothing)."""
+    if not token:
+        return None
+    if _matches(token, settings.admin_keys or settings.api_keys):
+        return "admin"
+    if _matches(token, settings.api_keys):
+        return "api"
+    return None
+
+
+def required_role(settings: Settings, method: str, path: str) -> Role | None:
+    """The role a request needs (None: open)."""
+    if path in PROBE_PATHS or (path == "/metrics" and not settings.metrics_require_key):
+        return None
+    if (path == "/adapters" or path.startswith("/adapters/")) and method not in READ_METHODS:
+        return "admin"
+    return "api"
+
+
+def refusal(settings: Settings, method: str, path: str, authorization: str | None) -> tuple[int, str] | None:
+    """(status, message) when the request may not proceed, else None."""
+    need = required_role(settings, method, path) if settings.auth_enabled else None
+    if need is None:
+        return None
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return 401, "missing API key (Authorization: Bearer <key>)"
+    role = role_of(settings, token.strip())
+    if role is None:
+        return 401, "invalid API key"
+    if need == "admin" and role != "admin":
+        return 403, "this API key may generate but not change adapters"
+    return None
+
+
+class AuthMiddleware:
+    def __init__(self, app, settings: Settings):
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.settings.auth_enabled:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        authorization = headers.get(b"authorization", b"").decode("latin-1") or None
+        refused = refusal(self.settings, scope.get("method", "GET"), scope.get("path", ""), authorization)
+        if refused is None:
+            return await self.app(scope, receive, send)
+        status, message = refused
+        await send_error(send, scope, status, message,
+                         [(b"www-authenticate", b"Bearer")] if status == 401 else [])
+
+
+async def send_error(send, scope, status: int, message: str, extra_headers: list | None = None) -> None:
+    """An error response from ASGI middleware, in the same body shapes as the app's handlers."""
+    kind = errors.BY_STATUS[status]
+    content = errors.body(kind, message, openai=errors.is_openai_path(scope.get("path", "")))
+    payload = json.dumps(content).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+               *(extra_headers or [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
