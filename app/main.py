@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -62,12 +63,23 @@ def _install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(family, _typed)
 
 
+SWEEP_EVERY_S = 30.0  # retired adapter versions are removed this often (after their grace period)
+
+
 async def _watch_store(state: AppState, store: AdapterStore) -> None:
-    """Pick up adapters changed or deleted by other replicas sharing the store directory."""
+    """Pick up adapters changed or deleted by other replicas sharing the store directory; sweep retired versions."""
     known = store.versions()
+    last_sweep = time.monotonic()
     while True:
         await asyncio.sleep(state.settings.store_poll_s)
-        current = await asyncio.to_thread(store.versions)
+        try:
+            current = await asyncio.to_thread(store.versions)
+            if time.monotonic() - last_sweep > SWEEP_EVERY_S:
+                last_sweep = time.monotonic()
+                await asyncio.to_thread(store.sweep)
+        except OSError as exc:  # a store that went away or read-only must not end the watcher
+            log.warning("adapter store watcher: %s", exc)
+            continue
         for adapter_id in set(known) | set(current):
             if known.get(adapter_id) != current.get(adapter_id):
                 state.engine.invalidate(adapter_id)
@@ -83,7 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         from app.engine.engine import Engine, EngineConfig
 
-        store = AdapterStore(settings.adapter_dir)
+        store = AdapterStore(settings.adapter_dir)  # removes crashed writers' staging folders
+        await asyncio.to_thread(store.sweep)
         ephemeral = EphemeralAdapters(store)
         config = EngineConfig(
             model=settings.model, dtype=settings.dtype, quantize=settings.quantize, device=settings.device,

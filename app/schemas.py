@@ -3,7 +3,19 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+
+def _valid_unicode(text: str) -> str:
+    """JSON may carry a lone surrogate ("\\ud800") that no tokenizer can encode: refuse it here (422)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text is not valid Unicode: lone surrogate at position {exc.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]  # every text that reaches the tokenizer or a stop check
 
 
 class MergedAdapters(BaseModel):
@@ -34,7 +46,7 @@ class GenerateParameters(BaseModel):
     top_k: int | None = Field(None, ge=0)
     do_sample: bool = False
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    stop: list[Text] = Field(default_factory=list, max_length=16)
     repetition_penalty: float | None = Field(None, ge=1e-2, le=1e2)
     details: bool = False
     decoder_input_details: bool = False
@@ -43,7 +55,7 @@ class GenerateParameters(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    inputs: str
+    inputs: Text
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool = False
 
@@ -94,13 +106,13 @@ class _OpenAIRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     user: str | None = None
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     max_tokens: int | None = Field(16, ge=1)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -109,7 +121,7 @@ class CompletionRequest(_OpenAIRequest):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: Text
 
 
 class ChatCompletionRequest(_OpenAIRequest):

@@ -88,3 +88,63 @@ def test_concurrent_uploads_of_one_id_exactly_one_wins(tmp_path):
     stored = AdapterStore(root).get("same")
     writer = Path(stored.metadata["writer"])
     assert (stored.path / "adapter_model.safetensors").read_bytes() == (writer / "adapter_model.safetensors").read_bytes()
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_crashed_writers_staging_is_removed_at_start(tmp_path):
+    """10.7: what a kill -9 left in .staging does not outlive the next start; live writers' folders stay."""
+    import os
+    import time
+
+    store = AdapterStore(tmp_path / "store")
+    staging = tmp_path / "store" / ".staging"
+    crashed = staging / f"{store._host}-{_dead_pid()}-deadbeef"
+    crashed.mkdir()
+    (crashed / "trained.archive").write_bytes(b"x" * 100_000)
+    earlier_me = staging / f"{store._host}-{os.getpid()}-feed"  # a restarted container gets its old pid again
+    earlier_me.mkdir()
+    os.utime(earlier_me, (adapter_store._PROCESS_STARTED - 5,) * 2)
+    busy = store.staging_dir()  # this process is writing there right now
+    alive = staging / f"{store._host}-{os.getppid()}-cafe"  # a live process of this host is writing
+    alive.mkdir()
+    other_host_fresh = staging / "otherhost-1-abcd"
+    other_host_fresh.mkdir()
+    other_host_stale = staging / "otherhost-2-abcd"
+    other_host_stale.mkdir()
+    old = time.time() - adapter_store.STALE_STAGING_S - 10
+    os.utime(other_host_stale, (old, old))
+    AdapterStore(tmp_path / "store")  # a restart
+    assert sorted(p.name for p in staging.iterdir()) == sorted([alive.name, other_host_fresh.name, busy.name])
+
+
+def test_retired_versions_are_swept_without_a_new_write(tmp_path, monkeypatch):
+    store = AdapterStore(tmp_path / "store")
+    first = store.put("a1", _src(tmp_path), {})
+    held = store.put("b1", _src(tmp_path), {})
+    store.put("a1", _src(tmp_path, b"v2"), {}, overwrite=True)
+    store.put("b1", _src(tmp_path, b"v2"), {}, overwrite=True)
+    store.sweep()
+    assert first.path.exists() and held.path.exists()  # inside the grace period
+    monkeypatch.setattr(adapter_store, "OLD_VERSION_GRACE_S", -1.0)
+    with store.reading(held):
+        store.sweep()
+        assert not first.path.exists()  # past the grace period, nobody reads it
+        assert held.path.exists()  # a stream of this process still reads it
+    store.sweep()
+    assert not held.path.exists()
+    assert [s.version for s in store.list()] == [store.get("a1").version, store.get("b1").version]
+
+
+def test_lock_files_are_bounded(tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    for i in range(3 * adapter_store.LOCK_STRIPES):
+        store.put(f"id-{i}", _src(tmp_path), {})
+        store.delete(f"id-{i}")
+    assert len(list((tmp_path / "store" / ".locks").iterdir())) <= adapter_store.LOCK_STRIPES

@@ -114,7 +114,11 @@ async def merge_into_base(adapter_id: str, state: State) -> StreamingResponse:
     stored = state.adapters.store.get(adapter_id)
     if stored is None:
         raise AdapterMissing(f"adapter {adapter_id!r} not found")
-    # The store keeps a retired version for a grace period, so an overwrite during the stream does not cut it.
+    # The store keeps a version this stream reads (`reading`), so an overwrite during the stream does not cut it.
+    def held():
+        with state.adapters.store.reading(stored) as path:
+            yield from iter_merged_model_tar(state.engine.model_path, path)
+
     return StreamingResponse(
-        iter_merged_model_tar(state.engine.model_path, stored.path), media_type="application/x-tar",
+        held(), media_type="application/x-tar",
         headers={"Content-Disposition": f'attachment; filename="{adapter_id}-merged.tar"'})

@@ -4,23 +4,30 @@ Layout (all names chosen by the server, never by a client):
 
     <root>/<adapter_id>/CURRENT          -> text: name of the live version folder
     <root>/<adapter_id>/<version>/       -> adapter_config.json, adapter_model.safetensors, metadata.json
-    <root>/.staging/<uuid>/              -> versions being written (same filesystem, so rename is atomic)
-    <root>/.locks/<adapter_id>.lock      -> fcntl lock serialising writers of one id across processes
+    <root>/.staging/<host>-<pid>-<uuid>/ -> versions/uploads being written (same filesystem: rename is atomic)
+    <root>/.locks/<stripe>.lock          -> fcntl lock serialising writers of the ids hashed to this stripe
+                                            across processes (LOCK_STRIPES files at most, whatever the ids)
 
 A version folder is complete before CURRENT names it (CURRENT is replaced with os.replace), so a reader sees
-either the old adapter or the new one, never a torn one. Old versions are removed after a grace period so
-a replica still reading them is not cut off.
+either the old adapter or the new one, never a torn one. Retired versions are removed after a grace period
+(a replica still reading them is not cut off) and once no reader of this process holds them (`reading`), by
+`sweep()` (run at start and periodically). Staging folders left by a crashed writer of this host (its pid is
+gone) are removed at start; those of other hosts once older than STALE_STAGING_S.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,6 +38,9 @@ ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 OLD_VERSION_GRACE_S = 60.0
 RETIRED_MARKER = ".retired"
+LOCK_STRIPES = 64
+_PROCESS_STARTED = time.time()  # (about) when this process started: staging folders older than it are debris
+STALE_STAGING_S = 3600.0  # no upload or merge takes that long
 
 
 class StoreError(ValueError):
@@ -69,6 +79,10 @@ class AdapterStore:
         self.root = Path(root).resolve()
         for sub in (self.root, self.root / ".staging", self.root / ".locks"):
             sub.mkdir(parents=True, exist_ok=True)
+        self._host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
+        self._readers: Counter[Path] = Counter()  # version folders this process is reading (not swept)
+        self._readers_lock = threading.Lock()
+        self._clean_staging()
 
     # ---- reading ---------------------------------------------------------------------------------------
     def _current_version(self, adapter_id: str) -> str | None:
@@ -122,7 +136,8 @@ class AdapterStore:
     # ---- writing ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _locked(self, adapter_id: str) -> Iterator[None]:
-        with open(self.root / ".locks" / f"{adapter_id}.lock", "a+") as fh:
+        stripe = int.from_bytes(hashlib.sha256(adapter_id.encode()).digest()[:4], "big") % LOCK_STRIPES
+        with open(self.root / ".locks" / f"{stripe:02d}.lock", "a+") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield
@@ -131,9 +146,56 @@ class AdapterStore:
 
     def staging_dir(self) -> Path:
         """A fresh private directory on the store's filesystem for building a version."""
-        path = self.root / ".staging" / uuid.uuid4().hex
+        path = self.root / ".staging" / f"{self._host}-{os.getpid()}-{uuid.uuid4().hex}"
         path.mkdir()
         return path
+
+    def _clean_staging(self) -> None:
+        """Remove what crashed writers left in .staging: this host's folders whose process is gone (or has our
+        pid: a restarted container), and any folder untouched for STALE_STAGING_S (another host's crash)."""
+        now = time.time()
+        for child in (self.root / ".staging").iterdir():
+            host, pid, _ = (child.name.split("-") + ["", ""])[:3]
+            mine = host == self._host and pid.isdigit()
+            try:
+                mtime = child.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            stale = now - mtime > STALE_STAGING_S
+            # our own pid on a folder older than this process: a restarted container (pid 1 again)
+            earlier_me = mine and int(pid) == os.getpid() and mtime < _PROCESS_STARTED
+            if stale or earlier_me or (mine and int(pid) != os.getpid() and not _pid_alive(int(pid))):
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def reading(self, stored: StoredAdapter) -> Iterator[Path]:
+        """Hold a version folder while reading it (a long stream): `sweep` leaves it alone meanwhile."""
+        with self._readers_lock:
+            self._readers[stored.path] += 1
+        try:
+            yield stored.path
+        finally:
+            with self._readers_lock:
+                self._readers[stored.path] -= 1
+                if self._readers[stored.path] <= 0:
+                    del self._readers[stored.path]
+
+    def sweep(self) -> None:
+        """Remove retired versions past the grace period (unless this process still reads them) and the debris of
+        crashed writers, for every adapter (not only at the next write to the same id)."""
+        for child in self.root.iterdir():
+            if child.name.startswith(".") or not child.is_dir() or not ADAPTER_ID_RE.fullmatch(child.name):
+                continue
+            try:
+                with self._locked(child.name):
+                    current = self._current_version(child.name)
+                    if current is not None:
+                        self._collect_old_versions(child, keep=current)
+            except OSError:  # a read-only or vanishing store: nothing to sweep now
+                continue
 
     def put(self, adapter_id: str, source_dir: Path, metadata: dict[str, Any], *, overwrite: bool = False
             ) -> StoredAdapter:
@@ -196,8 +258,20 @@ class AdapterStore:
                 retired_at = float((child / RETIRED_MARKER).read_text())
             except (FileNotFoundError, ValueError):
                 retired_at = 0.0
-            if keep is None or now - retired_at > OLD_VERSION_GRACE_S:
+            with self._readers_lock:
+                read_here = self._readers.get(child, 0) > 0
+            if keep is None or (now - retired_at > OLD_VERSION_GRACE_S and not read_here):
                 shutil.rmtree(child, ignore_errors=True)
         if keep is None and not any(adapter_dir.iterdir()):
             with contextlib.suppress(OSError):
                 adapter_dir.rmdir()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
