@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 from app.engine.errors import QueueFull
 from app.errors import ERROR_TABLE
 from app.main import create_app
-from helpers import save_random_lora, save_tiny_checkpoint
+from helpers import save_random_lora
 from http_helpers import peft_greedy_text, tar_gz, upload
-from test_http_api import make_settings
+from test_http_api import base_dir, make_settings  # noqa: F401 - base_dir is a fixture
 
 PROMPT = "Return the number of items"
 HOSTILE_GENERATE = [
@@ -31,11 +31,6 @@ HOSTILE_GENERATE = [
     {"seed": 2**64 + 5, "do_sample": True},
 ]
 HOSTILE_COMPLETIONS = [{"temperature": 1e-45}, {"temperature": 1e-38}, {"top_p": 1e-300}, {"seed": 2**63}]
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    return Path(save_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny", seed=0))
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +244,7 @@ def test_real_full_and_read_only_disk(tmp_path, base_dir, lora_dirs):
                                                                             "max_new_tokens": 4}})
             assert r.status_code == 200
     finally:
-        subprocess.run(["umount", str(store)], capture_output=True)
+        subprocess.run(["umount", "-l", str(store)], capture_output=True)  # lazy: the engine may still map a file
 
 
 def test_after_the_hostile_suite_the_server_matches_peft(client, base_dir, lora_dirs):
