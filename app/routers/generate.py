@@ -66,7 +66,8 @@ async def generate(body: GenerateRequest, request: Request, state: State,
     return GenerateResponse(generated_text=text, details=details)
 
 
-@router.post("/generate_stream")
+@router.post("/generate_stream", response_class=EventSourceResponse,
+             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 async def generate_stream(body: GenerateRequest, request: Request, state: State,
                           x_adapter_id: str | None = Header(None)) -> EventSourceResponse:
     """One SSE `data:` line per token (TGI format); the last one also carries generated_text and details."""

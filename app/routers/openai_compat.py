@@ -23,6 +23,7 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey])
 # Used when the tokenizer has no chat template (documented in the README).
 DEFAULT_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+SSE_OR_JSON = {200: {"content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}}
 FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop", "cancelled": "stop"}
 
 
@@ -87,7 +88,7 @@ def _sse(state: AppState, request: Request, handle, g: Generation, stop: list[st
     return EventSourceResponse(events(), ping=15)
 
 
-@router.post("/completions")
+@router.post("/completions", responses=SSE_OR_JSON)
 async def completions(body: CompletionRequest, request: Request, state: State):
     if body.presence_penalty or body.frequency_penalty:
         raise HTTPException(422, "presence_penalty and frequency_penalty are not supported (they would be ignored); "
@@ -122,7 +123,7 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
                                          add_generation_prompt=True)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=SSE_OR_JSON)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
     prompt = chat_prompt(state.engine.tokenizer, [m.model_dump() for m in body.messages])
     stop = _stop_list(body.stop)

@@ -45,7 +45,8 @@ async def info(state: State) -> dict:
     }
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(state: State) -> Response:
     stats = state.engine.stats()
     state.metrics.set_lora_info(list(stats.running_adapters), list(stats.waiting_adapters))
