@@ -247,6 +247,34 @@ def test_real_full_and_read_only_disk(tmp_path, base_dir, lora_dirs):
         subprocess.run(["umount", "-l", str(store)], capture_output=True)  # lazy: the engine may still map a file
 
 
+def test_rejections_name_files_without_absolute_paths(client, lora_dirs, tmp_path):
+    """10.9: a refused upload names the file and key, never the store/staging path it was read from."""
+    import shutil
+    bad = tmp_path / "dora"
+    shutil.copytree(lora_dirs["good"], bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    body = _small_json_error(upload(client, "dora", tar_gz(bad)), 422)
+    assert "adapter_config.json" in body["error"] and "use_dora" in body["error"]
+    assert str(client.app.state.olora.adapters.store.root) not in body["error"]
+
+
+def test_health_fails_when_the_engine_loop_died(tmp_path, base_dir, monkeypatch):
+    """10.1: a persistent engine fault takes /health down with /ready (the orchestrator restarts the pod)."""
+    with TestClient(create_app(make_settings(tmp_path, base_dir)), raise_server_exceptions=False) as c:
+        def broken(*args, **kwargs):
+            raise RuntimeError("simulated device loss")
+
+        monkeypatch.setattr(c.app.state.olora.engine.runner, "prefill", broken)
+        assert c.get("/health").status_code == 200
+        for _ in range(4):
+            r = c.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2}})
+            assert r.status_code in (500, 503) and "simulated" not in r.text
+            _small_json_error(r, (500, 503))
+        assert c.get("/health").status_code == 503 and c.get("/ready").status_code == 503
+        assert _small_json_error(c.post("/generate", json={"inputs": "x"}), 503)["error_type"] == "engine_unavailable"
+
+
 def test_after_the_hostile_suite_the_server_matches_peft(client, base_dir, lora_dirs):
     """Acceptance: after everything above in this one app, a normal request gives PEFT's greedy output."""
     _still_serves(client, base_dir, lora_dirs)
