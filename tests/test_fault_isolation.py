@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from app.engine import Engine, EngineConfig
-from app.engine.engine import LOGIT_BOUND
+from app.engine.faults import LOGIT_BOUND
 from app.engine.adapter_files import DirectoryAdapterSource
 from app.engine.errors import (AdapterRejected, EngineNotRunning, InvalidRequest, NonFiniteLogits, StepFailed)
 from app.engine.sampling import RowSampler, SamplingParams, choose_tokens

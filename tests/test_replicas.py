@@ -256,7 +256,7 @@ def test_concurrent_uploads_of_one_id_through_both_replicas(cluster):
     statuses = sorted(r.status_code for r in results.values())
     assert statuses == [201, 409], {u: (r.status_code, r.text) for u, r in results.items()}
     loser = next(r for r in results.values() if r.status_code == 409)
-    assert loser.json()["error_type"] == "AdapterExists"
+    assert loser.json()["error_type"] == "adapter_exists"
     winner_url = next(u for u, r in results.items() if r.status_code == 201)
     # the store holds exactly the winner's version: complete, byte for byte
     adapter_dir = cluster.store / "raced"

@@ -11,10 +11,8 @@ per row and hand it to the request's consumer.
 from __future__ import annotations
 
 import itertools
-import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +21,9 @@ import torch
 from .adapter_cache import AdapterCache
 from .adapter_files import AdapterInfo, AdapterSource, ParsedAdapter, parse_adapter, read_adapter_config
 from .base_model import load_base_model
-from .errors import (BaseModelError, EngineError, EngineNotRunning, InputTooLong, InvalidRequest, NonFiniteLogits,
-                     StepFailed)
+from .errors import BaseModelError, EngineError, EngineNotRunning, InputTooLong, InvalidRequest
+from .faults import (MAX_CONSECUTIVE_STEP_FAILURES, finite_rows, non_finite_error, report_loop_death,
+                     step_failed)
 from .handle import RequestHandle, TokenEvent
 from .lora_layers import KERNELS, LoRASlotBank, find_target_modules
 from .observer import EngineObserver, RequestStats, SafeObserver
@@ -32,10 +31,6 @@ from .runner import ModelRunner
 from .sampling import RowSampler, SamplingParams, choose_tokens
 from .scheduler import Limits, Scheduler, Sequence
 from .text import IncrementalDetokenizer, find_stop
-
-
-LOGIT_BOUND = 1e6  # |logit| past it ends the request (NonFiniteLogits): only an overflowing adapter gets there
-MAX_CONSECUTIVE_STEP_FAILURES = 3  # then the loop is declared dead (/health 503) and the process restarted
 
 
 @dataclass
@@ -252,9 +247,7 @@ class Engine:
                                 self._wake.wait(timeout=0.05)
         except BaseException as exc:  # persistent fault (device lost, OOM every step) or interpreter exit
             self._fatal = exc
-            print(f"olora-serve: the engine loop died ({type(exc).__name__}: {exc}); /health and /ready now "
-                  "answer 503 so the orchestrator restarts this process", file=sys.stderr, flush=True)
-            traceback.print_exc()
+            report_loop_death(exc)
             error = EngineNotRunning(f"engine loop died: {type(exc).__name__}")
             # every live request, including newcomers taken off the queue by the step that failed
             for seq in list(self._by_id.values()):
@@ -265,11 +258,7 @@ class Engine:
     def _fail_step(self, exc: Exception) -> None:
         """End the rows of the step that raised (running rows and the newcomers it took off the queue) with a
         StepFailed error; waiting requests and the loop go on. Their KV rows are compacted at the next step."""
-        print(f"olora-serve: an engine step failed, its {len(self._step_rows)} request(s) end with an error: "
-              f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        traceback.print_exc()
-        error = StepFailed(f"the engine step running this request failed ({type(exc).__name__}); "
-                           "the request was ended, the server goes on")
+        error = step_failed(exc, len(self._step_rows))
         for seq in self._step_rows:
             if not seq.handle.done:
                 seq.error = error
@@ -319,10 +308,9 @@ class Engine:
         return True
 
     def _drop_non_finite(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
-        """End the rows whose logits hold NaN/Inf or exceed LOGIT_BOUND (their adapter overflowed: no trained model
-        gets near it, and past it temperature/penalties could overflow float32); the others are sampled as usual.
+        """End the rows whose logits are not finite (faults.finite_rows); the others are sampled as usual.
         logits: (B, V) -> (B', V) of the rows kept."""
-        finite = logits.abs().amax(dim=-1) <= LOGIT_BOUND  # (B,) False for NaN and Inf too
+        finite = finite_rows(logits)  # (B,)
         if bool(finite.all()):
             return rows, logits
         kept = []
@@ -330,10 +318,7 @@ class Engine:
             if ok:
                 kept.append(seq)
                 continue
-            seq.error = NonFiniteLogits(
-                f"the model's logits for this request are not finite (NaN/Inf or beyond {LOGIT_BOUND:g}) after "
-                f"{len(seq.generated)} tokens: "
-                f"adapter {seq.adapter_id!r} overflows on this input; the request was ended")
+            seq.error = non_finite_error(seq.adapter_id, len(seq.generated))
             self._finish(seq, "error")
         return kept, logits[finite]
 
