@@ -97,6 +97,7 @@ class _OpenAIRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0)
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extra parameter: generate max_tokens even past EOS (benchmarks)
 
 
 class CompletionRequest(_OpenAIRequest):
