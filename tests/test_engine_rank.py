@@ -159,3 +159,18 @@ def test_cuda_side_stream_slot_loads_give_the_cpu_tokens(files):
         finally:
             engine.shutdown()
     assert tokens["cuda"] == tokens["cpu"]
+
+
+def test_row_rebound_to_a_lower_rank_clears_the_old_columns(files):
+    """Row buffers copy only the slot's rank: a row that held rank 24 and now holds rank 2, in a batch computed at
+    bucket 32 (another row has rank 24), must not keep columns 2..23 of the old adapter."""
+    base, adapters = files
+    fast, ref = make_engine(base, adapters, "rows"), make_engine(base, adapters, "reference")
+    for engine in (fast, ref):
+        engine.bank.load(1, engine._parse(adapters / "r24"))
+        engine.bank.load(2, engine._parse(adapters / "r2"))
+    for slots in ([1, 1, 0], [2, 1, 2], [1, 2, 1], [2, 2, 2]):  # rows change slots between forwards
+        ours = fast.runner.prefill(0, PROMPTS[:3], slots)
+        theirs = ref.runner.prefill(0, PROMPTS[:3], slots)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert fast.bank.row_rank[:3] == [2, 2, 2]

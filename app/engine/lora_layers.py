@@ -201,6 +201,7 @@ class LoRASlotBank:
         use_rows = kernel == "rows" or (kernel == "auto" and row_bytes <= ROW_BUFFER_BUDGET)
         self.row_capacity = max_rows if use_rows else 0
         self.row_slot = [-1] * self.row_capacity  # slot whose weights each row buffer holds (-1: none)
+        self.row_rank = [0] * self.row_capacity  # columns [row_rank:] of each row buffer are zero
         self.slot_rank = [0] * (n_slots + 1)  # largest module rank of the adapter in each slot (0: empty)
         self.layers: dict[str, MultiLoRALinear] = {}
         for name, base in modules.items():
@@ -256,14 +257,20 @@ class LoRASlotBank:
         self.meta.set(mode, slots, row_start, rank)
 
     def _bind(self, row_start: int, slots: list[int]) -> None:
-        """Copy each row's slot into its row buffer unless it holds it already (rows that joined or moved)."""
+        """Copy each row's slot into its row buffer unless it holds it already (rows that joined or moved): the
+        slot's own rank r is copied and only the columns a previous binding left non-zero are cleared, so the
+        buffer equals the zero-padded slot at a cost in the ranks actually used."""
         for i, slot in enumerate(slots):
             row = row_start + i
             if self.row_slot[row] != slot:
+                r, dirty = self.slot_rank[slot], self.row_rank[row]
                 for layer in self.layers.values():
-                    layer.row_A[row].copy_(layer.lora_A[slot])
-                    layer.row_B[row].copy_(layer.lora_B[slot])
-                self.row_slot[row] = slot
+                    layer.row_A[row, :r].copy_(layer.lora_A[slot, :r])  # (r, in)
+                    layer.row_B[row, :, :r].copy_(layer.lora_B[slot, :, :r])  # (out, r)
+                    if dirty > r:
+                        layer.row_A[row, r:dirty].zero_()
+                        layer.row_B[row, :, r:dirty].zero_()
+                self.row_slot[row], self.row_rank[row] = slot, r
 
     @property
     def nbytes(self) -> int:
