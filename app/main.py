@@ -105,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_input_tokens=settings.max_input_tokens, max_total_tokens=settings.max_total_tokens,
             max_waiting=settings.max_waiting)
         engine = await asyncio.to_thread(Engine, config, ServedAdapters(store, ephemeral), metrics)
+        metrics.set_max_loras(engine.config.max_loras)
         engine.start()
         limits = ArchiveLimits(max_compressed_bytes=settings.max_upload_bytes,
                                max_unpacked_bytes=settings.max_unpacked_bytes)

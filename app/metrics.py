@@ -71,6 +71,10 @@ class ServerMetrics:
         self.request_duration.labels(route=route).observe(seconds)
 
 
+    def set_max_loras(self, max_loras: int) -> None:
+        """The engine's resolved slot count (the setting may be 0 = auto), shown as the `max_lora` label."""
+        self._max_loras = max_loras
+
     def set_lora_info(self, running: list[str], waiting: list[str]) -> None:
         labels = dict(max_lora=str(self._max_loras), running_lora_adapters=",".join(sorted(running)),
                       waiting_lora_adapters=",".join(sorted(waiting)))

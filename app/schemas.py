@@ -109,6 +109,7 @@ class _OpenAIRequest(BaseModel):
     stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extra parameter: generate max_tokens even past EOS (benchmarks)
 
 
 class CompletionRequest(_OpenAIRequest):

@@ -118,3 +118,12 @@ def save_random_lora(base_dir, out_dir, r: int = 4, targets=("q_proj", "v_proj")
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
     peft_model.save_pretrained(str(out_dir))
     return str(out_dir)
+
+
+def save_adapter_set(root, specs: dict) -> tuple[str, object]:
+    """A tiny checkpoint under root/base and one PEFT LoRA per `specs` entry (name -> save_random_lora kwargs)
+    under root/adapters/<name>; returns (base dir, adapters dir)."""
+    base = save_tiny_checkpoint(root / "base")
+    for name, kwargs in specs.items():
+        save_random_lora(base, root / "adapters" / name, **kwargs)
+    return base, root / "adapters"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import save_random_lora, save_tiny_checkpoint
+from helpers import save_adapter_set
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -30,11 +30,7 @@ QUANT = {"nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_comp
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora")
-    base = save_tiny_checkpoint(root / "base")
-    for name, kwargs in ADAPTERS.items():
-        save_random_lora(base, root / "adapters" / name, **kwargs)
-    return base, root / "adapters"
+    return save_adapter_set(tmp_path_factory.mktemp("lora"), ADAPTERS)
 
 
 def make_engine(base, adapters, quantize="none", kernel="auto") -> Engine:

@@ -78,6 +78,8 @@ class AdapterCache:
         self.counters = {"device": TierCounters(), "host": TierCounters()}
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._copy_stream = None  # CUDA side stream for slot loads (created on first use)
+        self._copies_in_flight: list[tuple[object, ParsedAdapter]] = []  # (event, host tensors it reads)
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -188,11 +190,28 @@ class AdapterCache:
         self._observer.on_cache_event("device", "miss", key.adapter_id)
         self._observer.on_cache_event("host", "hit", key.adapter_id)
         start = time.perf_counter()
-        self.bank.load(slot, parsed)
         if self.bank.meta.device.type == "cuda":
-            torch.cuda.synchronize(self.bank.meta.device)
+            self._load_on_side_stream(slot, parsed)
+        else:
+            self.bank.load(slot, parsed)
         self._record_load("device", key.adapter_id, time.perf_counter() - start)
         return slot
+
+    def _load_on_side_stream(self, slot: int, parsed: ParsedAdapter) -> None:
+        """CUDA: copy into the slot on a side stream; the compute stream waits on an event (no device-wide
+        synchronize, the host does not block). The copy starts after the compute work already queued (which may
+        still read the slot's old adapter), and the pinned host tensors are kept until the copy is done."""
+        device = self.bank.meta.device
+        compute = torch.cuda.current_stream(device)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device)
+        self._copy_stream.wait_stream(compute)
+        with torch.cuda.stream(self._copy_stream):
+            self.bank.load(slot, parsed)
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        compute.wait_event(done)
+        self._copies_in_flight = [(e, p) for e, p in self._copies_in_flight if not e.query()] + [(done, parsed)]
 
     def release_slot(self, slot: int) -> None:
         if slot == 0:

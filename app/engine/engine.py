@@ -11,9 +11,10 @@ per row and hand it to the request's consumer.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +31,10 @@ from .observer import EngineObserver, RequestStats, SafeObserver
 from .runner import ModelRunner
 from .sampling import RowSampler, SamplingParams, choose_tokens
 from .scheduler import Limits, Scheduler, Sequence
+from .slot_budget import choose_max_loras, device_memory_bytes, slot_bytes
 from .text import IncrementalDetokenizer, find_stop
+
+log = logging.getLogger("olora.engine")
 
 
 @dataclass
@@ -39,7 +43,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     quantize: str = "none"  # none | nf4 | fp4 | int8 (bitsandbytes)
     device: str = "auto"  # auto (CUDA if present) | cpu | cuda | cuda:N
-    max_loras: int = 8  # device slots
+    max_loras: int = 0  # device slots; 0 = auto (max_batch_size where memory allows: slot_budget.py)
     max_cpu_adapters: int = 64  # host-memory LRU entries
     max_rank: int = 64  # slot rank r_max; adapters above it are refused
     max_batch_size: int = 16  # running rows
@@ -51,7 +55,9 @@ class EngineConfig:
     kernel: str = "auto"  # LoRA kernel: auto | rows | bgmv | grouped | reference (tests)
 
     def validate(self) -> None:
-        positive = ("max_loras", "max_cpu_adapters", "max_rank", "max_batch_size", "max_batch_tokens",
+        if int(self.max_loras) < 0:
+            raise InvalidRequest(f"EngineConfig.max_loras must be >= 0 (0 = auto), got {self.max_loras}")
+        positive = ("max_cpu_adapters", "max_rank", "max_batch_size", "max_batch_tokens",
                     "max_input_tokens", "max_total_tokens", "max_waiting")
         for name in positive:
             if int(getattr(self, name)) < 1:
@@ -101,6 +107,12 @@ class Engine:
         targets = find_target_modules(base.model, config.target_modules)
         if not targets:
             raise InvalidRequest(f"no Linear module of the decoder blocks matches target_modules={config.target_modules}")
+        shapes = {n: (int(base.model.get_submodule(n).in_features), int(base.model.get_submodule(n).out_features))
+                  for n in targets}
+        choice = choose_max_loras(config.max_loras, config.max_batch_size,
+                                  slot_bytes(shapes, config.max_rank, base.dtype), device_memory_bytes(base.device))
+        log.info("device slots: %s", choice.reason)
+        self.config = config = replace(config, max_loras=choice.max_loras)  # resolved, as stats() reports it
         self.bank = LoRASlotBank(base.model, targets, config.max_loras, config.max_rank, base.dtype, base.device,
                                  kernel=config.kernel, max_rows=config.max_batch_size)
         self.runner = ModelRunner(base.model, self.bank, config.max_batch_size, config.max_total_tokens)

@@ -1,6 +1,8 @@
 """Preallocated per-row KV cache, a `transformers.Cache` the HF model writes into during its own forward.
 
-Every layer holds `keys/values: (max_batch, kv_heads, max_total_tokens, head_dim)`. Running requests occupy rows
+Every layer holds `keys/values: (max_batch, kv_heads, capacity, head_dim)`. The capacity grows with the real lengths
+(starting at `INITIAL_TOKENS`, doubling up to `max_total_tokens` when a forward needs more, old contents copied), so
+memory follows the longest request seen rather than the worst case. Running requests occupy rows
 0..B-1 contiguously (a leaving request's row is refilled with the last row), so the decode step reads the views
 `keys[:B, :, :L]` with no per-step gather. Before each forward the runner sets a `ForwardPlan`:
 
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+INITIAL_TOKENS = 256  # KV positions per row allocated at start (at most max_total_tokens)
 
 
 @dataclass
@@ -39,12 +43,22 @@ class RowKVLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, plan: ForwardPlan):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, plan: ForwardPlan, max_tokens: int):
         super().__init__()
-        self.keys = keys  # (max_batch, kv_heads, max_len, head_dim)
+        self.keys = keys  # (max_batch, kv_heads, capacity, head_dim)
         self.values = values
         self.plan = plan
+        self.max_tokens = max_tokens
         self.is_initialized = True
+
+    def grow(self, capacity: int) -> None:
+        """Reallocate to `capacity` positions per row, keeping what is cached."""
+        old = self.keys.shape[2]
+        for name in ("keys", "values"):
+            current = getattr(self, name)
+            bigger = current.new_zeros(*current.shape[:2], capacity, current.shape[3])
+            bigger[:, :, :old].copy_(current)
+            setattr(self, name, bigger)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:  # preallocated
         return None
@@ -70,7 +84,7 @@ class RowKVLayer(CacheLayerMixin):
         return 0  # positions are always passed explicitly; there is no single length for a batch of rows
 
     def get_max_length(self) -> int:
-        return self.keys.shape[2]
+        return self.max_tokens
 
     def reset(self) -> None:
         return None  # rows are overwritten on reuse; nothing to clear
@@ -82,21 +96,37 @@ class RowKVCache(Cache):
     def __init__(self, n_layers: int, max_batch: int, kv_heads: int, max_tokens: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
         self.plan = ForwardPlan()
+        self.capacity = min(INITIAL_TOKENS, max_tokens)
         layers = []
         for _ in range(n_layers):
-            keys = torch.zeros(max_batch, kv_heads, max_tokens, head_dim, dtype=dtype, device=device)
+            keys = torch.zeros(max_batch, kv_heads, self.capacity, head_dim, dtype=dtype, device=device)
             values = torch.zeros_like(keys)
-            layers.append(RowKVLayer(keys, values, self.plan))
+            layers.append(RowKVLayer(keys, values, self.plan, max_tokens))
         super().__init__(layers=layers)
         self.max_batch = max_batch
         self.max_tokens = max_tokens
         self._arange = torch.arange(max_batch, device=device)
 
+    def reserve(self, length: int) -> None:
+        """Make room for `length` positions per row (capacity doubles, at most max_total_tokens)."""
+        if length <= self.capacity:
+            return
+        if length > self.max_tokens:
+            raise ValueError(f"{length} KV positions exceed max_total_tokens={self.max_tokens}")
+        capacity = self.capacity
+        while capacity < length:
+            capacity *= 2
+        self.capacity = min(capacity, self.max_tokens)
+        for layer in self.layers:
+            layer.grow(self.capacity)
+
     def plan_prefill(self, row_start: int, n_rows: int, length: int) -> None:
+        self.reserve(length)
         self.plan.mode, self.plan.row_start, self.plan.n_rows, self.plan.kv_length = "prefill", row_start, n_rows, length
 
     def plan_decode(self, positions: torch.Tensor, kv_length: int) -> None:
         n = positions.shape[0]
+        self.reserve(kv_length)
         self.plan.mode, self.plan.row_start, self.plan.n_rows, self.plan.kv_length = "decode", 0, n, kv_length
         self.plan.positions, self.plan.rows = positions, self._arange[:n]
 

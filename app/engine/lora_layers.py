@@ -4,6 +4,11 @@ Weights live in preallocated slot tensors per module (`A: (S+1, r_max, in)`, `B*
 slot 0 is all zeros forever = "no adapter"). Which row uses which slot is *not* stored with the weights: it lives in
 one `LoRABatchMeta` shared by all layers and set once per forward by the scheduler (LoRAX's adapter segments).
 Loading an adapter is a `copy_` into a slot; nothing is reallocated and the base weights are never touched.
+
+Rank: a slot is zero-padded from its adapter's rank to r_max, so any leading slice `[:r]` with r at least the
+largest rank of the batch's adapters gives the same delta. Each forward computes at `meta.rank` = that largest rank
+rounded up to a bucket (`rank_bucket`: 8, 16, 32, ... up to r_max; a few fixed shapes), so `max_rank` 64 costs
+nothing for rank-16 traffic.
 """
 from __future__ import annotations
 
@@ -19,6 +24,15 @@ from .adapter_files import ParsedAdapter
 RowGroup = tuple[int, "slice | torch.Tensor"]
 KERNELS = ("auto", "rows", "bgmv", "grouped", "reference")
 ROW_BUFFER_BUDGET = 512 << 20  # auto mode keeps per-row weight copies only if they take at most this many bytes
+MIN_RANK_BUCKET = 8
+
+
+def rank_bucket(rank: int, max_rank: int) -> int:
+    """The rank a forward computes at: the next power of two >= `rank` (at least 8), at most `max_rank`."""
+    bucket = MIN_RANK_BUCKET
+    while bucket < rank:
+        bucket *= 2
+    return min(bucket, max_rank)
 
 
 def bgmv_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:
@@ -80,9 +94,10 @@ class LoRABatchMeta:
     slot_index: torch.Tensor | None = None  # (B,) long on device, only when mode == "bgmv"
     groups: list[RowGroup] = field(default_factory=list)
     mode: str = "none"  # "none" | "rows" | "bgmv" | "grouped" | "reference"
+    rank: int = 0  # leading rank slice of the slot tensors this forward reads (the reference reads all of r_max)
 
-    def set(self, mode: str, slots: list[int], row_start: int) -> None:
-        self.mode, self.slots, self.row_start = mode, list(slots), row_start
+    def set(self, mode: str, slots: list[int], row_start: int, rank: int = 0) -> None:
+        self.mode, self.slots, self.row_start, self.rank = mode, list(slots), row_start, rank
         self.slot_index, self.groups = None, []
         if mode == "bgmv":
             self.slot_index = torch.tensor(slots, dtype=torch.long, device=self.device)
@@ -95,7 +110,7 @@ class LoRABatchMeta:
                     self.groups.append((slot, torch.tensor(rows, dtype=torch.long, device=self.device)))
 
     def clear(self) -> None:
-        self.slots, self.slot_index, self.groups, self.mode, self.row_start = [], None, [], "none", 0
+        self.slots, self.slot_index, self.groups, self.mode, self.row_start, self.rank = [], None, [], "none", 0, 0
 
 
 class MultiLoRALinear(nn.Module):
@@ -138,14 +153,15 @@ class MultiLoRALinear(nn.Module):
         if meta.mode == "none":
             return out
         xa = x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
+        r = meta.rank
         if meta.mode == "rows":
             rows = slice(meta.row_start, meta.row_start + x.shape[0])
-            return out + rows_delta(xa, self.row_A[rows], self.row_B[rows]).to(out.dtype)
+            return out + rows_delta(xa, self.row_A[rows, :r], self.row_B[rows, :, :r]).to(out.dtype)
         if meta.mode == "bgmv":
-            return out + bgmv_delta(xa, self.lora_A, self.lora_B, meta.slot_index).to(out.dtype)
+            return out + bgmv_delta(xa, self.lora_A[:, :r], self.lora_B[:, :, :r], meta.slot_index).to(out.dtype)
         if meta.mode == "grouped":
             out = out.clone() if out._base is not None else out
-            grouped_delta_(out, xa, self.lora_A, self.lora_B, meta.groups)
+            grouped_delta_(out, xa, self.lora_A[:, :r], self.lora_B[:, :, :r], meta.groups)
             return out
         return out + reference_delta(xa, self.lora_A, self.lora_B, meta.slots).to(out.dtype)
 
@@ -185,6 +201,8 @@ class LoRASlotBank:
         use_rows = kernel == "rows" or (kernel == "auto" and row_bytes <= ROW_BUFFER_BUDGET)
         self.row_capacity = max_rows if use_rows else 0
         self.row_slot = [-1] * self.row_capacity  # slot whose weights each row buffer holds (-1: none)
+        self.row_rank = [0] * self.row_capacity  # columns [row_rank:] of each row buffer are zero
+        self.slot_rank = [0] * (n_slots + 1)  # largest module rank of the adapter in each slot (0: empty)
         self.layers: dict[str, MultiLoRALinear] = {}
         for name, base in modules.items():
             parent_name, _, child = name.rpartition(".")
@@ -204,12 +222,14 @@ class LoRASlotBank:
             raise ValueError(f"slot {slot} out of range 1..{self.n_slots} (slot 0 is the permanent no-adapter slot)")
         for name, layer in self.layers.items():
             layer.load_slot(slot, adapter.modules.get(name))
+        self.slot_rank[slot] = max((a.shape[0] for a, _ in adapter.modules.values()), default=0)
         self._unbind(slot)
 
     def clear(self, slot: int) -> None:
         if slot != 0:
             for layer in self.layers.values():
                 layer.load_slot(slot, None)
+            self.slot_rank[slot] = 0
             self._unbind(slot)
 
     def _unbind(self, slot: int) -> None:
@@ -224,24 +244,33 @@ class LoRASlotBank:
         mode = self.kernel
         if mode == "auto":
             # Few adapters over many rows: one matmul pair per adapter, nothing copied (grouped). Otherwise the
-            # row-aligned copies (no per-step gather), or BGMV when they would not fit in memory.
-            if len(distinct) == 1 or len(distinct) * 4 <= len(slots):
+            # row-aligned copies (no per-step gather), or BGMV when they would not fit in memory. On CUDA never
+            # grouped: its Python loop over adapters launches kernels per adapter and layer (host-bound there).
+            if self.meta.device.type != "cuda" and (len(distinct) == 1 or len(distinct) * 4 <= len(slots)):
                 mode = "grouped"
             else:
                 mode = "rows" if self.row_capacity else "bgmv"
         if mode == "rows":
             self._bind(row_start, slots)
-        self.meta.set(mode, slots, row_start)
+        rank = self.max_rank if mode == "reference" else rank_bucket(max(self.slot_rank[s] for s in distinct),
+                                                                     self.max_rank)
+        self.meta.set(mode, slots, row_start, rank)
 
     def _bind(self, row_start: int, slots: list[int]) -> None:
-        """Copy each row's slot into its row buffer unless it holds it already (rows that joined or moved)."""
+        """Copy each row's slot into its row buffer unless it holds it already (rows that joined or moved): the
+        slot's own rank r is copied and only the columns a previous binding left non-zero are cleared, so the
+        buffer equals the zero-padded slot at a cost in the ranks actually used."""
         for i, slot in enumerate(slots):
             row = row_start + i
             if self.row_slot[row] != slot:
+                r, dirty = self.slot_rank[slot], self.row_rank[row]
                 for layer in self.layers.values():
-                    layer.row_A[row].copy_(layer.lora_A[slot])
-                    layer.row_B[row].copy_(layer.lora_B[slot])
-                self.row_slot[row] = slot
+                    layer.row_A[row, :r].copy_(layer.lora_A[slot, :r])  # (r, in)
+                    layer.row_B[row, :, :r].copy_(layer.lora_B[slot, :, :r])  # (out, r)
+                    if dirty > r:
+                        layer.row_A[row, r:dirty].zero_()
+                        layer.row_B[row, :, r:dirty].zero_()
+                self.row_slot[row], self.row_rank[row] = slot, r
 
     @property
     def nbytes(self) -> int:

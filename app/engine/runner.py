@@ -33,8 +33,11 @@ class ModelRunner:
         self._positions = torch.arange(max_tokens, device=self.device)  # (max_tokens,)
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        # With SDPA, a batch that needs no padding mask goes without one: transformers then lets SDPA apply the
+        # causal rule itself (`is_causal`, or nothing for one query), which can use its flash/GQA kernels.
+        self.mask_free = getattr(cfg, "_attn_implementation", None) == "sdpa"
 
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor,
                  logits_to_keep: int | torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                          logits_to_keep=logits_to_keep, **{self._cache_kwarg: self.kv})
@@ -52,10 +55,12 @@ class ModelRunner:
         ids = ids.to(self.device, non_blocking=True)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)  # (n,)
         pos = self._positions[:t]  # (T,)
-        # query q may see key k iff k <= q (causal) and k is a real prompt token of its row.
-        allowed = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lengths[:, None, None])
-        mask = torch.zeros(n, 1, t, t, dtype=self.dtype, device=self.device)  # (n, 1, T, T) additive
-        mask.masked_fill_(~allowed[:, None], self._masked)
+        mask = None  # every prompt has length T: plain causal attention
+        if not (self.mask_free and all(len(p) == t for p in prompts)):
+            # query q may see key k iff k <= q (causal) and k is a real prompt token of its row.
+            allowed = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lengths[:, None, None])
+            mask = torch.zeros(n, 1, t, t, dtype=self.dtype, device=self.device)  # (n, 1, T, T) additive
+            mask.masked_fill_(~allowed[:, None], self._masked)
         self.kv.plan_prefill(row_start, n, t)
         self.bank.prepare(row_start, slots)
         try:
@@ -70,9 +75,11 @@ class ModelRunner:
         length = max(positions) + 1
         ids = torch.tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)[:, None]  # (B, 1)
         pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)  # (B,)
-        # row b sees its cached tokens 0..pos[b]-1 and the new one at pos[b]; longer rows' tail is masked.
-        mask = torch.zeros(b, 1, 1, length, dtype=self.dtype, device=self.device)  # (B, 1, 1, L)
-        mask.masked_fill_((self._positions[None, :length] > pos[:, None])[:, None, None, :], self._masked)
+        mask = None  # every row is at position L-1: it sees all L keys
+        if not (self.mask_free and min(positions) == length - 1):
+            # row b sees its cached tokens 0..pos[b]-1 and the new one at pos[b]; longer rows' tail is masked.
+            mask = torch.zeros(b, 1, 1, length, dtype=self.dtype, device=self.device)  # (B, 1, 1, L)
+            mask.masked_fill_((self._positions[None, :length] > pos[:, None])[:, None, None, :], self._masked)
         self.kv.plan_decode(pos, length)
         self.bank.prepare(0, slots)
         try:

@@ -135,8 +135,9 @@ def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler],
         sub = logits if len(greedy_rows) == len(samplers) else logits[greedy_rows]  # (G, V)
         best = torch.argmax(sub, dim=-1)  # (G,)
         best_lp = torch.log_softmax(sub, dim=-1).gather(1, best[:, None])[:, 0]  # (G,)
-        for b, tok, lp in zip(greedy_rows, best.tolist(), best_lp.tolist()):
-            tokens[b], logprobs[b] = tok, lp
+        # one device->host transfer for tokens and logprobs (token ids are exact in float64)
+        for b, (tok, lp) in zip(greedy_rows, torch.stack((best.double(), best_lp.double()), 1).tolist()):
+            tokens[b], logprobs[b] = int(tok), lp
     for b, sampler in enumerate(samplers):
         if not sampler.batched_greedy:
             tokens[b], logprobs[b] = sampler.choose(logits[b:b + 1], histories[b])

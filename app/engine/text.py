@@ -1,5 +1,13 @@
-"""Incremental detokenization (correct across byte-level token boundaries) and stop-sequence detection."""
+"""Incremental detokenization (correct across byte-level token boundaries) and stop-sequence detection.
+
+Fast (Rust `tokenizers`) tokenizers go through `tokenizers.decoders.DecodeStream` (the same algorithm in Rust:
+~4 us a token instead of ~44 us for two Python-side decodes, measured on the embedded tokenizer); others use the
+Python form of TGI's algorithm below.
+"""
 from __future__ import annotations
+
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 _CONTEXT_TOKENS = 5  # prompt tokens decoded along with the first new ones, so leading-space rules apply
 
@@ -12,18 +20,31 @@ class IncrementalDetokenizer:
     A token that ends inside a UTF-8 sequence yields "" until the character is complete.
     """
 
-    def __init__(self, tokenizer, prompt_ids: list[int]):
+    def __init__(self, tokenizer, prompt_ids: list[int], use_decode_stream: bool = True):
         self._tokenizer = tokenizer
         self._ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._prefix = 0  # start of the window decoded for context
         self._read = len(self._ids)  # everything before this index has been emitted
         self.text = ""  # all text emitted so far
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self._backend = backend if isinstance(backend, Tokenizer) else None
+        # DecodeStream seeded with a context that decodes to U+FFFD (cut inside a character) emits part of the
+        # context: such prompts take the Python path.
+        clean = use_decode_stream and self._backend is not None and "\ufffd" not in self._decode(self._ids)
+        self._stream = DecodeStream(ids=list(self._ids), skip_special_tokens=True) if clean else None
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int) -> str:
         self._ids.append(token_id)
+        if self._stream is not None:
+            delta = self._stream.step(self._backend, token_id)
+            if delta is None:  # held back: the token ends inside a character
+                return ""
+            self._prefix, self._read = self._read, len(self._ids)
+            self.text += delta
+            return delta
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         new_text = self._decode(self._ids[self._prefix:])
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):

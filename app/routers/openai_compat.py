@@ -52,14 +52,14 @@ def _usage(g: Generation) -> dict:
 
 
 def _start(state: AppState, request: Request, model: str, prompt: str, max_tokens: int | None, temperature,
-           top_p, seed, stop: list[str]) -> tuple[object, Generation]:
+           top_p, seed, stop: list[str], ignore_eos: bool = False) -> tuple[object, Generation]:
     adapter_id = _adapter_for_model(state, model)
     header_adapter = request.headers.get("x-adapter-id")
     if header_adapter is not None and header_adapter != (adapter_id or ""):
         raise HTTPException(400, f"X-Adapter-Id header {header_adapter!r} does not match the model {model!r}")
     request.scope["state"]["adapter_id"] = adapter_id
     params = sampling_params(max_new_tokens=max_tokens, default_max_new_tokens=state.settings.max_new_tokens_default,
-                             temperature=temperature, top_p=top_p, seed=seed, stop=stop)
+                             temperature=temperature, top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos)
     prompt_ids = state.engine.tokenizer(prompt)["input_ids"]
     handle = state.engine.submit(prompt_ids, adapter_id, params)
     return handle, Generation(request_id=request.scope["state"]["request_id"], adapter_id=adapter_id,
@@ -101,7 +101,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
         prompt = body.prompt
     stop = _stop_list(body.stop)
     handle, g = _start(state, request, body.model, prompt, body.max_tokens, body.temperature, body.top_p,
-                       body.seed, stop)
+                       body.seed, stop, body.ignore_eos)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(text: str, finish: str | None) -> dict:
@@ -128,7 +128,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     prompt = chat_prompt(state.engine.tokenizer, [m.model_dump() for m in body.messages])
     stop = _stop_list(body.stop)
     handle, g = _start(state, request, body.model, prompt, body.max_completion_tokens or body.max_tokens,
-                       body.temperature, body.top_p, body.seed, stop)
+                       body.temperature, body.top_p, body.seed, stop, body.ignore_eos)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     if body.stream:

@@ -38,7 +38,7 @@ async def info(state: State) -> dict:
     return {
         "version": __version__, "model_id": state.engine.model_name, "base_fingerprint": state.engine.base_fingerprint,
         "quantize": s.quantize, "dtype": s.dtype, "device": str(getattr(state.engine, "device", s.device)),
-        "max_loras": s.max_loras, "max_cpu_adapters": s.max_cpu_adapters, "max_rank": s.max_rank,
+        "max_loras": state.engine.config.max_loras, "max_cpu_adapters": s.max_cpu_adapters, "max_rank": s.max_rank,
         "max_batch_size": s.max_batch_size, "max_batch_tokens": s.max_batch_tokens,
         "max_input_tokens": s.max_input_tokens, "max_total_tokens": s.max_total_tokens,
         "max_waiting": s.max_waiting, "auth": s.auth_enabled,
