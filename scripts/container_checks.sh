@@ -84,6 +84,13 @@ ct_generate() {  # ct_generate ADAPTER_ID|"" -> greedy text of the shout prompt
 }
 
 ct_run_checks() {
+    # keys only come from the environment: without them the server refuses to listen on 0.0.0.0
+    local refused
+    refused=$(podman run --rm --network none --read-only "$CT_IMAGE" 2>&1) \
+        && ct_die "the image started without keys on 0.0.0.0"
+    grep -q "no API keys configured" <<<"$refused" || { echo "$refused" >&2; ct_die "no reason given without keys"; }
+    ct_log "without keys the container refuses to bind 0.0.0.0 and says why"
+
     PORT=$(ct_free_port)
     OLORA_API_KEYS=$(ct_random_key) OLORA_ADMIN_KEYS=$(ct_random_key)
     export OLORA_API_KEYS OLORA_ADMIN_KEYS   # handed to the container by name: never on a command line
@@ -99,6 +106,7 @@ ct_run_checks() {
         || ct_die "podman run (see $CT_WORK/podman-run.log)"
     ct_log "started $NAME on 127.0.0.1:$PORT"
     ct_wait_healthy
+    CT_PATH=/ready ct_expect 200 "/ready (the Kubernetes readiness probe)" --
 
     local uid
     uid=$(podman exec "$NAME" id -u)
