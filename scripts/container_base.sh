@@ -14,10 +14,10 @@ CT_SUITE=${CT_SUITE:-bookworm}
 ct_log() { printf '[container-test %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 ct_die() { ct_log "FAILED: $*"; exit 1; }
 
-# podman, runc and debootstrap from Debian's packages (as root, once).
+# podman, runc, debootstrap and curl from Debian's packages (as root, once).
 ct_install_tools() {
     local need=() tool
-    for tool in podman runc debootstrap; do
+    for tool in podman runc debootstrap curl; do
         command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || need+=("$tool")
     done
     [ ${#need[@]} -eq 0 ] && return 0
