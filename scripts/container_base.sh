@@ -11,8 +11,11 @@
 CT_BASE_IMAGE=${CT_BASE_IMAGE:-localhost/olora-base:bookworm-python3}
 CT_SUITE=${CT_SUITE:-bookworm}
 
+CT_PASSED=0
 ct_log() { printf '[container-test %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-ct_die() { ct_log "FAILED: $*"; exit 1; }
+ct_pass() { CT_PASSED=$((CT_PASSED + 1)); ct_log "ok: $*"; }
+# the plain closing line CI reads: "container-test: N passed, N failed"
+ct_die() { ct_log "FAILED: $*"; echo "container-test: $CT_PASSED passed, 1 failed"; exit 1; }
 
 # podman, runc, debootstrap and curl from Debian's packages (as root, once).
 ct_install_tools() {

@@ -38,7 +38,7 @@ ct_check_image() {
     podman image unmount "$CT_IMAGE" >/dev/null
 
     if [ -s "$problems" ]; then cat "$problems" >&2; ct_die "the image holds what it must not"; fi
-    ct_log "image: user $user, HEALTHCHECK on /health, no .git / test file / secret / build input"
+    ct_pass "image: user $user, HEALTHCHECK on /health, no .git / test file / secret / build input"
 }
 
 # ---- running it ------------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ ct_wait_healthy() {  # the image's HEALTHCHECK, run by podman (no systemd here t
             || { podman logs "$NAME" 2>&1 | tail -n 30 >&2; ct_die "the container stopped while starting"; }
         podman healthcheck run "$NAME" >/dev/null 2>>"$CT_WORK/healthcheck.log" || true
         health=$(podman inspect --format '{{.State.Health.Status}}' "$NAME")
-        if [ "$health" = healthy ]; then ct_log "HEALTHCHECK healthy after $((SECONDS - start)) s"; return 0; fi
+        if [ "$health" = healthy ]; then ct_pass "HEALTHCHECK healthy after $((SECONDS - start)) s"; return 0; fi
         sleep 2
     done
     podman logs "$NAME" 2>&1 | tail -n 30 >&2
@@ -89,7 +89,7 @@ ct_run_checks() {
     refused=$(podman run --rm --network none --read-only "$CT_IMAGE" 2>&1) \
         && ct_die "the image started without keys on 0.0.0.0"
     grep -q "no API keys configured" <<<"$refused" || { echo "$refused" >&2; ct_die "no reason given without keys"; }
-    ct_log "without keys the container refuses to bind 0.0.0.0 and says why"
+    ct_pass "without keys the container refuses to bind 0.0.0.0 and says why"
 
     PORT=$(ct_free_port)
     OLORA_API_KEYS=$(ct_random_key) OLORA_ADMIN_KEYS=$(ct_random_key)
@@ -116,7 +116,7 @@ ct_run_checks() {
         && ct_die "the root filesystem is writable"
     podman exec "$NAME" sh -c 'touch /tmp/x && test -w /data/adapters && test -w /data/hf-cache' \
         || ct_die "/tmp or a volume is not writable by uid $uid"
-    ct_log "runs as uid $uid, read-only root, /tmp and the volumes writable"
+    ct_pass "runs as uid $uid, read-only root, /tmp and the volumes writable"
 
     tar -czf "$CT_WORK/shout.tgz" -C "$REPO/app/demo_adapters" shout
     CT_PATH=/adapters ct_expect 401 "upload without a key" -- -F adapter_id=ct-shout -F "archive=@$CT_WORK/shout.tgz"
@@ -131,12 +131,13 @@ ct_run_checks() {
     local base_text shout_text
     base_text=$(ct_generate "")
     shout_text=$(ct_generate ct-shout)
-    ct_log "base: '${base_text//$'\n'/\\n}'  shout: '${shout_text//$'\n'/\\n}'"
     [ "$shout_text" != "$base_text" ] || ct_die "the adapter changes nothing"
     # the demo adapter learnt to shout: its letters are upper case
     python3 -c 'import sys; t = [c for c in sys.argv[1] if c.isalpha()]
 sys.exit(not t or sum(c.isupper() for c in t) < 0.8 * len(t))' "$shout_text" \
         || ct_die "the shout adapter's output is not upper case: '$shout_text'"
+    ct_pass "uploaded ct-shout (401 without key, 403 generation key, 201 admin key); greedy base: \
+'${base_text//$'\n'/\\n}', with ct-shout: '${shout_text//$'\n'/\\n}' (differs, upper case)"
 
     CT_PATH=/metrics ct_expect 200 "/metrics (no key)" --
     grep -qE '^olora_requests_total\{route="/generate",status="200"\} [2-9]' "$CT_WORK/body" \
@@ -144,7 +145,7 @@ sys.exit(not t or sum(c.isupper() for c in t) < 0.8 * len(t))' "$shout_text" \
     grep -qE '^olora_adapter_requests_total\{[^}]*"ct-shout"[^}]*\} [1-9]' "$CT_WORK/body" \
         || ct_die "/metrics has no request of adapter ct-shout"
     grep -qE '^olora_generated_tokens_total [1-9]' "$CT_WORK/body" || ct_die "/metrics counts no tokens"
-    ct_log "/metrics counts the generations, the adapter's requests and the tokens"
+    ct_pass "/metrics counts the generations, the adapter's requests and the tokens"
 
     podman restart -t 30 "$NAME" >/dev/null 2>>"$CT_WORK/podman-run.log" || ct_die "podman restart"
     ct_wait_healthy
@@ -154,9 +155,9 @@ sys.exit(not t or sum(c.isupper() for c in t) < 0.8 * len(t))' "$shout_text" \
     local again
     again=$(ct_generate ct-shout)
     [ "$again" = "$shout_text" ] || ct_die "after the restart the adapter generates '$again'"
-    ct_log "after the restart ct-shout is served from the volume (same sha256, same greedy text)"
+    ct_pass "after the restart ct-shout is served from the volume (same sha256, same greedy text)"
 
     podman stop -t 30 "$NAME" >/dev/null 2>>"$CT_WORK/podman-run.log" || ct_die "podman stop"
     podman logs "$NAME" 2>&1 | grep -q "Application shutdown complete" || ct_die "no clean shutdown on stop"
-    ct_log "stopped cleanly"
+    ct_pass "stopped cleanly"
 }

@@ -94,12 +94,19 @@ build_image() {
     [ -f "$ca" ] && args+=(-v "$ca:/etc/ssl/certs/ca-certificates.crt:ro")
     [ "$NO_CACHE" = 1 ] && args+=(--no-cache)
     ct_log "building $CT_IMAGE (log: $CT_WORK/build.log)"
+    local previous
+    previous=$(podman image inspect --format '{{.Id}}' "$CT_IMAGE" 2>/dev/null || true)
     podman build "${args[@]}" . >"$CT_WORK/build.log" 2>&1 \
         || { tail -n 30 "$CT_WORK/build.log" >&2; ct_die "podman build (see $CT_WORK/build.log)"; }
+    # the image this build replaced is now untagged: remove it, else every code change leaves ~1.5 GB behind
+    if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect --format '{{.Id}}' "$CT_IMAGE")" ]; then
+        podman rmi "$previous" >/dev/null 2>&1 || true
+    fi
     local torch_version
     torch_version=$(podman run --rm --network none --entrypoint python "$CT_IMAGE" \
                     -c 'import torch; print(torch.__version__)' 2>>"$CT_WORK/podman-run.log")
     [ "$torch_version" = "${torch_pin#torch==}+cpu" ] || ct_die "the image's torch is '$torch_version', not the CPU build"
+    ct_pass "built $CT_IMAGE with torch $torch_version"
 }
 
 START=$SECONDS
@@ -123,3 +130,4 @@ ct_log "PASSED: all container checks"
     printf '%s\n' "${TIMES[@]}"
     printf '%-22s %5d s\n' "total" $((SECONDS - START))
 } >&2
+echo "container-test: $CT_PASSED passed, 0 failed"
