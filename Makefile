@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # Builds the image (CPU variant, local Debian base) with podman and runs it as deploy/ does (docs/deploy.md).
-# Root, no GPU, ~15 min on a fresh machine (cached base and layers: ~3 min). CT_ARGS=--cold: from scratch.
+# Root, no GPU: 6-16 min on a fresh machine, ~2 min with the base and layers cached. CT_ARGS=--cold: from scratch.
 container-test:
 	bash scripts/container_test.sh $(CT_ARGS)
 
