@@ -36,9 +36,15 @@ ENV PYTHONUNBUFFERED=1 \
 
 # ---- builder: a virtualenv with torch from PyTorch's index and olora-serve from the source ---------------
 FROM os AS builder
+# TORCH_FIND_LINKS: a folder of torch wheels mounted into the build (`podman build -v DIR:/wheels:ro
+# --build-arg TORCH_FIND_LINKS=/wheels`) for machines that cannot reach PyTorch's index; its dependencies
+# then come from PyPI. scripts/container_test.sh builds the CPU variant that way.
+ARG TORCH_FIND_LINKS=""
 # torch first, from the CUDA (or CPU) index: the PyPI resolution of the project then finds it satisfied.
 RUN python -m venv /opt/venv \
-    && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.13.0
+    && if [ -n "${TORCH_FIND_LINKS}" ]; then export PIP_FIND_LINKS="${TORCH_FIND_LINKS}"; \
+       else export PIP_INDEX_URL="${TORCH_INDEX_URL}"; fi \
+    && pip install --no-cache-dir torch==2.13.0
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY olora_core ./olora_core

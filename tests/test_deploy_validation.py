@@ -211,6 +211,9 @@ def test_compose_topology():
         assert env["OLORA_API_KEYS"].startswith("${OLORA_API_KEYS:?") and env["OLORA_ADMIN_KEYS"].startswith("${")
         assert "OLORA_ALLOW_PUBLIC_WITHOUT_KEYS" not in env
         assert "ports" not in svc, "replicas are reached through nginx only"
+        # hardened as in Kubernetes and as scripts/container_test.sh runs the image for real
+        assert svc["read_only"] is True and any(t.startswith("/tmp") for t in svc["tmpfs"])
+        assert svc["cap_drop"] == ["ALL"] and "no-new-privileges:true" in svc["security_opt"]
     assert gpus[0] != gpus[1], "each replica reserves its own GPU"
     assert sum(env_value == "true" for env_value in
                (services[n]["environment"].get("OLORA_DEMO_ADAPTERS") for n in replicas)) <= 1
