@@ -16,15 +16,15 @@ path_initial_model_for_weight_conversion=...)` writes. Differences from PEFT:
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .adapter_format import layer_rank
 from .adapter_io import (MUTATED_INIT_KINDS, AdapterFiles, adapter_kind, load_adapter_dir, save_adapter_dir)
-from .errors import (AdapterFormatError, AdapterMismatchError, NothingToConvertError, OutputExistsError, RankError,
+from .errors import (AdapterMismatchError, NothingToConvertError, OutputExistsError, RankError,
                      UnsupportedInitError, UnsupportedLayerError)
 
 LORA_A_SUFFIX, LORA_B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
@@ -101,21 +101,7 @@ def _check_match(initial: AdapterFiles, trained: AdapterFiles) -> None:
                                        f"{initial.path} vs {tuple(tensor.shape)} in trained {trained.path}")
 
 
-def pattern_key(pattern_keys, module_name: str) -> str | None:
-    """The first pattern matching `module_name`, by PEFT's rule (`peft.utils.other.get_pattern_key`)."""
-    for key in pattern_keys:
-        try:
-            if re.match(rf"(.*\.)?({key})$", module_name):
-                return key
-        except re.error as exc:
-            raise AdapterFormatError(f"rank_pattern key {key!r} is not a valid pattern ({exc})") from None
-    return None
-
-
-def _layer_rank(config: dict, module_name: str) -> int:
-    rank_pattern = config.get("rank_pattern") or {}
-    key = pattern_key(rank_pattern, module_name)
-    return config["r"] if key is None else rank_pattern[key]
+_layer_rank = layer_rank  # PEFT's rank_pattern rule, from the one config module (adapter_format)
 
 
 def _split_keys(trained: AdapterFiles) -> tuple[list[str], list[str]]:

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 from peft.utils.merge_utils import dare_linear, dare_ties, magnitude_prune, task_arithmetic, ties
-from peft.utils.other import get_pattern_key
 from torch import Tensor
 
+from .adapter_format import layer_alpha, layer_rank
 from .adapter_io import AdapterFiles, adapter_kind, load_adapter_dir, save_adapter_dir
 from .errors import AdapterFormatError, MergeError, RankError, UnsupportedLayerError
 
@@ -124,9 +124,7 @@ def _lora_module(name: str, parts: dict[str, Tensor], config: dict, label: str) 
     if lora_A.dim() != 2 or lora_B.dim() != 2:
         raise UnsupportedLayerError(f"{label}: module {name!r} has {lora_A.dim()}-D LoRA weights "
                                     f"{tuple(lora_A.shape)}/{tuple(lora_B.shape)}; only Linear/Conv1D/Embedding")
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), config["r"])
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config["lora_alpha"])
+    r, alpha = layer_rank(config, name), layer_alpha(config, name)
     if lora_A.shape[0] != r or lora_B.shape[1] != r:
         raise RankError(f"{label}: module {name!r}: config gives r={r} but {a_key} is {tuple(lora_A.shape)} "
                         f"and {b_key} is {tuple(lora_B.shape)}")

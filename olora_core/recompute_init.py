@@ -38,7 +38,8 @@ from .adapter_io import AdapterFiles, adapter_kind, load_adapter_dir, save_adapt
 from .convert import KEY_PREFIX, LORA_A_SUFFIX, LORA_B_SUFFIX, _layer_rank, _split_keys, convert
 from .errors import AdapterMismatchError, OLoRAError, RankError, UnsupportedInitError, UnsupportedLayerError
 from .olora_init import lora_scaling
-from .quant_convert import (DTYPES, BaseWeights, QuantSpec, Quantizer, as_spec, convert_quant_aware, layer_alpha)
+from .adapter_format import layer_alpha
+from .quant_convert import DTYPES, BaseWeights, QuantSpec, Quantizer, as_spec, convert_quant_aware
 
 RECOMPUTABLE = ("olora", "pissa")
 # model families whose name is (a prefix of) their transformers model_type: a name naming one of them on a base of

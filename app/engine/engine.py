@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from .adapter_cache import AdapterCache
-from .adapter_files import AdapterInfo, AdapterSource, ParsedAdapter, parse_adapter, read_adapter_config
+from .adapter_files import (AdapterInfo, AdapterSource, ParsedAdapter, base_weight_norms, parse_adapter,
+                            read_adapter_config)
 from .base_model import load_base_model
 from .errors import BaseModelError, EngineError, EngineNotRunning, InputTooLong, InvalidRequest
 from .handle import RequestHandle, TokenEvent
@@ -102,6 +103,7 @@ class Engine:
             raise InvalidRequest(f"no Linear module of the decoder blocks matches target_modules={config.target_modules}")
         self.bank = LoRASlotBank(base.model, targets, config.max_loras, config.max_rank, base.dtype, base.device,
                                  kernel=config.kernel, max_rows=config.max_batch_size)
+        self.base_norms = base_weight_norms(base.model, targets, base.path)  # ||W||_F per served module
         self.runner = ModelRunner(base.model, self.bank, config.max_batch_size, config.max_total_tokens)
         self._wake = threading.Condition()
         self.cache = AdapterCache(adapters, self.bank, config.max_cpu_adapters, self._parse, self.observer,
@@ -207,7 +209,8 @@ class Engine:
 
     # ---- internals ---------------------------------------------------------------------------------------
     def _parse(self, path: Path) -> ParsedAdapter:
-        return parse_adapter(path, self.bank.targets, self.config.max_rank, self.bank.dtype, self.base_fingerprint)
+        return parse_adapter(path, self.bank.targets, self.config.max_rank, self.bank.dtype, self.base_fingerprint,
+                             base_norms=self.base_norms)
 
     def _find_eos_ids(self) -> set[int]:
         ids: set[int] = set()
