@@ -91,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_waiting=settings.max_waiting)
         engine = await asyncio.to_thread(Engine, config, ServedAdapters(store, ephemeral), metrics)
         engine.start()
+        ephemeral.validate = engine.validate_adapter  # a merge's scaled weights are checked before it is served
         limits = ArchiveLimits(max_compressed_bytes=settings.max_upload_bytes,
                                max_unpacked_bytes=settings.max_unpacked_bytes)
         state = AppState(settings=settings, engine=engine, adapters=AdapterService(store, engine, limits),

@@ -35,7 +35,8 @@ import torch
 from peft.utils.merge_utils import dare_linear, dare_ties, magnitude_prune, task_arithmetic, ties
 from torch import Tensor
 
-from .adapter_format import layer_alpha, layer_rank
+from .adapter_format import label as path_label
+from .adapter_format import layer_alpha, layer_rank, short
 from .adapter_io import AdapterFiles, adapter_kind, load_adapter_dir, save_adapter_dir
 from .errors import AdapterFormatError, MergeError, RankError, UnsupportedLayerError
 
@@ -88,7 +89,7 @@ class ParsedAdapter:
 
 def parse_adapter(adapter: AdapterFiles) -> ParsedAdapter:
     """Split an adapter into per-module LoRA pairs with their scaling. Refuses what cannot be merged exactly."""
-    config, label = adapter.config, str(adapter.path)
+    config, label = adapter.config, path_label(adapter.path)  # never an absolute path in a message
     kind = adapter_kind(config, adapter.tensors)
     if kind != "lora":
         init = config.get("init_lora_weights")
@@ -98,7 +99,7 @@ def parse_adapter(adapter: AdapterFiles) -> ParsedAdapter:
         raise MergeError(f"{label}: adapter kind {kind!r} (init_lora_weights={init!r}): {hint}")
     for key in ("lora_bias", "target_parameters", "trainable_token_indices"):
         if config.get(key):
-            raise UnsupportedLayerError(f"{label}: {key}={config[key]!r} is not supported by merging")
+            raise UnsupportedLayerError(f"{label}: {key}={short(config[key])} is not supported by merging")
     pairs: dict[str, dict[str, Tensor]] = {}
     full_weights: dict[str, Tensor] = {}
     for key, tensor in adapter.tensors.items():
@@ -157,7 +158,8 @@ def _check_arguments(sources, method, density, majority_sign_method, svd_rank, s
         raise MergeError("merging needs at least one (adapter, weight) source")
     for i, source in enumerate(sources):
         if not isinstance(source, (tuple, list)) or len(source) != 2 or not _is_real(source[1]):
-            raise MergeError(f"source {i}: expected (adapter or path, finite weight), got {source!r}")
+            weight = source[1] if isinstance(source, (tuple, list)) and len(source) == 2 else source
+            raise MergeError(f"source {i}: expected (adapter or path, finite weight), got weight {short(weight)}")
     if method in DENSITY_METHODS:
         if not _is_real(density) or not 0 < density <= 1:
             raise MergeError(f"method {method!r} needs density in (0, 1] (fraction of values kept), got {density!r}")
@@ -189,7 +191,7 @@ def _merged_config(adapters: list[ParsedAdapter], new_rank: int) -> dict:
     for key in _CONFIG_KEYS_THAT_MUST_AGREE:
         values = [a.config.get(key) for a in adapters]
         if any(v != values[0] for v in values):
-            raise MergeError(f"adapters disagree on {key!r}: " + ", ".join(f"{a.label}: {v!r}" for a, v in
+            raise MergeError(f"adapters disagree on {key!r}: " + ", ".join(f"{a.label}: {short(v)}" for a, v in
                                                                            zip(adapters, values)))
     targets = [a.config.get("target_modules") for a in adapters]
     if all(isinstance(t, list) for t in targets):
@@ -198,11 +200,11 @@ def _merged_config(adapters: list[ParsedAdapter], new_rank: int) -> dict:
         target_modules = targets[0] if len(set(targets)) == 1 else "|".join(f"({t})" for t in targets)
     else:
         raise MergeError("adapters mix target_modules given as a list and as a regex string: "
-                         + ", ".join(f"{a.label}: {t!r}" for a, t in zip(adapters, targets)))
+                         + ", ".join(f"{a.label}: {short(t)}" for a, t in zip(adapters, targets)))
     with_mts = [a for a in adapters if a.config.get("modules_to_save")]
     if len(with_mts) > 1:
         raise MergeError("modules_to_save (whole trained modules) cannot be combined; present in "
-                         + ", ".join(f"{a.label}: {a.config['modules_to_save']!r}" for a in with_mts))
+                         + ", ".join(f"{a.label}: {short(a.config['modules_to_save'])}" for a in with_mts))
     config = copy.deepcopy(adapters[0].config)
     config.update(r=new_rank, lora_alpha=new_rank, target_modules=target_modules, rank_pattern={},
                   alpha_pattern={}, init_lora_weights=True, use_rslora=False,
