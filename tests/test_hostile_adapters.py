@@ -12,20 +12,9 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
 from app.main import create_app
-from helpers import save_random_lora, save_tiny_checkpoint
 from http_helpers import peft_greedy_text, tar_gz, upload
 from test_http_api import PROMPT, gen, make_settings
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    return Path(save_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny", seed=0))
-
-
-@pytest.fixture(scope="module")
-def good_lora(base_dir, tmp_path_factory) -> Path:
-    return Path(save_random_lora(base_dir, tmp_path_factory.mktemp("lora") / "good", r=4, seed=1,
-                                 task_type="CAUSAL_LM"))
+from test_http_uploads import base_dir, good_lora  # noqa: F401  (module-scoped fixtures: the tiny base, a LoRA)
 
 
 @pytest.fixture(scope="module")
