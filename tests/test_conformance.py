@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from app.main import create_app
 from helpers import save_tiny_checkpoint
-from http_helpers import tar_gz, zip_bytes
+from http_helpers import tar_gz, upload, zip_bytes
 from test_http_api import PROMPT, make_settings
 
 QUICK_START = dict(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights="olora")  # the paper's
@@ -136,13 +136,6 @@ def archive_of(adapter_dir: Path, kind: str) -> bytes:
     return buf.getvalue()
 
 
-def post_adapter(client, adapter_id: str, trained: bytes, initial: bytes | None = None, **form):
-    files = {"archive": ("adapter.tgz", trained, "application/gzip")}
-    if initial is not None:
-        files["initial_archive"] = ("initial.tgz", initial, "application/gzip")
-    return client.post("/adapters", data={"adapter_id": adapter_id, **form}, files=files)
-
-
 def served(client, adapter_id: str) -> tuple[list[int], list[float], str]:
     r = client.post("/generate", json={"inputs": PROMPT, "parameters": {
         "adapter_id": adapter_id, "max_new_tokens": NEW_TOKENS, "details": True}})
@@ -167,7 +160,7 @@ def test_cell(name, client, base_dir, tmp_path):
                                    path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
         trained = tmp_path / "converted"
     adapter_id = f"cell-{list(CELLS).index(name)}"
-    r = post_adapter(client, adapter_id, archive_of(trained, cell.archive), initial, **form)
+    r = upload(client, adapter_id, archive_of(trained, cell.archive), initial, form=form)
     if cell.outcome != SERVED:
         assert r.status_code == 422, r.text
         assert cell.outcome in r.json()["error"], r.json()
