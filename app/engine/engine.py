@@ -75,6 +75,7 @@ class EngineStats:
     slots_pinned: int
     slot_adapters: tuple[str | None, ...]  # per slot 1..max_loras
     host_adapters: int
+    host_adapter_ids: tuple[str, ...]  # ids of the adapters in the host-memory cache
     host_bytes: int
     max_cpu_adapters: int
     pending_loads: int
@@ -203,7 +204,8 @@ class Engine:
             max_loras=self.config.max_loras, slots_used=sum(e is not None for e in snap["slots"]),
             slots_pinned=sum(e is not None and e[1] > 0 for e in snap["slots"]),
             slot_adapters=tuple(None if e is None else e[0] for e in snap["slots"]),
-            host_adapters=len(snap["host_adapters"]), host_bytes=snap["host_bytes"],
+            host_adapters=len(snap["host_adapters"]), host_adapter_ids=tuple(snap["host_adapters"]),
+            host_bytes=snap["host_bytes"],
             max_cpu_adapters=self.config.max_cpu_adapters, pending_loads=snap["pending_loads"], steps=self.steps,
             alive=self._thread is not None and self._fatal is None)
 
