@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,6 @@ from typing import Any
 
 from olora_core.adapter_io import MUTATED_INIT_KINDS, adapter_kind, load_adapter_dir, save_adapter_dir
 from olora_core.convert import convert
-from olora_core.errors import OLoRAError
 
 from app.store.adapter_store import AdapterMissing, AdapterStore, StoredAdapter, check_adapter_id
 from app.store.archive import ArchiveLimits, extract_archive
@@ -56,6 +56,11 @@ class AdapterSummary:
     problem: str | None = None
     warnings: list[str] = field(default_factory=list)
     tier: str = "disk"  # where it is now: "device" (a slot), "host" (host-memory cache) or "disk" (the store only)
+
+
+def _norm_name(name: str) -> str:
+    """The last part of a model name or path, lower-cased, without punctuation."""
+    return re.sub(r"[^a-z0-9]", "", name.rstrip("/").rsplit("/", 1)[-1].lower())
 
 
 def _sha256(path: Path) -> str:
@@ -148,20 +153,16 @@ class AdapterService:
                                         init_dtype=init_dtype or "float32", quantization=self._served_quantization())
 
     def _base_name_warnings(self, config: dict) -> list[str]:
-        """A base_model_name_or_path naming another model than the served one: accepted, with a warning."""
-        from olora_core.quant_convert import BaseWeights
-        from olora_core.recompute_init import BaseNameMismatch, check_base_name
-
+        """A base_model_name_or_path naming another model than the served one: accepted, with a warning. The name
+        is compared as text only (a client's path is never looked at on this machine)."""
         name = config.get("base_model_name_or_path")
-        if not name or name == self.engine.model_name:
+        if not isinstance(name, str) or not name:
             return []
-        try:
-            note = check_base_name(str(name), BaseWeights(self.engine.model_path))
-        except BaseNameMismatch as exc:
-            note = f"{exc}; adapters are bound to the served base: check that this one was trained on it"
-        except OLoRAError:
-            note = None
-        return [note[:400]] if note else []
+        served = (self.engine.model_name, str(self.engine.model_path))
+        if name in served or _norm_name(name) in {_norm_name(s) for s in served}:
+            return []
+        return [f"the adapter config names base model {name[:200]!r}, but this server serves "
+                f"{Path(self.engine.model_name).name!r}: an adapter is only right on the base it was trained on"]
 
     # ---- Beyond PEFT (olora_core/quant_convert.py, olora_core/recompute_init.py) -------------------------------
     def _served_quantization(self):

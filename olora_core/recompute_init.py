@@ -38,7 +38,7 @@ from .adapter_io import AdapterFiles, adapter_kind, load_adapter_dir, save_adapt
 from .convert import KEY_PREFIX, LORA_A_SUFFIX, LORA_B_SUFFIX, _layer_rank, _split_keys, convert
 from .errors import AdapterMismatchError, OLoRAError, RankError, UnsupportedInitError, UnsupportedLayerError
 from .olora_init import lora_scaling
-from .adapter_format import layer_alpha
+from .adapter_format import label, layer_alpha
 from .quant_convert import DTYPES, BaseWeights, QuantSpec, Quantizer, as_spec, convert_quant_aware
 
 RECOMPUTABLE = ("olora", "pissa")
@@ -94,6 +94,7 @@ def check_base_name(name: str | None, base: BaseWeights) -> str | None:
     model directory, another model family than the base's model_type, or a size (7b, 135m) far from the
     base's parameter count."""
     base_dir = base.dir.resolve()
+    base_label = base_dir.name  # messages name the base by its folder, never by an absolute path
     if not name:
         return "the adapter config names no base model (base_model_name_or_path); its base cannot be checked"
     local = Path(name).expanduser()
@@ -103,24 +104,24 @@ def check_base_name(name: str | None, base: BaseWeights) -> str | None:
         other_config = local / "config.json"
         same = other_config.is_file() and json.loads(other_config.read_text(encoding="utf-8")) == base.config
         if not same:
-            raise BaseNameMismatch(f"the adapter was trained on {name}, a different local model than {base_dir} "
+            raise BaseNameMismatch(f"the adapter was trained on {name}, a different local model than {base_label} "
                                    "(their config.json differ)")
-        return f"the adapter names {name}, another directory with the same config.json as {base_dir}"
+        return f"the adapter names {name}, another directory with the same config.json as {base_label}"
     model_type = _norm(str(base.config.get("model_type", "")))
     named = [fam for fam in FAMILIES if re.search(rf"(?<![a-z]){re.escape(fam)}(?![a-z])", name.lower())]
     if model_type and named and not any(model_type.startswith(_norm(fam)) or _norm(fam).startswith(model_type)
                                         for fam in named):
-        raise BaseNameMismatch(f"the adapter names base {name!r} ({'/'.join(named)}) but {base_dir} is a "
+        raise BaseNameMismatch(f"the adapter names base {name!r} ({'/'.join(named)}) but {base_label} is a "
                                f"{model_type!r} model")
     sizes = _size_tokens(name.split("/")[-1])
     if sizes:
         params = _param_count(base)
         if not any(0.5 <= size / params <= 2.0 for size in sizes):
-            raise BaseNameMismatch(f"the adapter names base {name!r} (about {sizes[0]:.3g} parameters) but {base_dir} "
+            raise BaseNameMismatch(f"the adapter names base {name!r} (about {sizes[0]:.3g} parameters) but {base_label} "
                                    f"has {params:,} parameters")
     if _norm(Path(name).name) == _norm(base_dir.name):
-        return f"the adapter names {name!r}; using {base_dir} (same name, other path)"
-    return (f"the adapter names {name!r}, which cannot be checked against {base_dir}; the recomputed init is only "
+        return f"the adapter names {name!r}; using {base_label} (same name, other path)"
+    return (f"the adapter names {name!r}, which cannot be checked against {base_label}; the recomputed init is only "
             "right if that is the same model, bit for bit")
 
 
@@ -168,7 +169,7 @@ def recompute_initial(trained_dir: str | os.PathLike, base_dir: str | os.PathLik
         raise UnsupportedInitError(f"{kind} cannot be initialised on a quantized base by PEFT; recomputing a "
                                    f"{spec.kind} init is only defined for OLoRA")
     if config.get("fan_in_fan_out"):
-        raise UnsupportedLayerError(f"{trained.path}: fan_in_fan_out (Conv1D): PEFT's init factors the stored "
+        raise UnsupportedLayerError(f"{label(trained.path)}: fan_in_fan_out (Conv1D): PEFT's init factors the stored "
                                     "(in, out) layout, which this recomputation does not reproduce")
     base = BaseWeights(base_dir)
     notes = []
@@ -186,14 +187,14 @@ def recompute_initial(trained_dir: str | os.PathLike, base_dir: str | os.PathLik
         if A.shape[0] != r or B.shape[1] != r or tuple(W.shape) != (B.shape[0], A.shape[1]):
             raise AdapterMismatchError(
                 f"{module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} (r={r}) do not fit base weight "
-                f"{name}.weight {tuple(W.shape)} in {base.dir}: not this adapter's base (or config)")
+                f"{name}.weight {tuple(W.shape)} in {base.dir.name}: not this adapter's base (or config)")
         dense = quantizer.roundtrip(W) if quantizer else W.to(DTYPES[init_dtype]).to(torch.float32)
         scaling = lora_scaling(r, layer_alpha(config, name), bool(config.get("use_rslora")))
         A0, B0 = init_factors(dense, r, scaling, kind)
         if quantizer is None and init_dtype != "float32":  # PEFT rounds the factors to the base dtype
             A0, B0 = A0.to(DTYPES[init_dtype]).float(), B0.to(DTYPES[init_dtype]).float()
         tensors[module + LORA_A_SUFFIX], tensors[module + LORA_B_SUFFIX] = A0.to(A.dtype), B0.to(B.dtype)
-    return AdapterFiles(config=dict(config), tensors=tensors, path=Path(f"<init recomputed from {base.dir}>")), notes
+    return AdapterFiles(config=dict(config), tensors=tensors, path=Path("<init recomputed from the base>")), notes
 
 
 def convert_recomputed(trained_dir: str | os.PathLike, base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,

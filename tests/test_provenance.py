@@ -41,7 +41,8 @@ def olora_pair(base_dir: Path, out: Path, init: str = "olora", dtype=torch.float
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory, bases):
-    with TestClient(create_app(make_settings(tmp_path_factory.mktemp("srv"), bases[0]))) as c:
+    # no store polling: a poll that sees a new version evicts it from the cache, which would race the tier checks
+    with TestClient(create_app(make_settings(tmp_path_factory.mktemp("srv"), bases[0], store_poll_s=3600))) as c:
         yield c
 
 
