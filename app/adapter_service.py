@@ -204,7 +204,8 @@ class AdapterService:
                 raise UploadRefused(f"adapter {adapter_id!r}: send either initial_archive or recompute_init=true")
             dtype = init_dtype or (str(spec.dtype).removeprefix("torch.") if spec is not None else "float32")
             report = convert_recomputed(trained_dir, Path(base_dir), work / "converted", init_dtype=dtype,
-                                        quantization=spec if spec is not None else "none", emit_warnings=False)
+                                        quantization=spec if spec is not None else "none", emit_warnings=False,
+                                        local_paths=False)
             extra.update(init="recomputed", init_dtype=dtype, warnings=report.warnings)
             conversion = report.conversion
         else:

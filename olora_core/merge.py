@@ -151,7 +151,7 @@ def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_arguments(sources, method, density, majority_sign_method, svd_rank, svd_clamp) -> None:
+def _check_arguments(sources, method, density, majority_sign_method, svd_rank, svd_clamp, seed) -> None:
     if method not in METHODS:
         raise MergeError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
     if not sources:
@@ -174,6 +174,8 @@ def _check_arguments(sources, method, density, majority_sign_method, svd_rank, s
         raise MergeError(f"svd_rank must be a positive integer, got {svd_rank!r}")
     if svd_clamp is not None and (not _is_real(svd_clamp) or not 0 < svd_clamp <= 1):
         raise MergeError(f"svd_clamp must be a quantile in (0, 1], got {svd_clamp!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise MergeError(f"seed must be an integer in [0, 2^63), got {short(seed)}")
 
 
 def _new_rank(method: str, adapters: list[ParsedAdapter], svd_rank: int | None) -> int:
@@ -286,7 +288,7 @@ def merge_adapters(sources: Sequence[tuple[AdapterFiles | str | os.PathLike, flo
 
     See the module docstring for the methods. Raises MergeError (and AdapterFormatError/RankError/
     UnsupportedLayerError for unreadable sources). Merged tensors are float32."""
-    _check_arguments(sources, method, density, majority_sign_method, svd_rank, svd_clamp)
+    _check_arguments(sources, method, density, majority_sign_method, svd_rank, svd_clamp, seed)
     adapters = [parse_adapter(src if isinstance(src, AdapterFiles) else load_adapter_dir(src))
                 for src, _ in sources]
     weights = [float(w) for _, w in sources]

@@ -88,17 +88,18 @@ def _size_tokens(name: str) -> list[float]:
     return [float(num) * (1e9 if unit.lower() == "b" else 1e6) for num, unit in _SIZE_RE.findall(name)]
 
 
-def check_base_name(name: str | None, base: BaseWeights) -> str | None:
+def check_base_name(name: str | None, base: BaseWeights, local_paths: bool = True) -> str | None:
     """None when `name` (the adapter's base_model_name_or_path) is the base; a warning when it cannot be told
     or differs only by path; raises BaseNameMismatch when it obviously names another model: another local
     model directory, another model family than the base's model_type, or a size (7b, 135m) far from the
-    base's parameter count."""
+    base's parameter count. `local_paths=False` (a server checking a client's config): the name is never looked
+    up on this machine's filesystem."""
     base_dir = base.dir.resolve()
     base_label = base_dir.name  # messages name the base by its folder, never by an absolute path
     if not name:
         return "the adapter config names no base model (base_model_name_or_path); its base cannot be checked"
     local = Path(name).expanduser()
-    if local.is_dir():
+    if local_paths and local.is_dir():
         if local.resolve() == base_dir:
             return None
         other_config = local / "config.json"
@@ -156,7 +157,7 @@ def init_factors(weight: Tensor, r: int, scaling: float, kind: str) -> tuple[Ten
 
 
 def recompute_initial(trained_dir: str | os.PathLike, base_dir: str | os.PathLike, *, init_dtype: str = "float32",
-                      quantization: str | QuantSpec = "none", check_name: bool = True
+                      quantization: str | QuantSpec = "none", check_name: bool = True, local_paths: bool = True
                       ) -> tuple[AdapterFiles, list[str]]:
     """The initial adapter PEFT would have saved (in memory) and the warnings of the base-name check."""
     if init_dtype not in DTYPES:
@@ -173,7 +174,7 @@ def recompute_initial(trained_dir: str | os.PathLike, base_dir: str | os.PathLik
                                     "(in, out) layout, which this recomputation does not reproduce")
     base = BaseWeights(base_dir)
     notes = []
-    warning = check_base_name(config.get("base_model_name_or_path"), base) if check_name else None
+    warning = check_base_name(config.get("base_model_name_or_path"), base, local_paths) if check_name else None
     if warning:
         notes.append(warning)
     modules, _ = _split_keys(trained)
@@ -200,13 +201,14 @@ def recompute_initial(trained_dir: str | os.PathLike, base_dir: str | os.PathLik
 def convert_recomputed(trained_dir: str | os.PathLike, base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                        init_dtype: str = "float32", quantization: str | QuantSpec = "none", quant_aware: bool = True,
                        rank: int | None = None, max_rel_error: float | None = None, overwrite: bool = False,
-                       check_name: bool = True, emit_warnings: bool = True) -> RecomputeReport:
+                       check_name: bool = True, emit_warnings: bool = True, local_paths: bool = True
+                       ) -> RecomputeReport:
     """Recompute the initial checkpoint, then convert: quantization-aware when `quantization` is set and
     `quant_aware`, else PEFT's exact file-level conversion (rank 2r). Nothing is written on an error. The
     base-name check's warnings are in the report, and also issued as UserWarnings unless `emit_warnings=False`
     (a server thread should not touch the global warnings machinery)."""
     initial, notes = recompute_initial(trained_dir, base_dir, init_dtype=init_dtype, quantization=quantization,
-                                       check_name=check_name)
+                                       check_name=check_name, local_paths=local_paths)
     for note in notes if emit_warnings else ():
         warnings.warn(note, UserWarning, stacklevel=2)
     spec = as_spec(quantization, DTYPES[init_dtype])

@@ -147,3 +147,9 @@ def test_target_module_that_does_not_exist_is_refused_like_peft(client, good_lor
     assert_clean_refusal(client, upload(client, "nomod", tar_gz(bad)), (422,), "not found in the base model")
     half = edited_copy(good_lora, tmp_path / "half", {"target_modules": ["q_proj"]})  # tensors hold v_proj too
     assert_clean_refusal(client, upload(client, "half", tar_gz(half)), (422,), "do not select")
+
+
+def test_merge_seed_out_of_range_is_a_json_422(client):
+    r = client.post("/adapters/merge", json={"adapter_id": "blend", "sources": [{"id": "good"}, {"id": "good"}],
+                                             "method": "dare_linear", "density": 0.5, "seed": 2**63})
+    assert_clean_refusal(client, r, (422,), "seed")

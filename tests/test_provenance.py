@@ -93,3 +93,21 @@ def test_a_config_naming_the_served_base_has_no_warning(client, bases, tmp_path)
     lora = Path(save_random_lora(bases[0], tmp_path / "lora", r=4, task_type="CAUSAL_LM"))
     r = upload(client, "same-name", tar_gz(lora))
     assert r.status_code == 201 and r.json()["warnings"] == [], r.text
+
+
+def test_a_clients_base_path_is_never_looked_up(bases, tmp_path):
+    """check_base_name(local_paths=False), as the server calls it: a config naming a directory that exists on the
+    server is compared as text, never opened (with local_paths=True, the CLI's default, the other model is found)."""
+    from olora_core.quant_convert import BaseWeights
+    from olora_core.recompute_init import BaseNameMismatch, check_base_name
+
+    served, other = bases
+    renamed = tmp_path / "other-model"
+    renamed.mkdir()
+    config = json.loads((other / "config.json").read_text())
+    (renamed / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=3)))
+    other = renamed
+    with pytest.raises(BaseNameMismatch, match="a different local model"):
+        check_base_name(str(other), BaseWeights(served))
+    note = check_base_name(str(other), BaseWeights(served), local_paths=False)
+    assert note is not None and "cannot be checked" in note and str(served) not in note

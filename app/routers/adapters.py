@@ -33,7 +33,7 @@ class MergeRequest(BaseModel):
     density: float | None = Field(None, gt=0, le=1)
     majority_sign_method: Literal["total", "frequency"] = "total"
     svd_rank: int | None = Field(None, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
     overwrite: bool = False
 
 
