@@ -6,17 +6,21 @@ Order of an upload, each step before anything is written to the store:
   2. olora_core reads it: safetensors only (pickles refused unopened), a LoRA config without code keys,
      float finite tensors;
   3. OLoRA/PiSSA adapters are converted to plain LoRA with their initial checkpoint (required: without it
-     the base would have to be mutated, which a shared base cannot be);
+     the base would have to be mutated, which a shared base cannot be), after checking that the checkpoint is
+     the init of *this* base (olora_core.provenance: 422 naming the layer and the distance otherwise);
   4. the engine checks it against the served base (targets exist, shapes, rank <= max_rank);
   5. the store commits it atomically, bound to the base fingerprint; the engine forgets an older version.
+Warnings (a config naming another base model, an init whose provenance cannot be checked, recompute_init's notes)
+are stored in metadata.json and returned by the upload and by GET /adapters/{id}.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,13 @@ class AdapterSummary:
     servable: bool
     sources: list[dict] | None = None
     problem: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    tier: str = "disk"  # where it is now: "device" (a slot), "host" (host-memory cache) or "disk" (the store only)
+
+
+def _norm_name(name: str) -> str:
+    """The last part of a model name or path, lower-cased, without punctuation."""
+    return re.sub(r"[^a-z0-9]", "", name.rstrip("/").rsplit("/", 1)[-1].lower())
 
 
 def _sha256(path: Path) -> str:
@@ -73,12 +84,15 @@ class AdapterService:
         servable = bound == self.engine.base_fingerprint
         problem = None if servable else (
             f"adapter {stored.adapter_id!r} is bound to base {bound}, this server serves {self.engine.base_fingerprint}")
+        stats = self.engine.stats()
+        tier = ("device" if stored.adapter_id in stats.slot_adapters else
+                "host" if stored.adapter_id in stats.host_adapter_ids else "disk")
         return AdapterSummary(
             id=stored.adapter_id, kind=meta.get("kind", "lora"), rank=int(meta.get("rank", 0)),
             alpha=float(meta.get("alpha", 0)), target_modules=list(meta.get("target_modules", [])),
             sha256=meta.get("sha256", ""), size_bytes=int(meta.get("size_bytes", 0)), base_fingerprint=bound,
             created=float(meta.get("created", 0)), version=stored.version, servable=servable,
-            sources=meta.get("sources"), problem=problem)
+            sources=meta.get("sources"), problem=problem, warnings=list(meta.get("warnings") or []), tier=tier)
 
     def get(self, adapter_id: str) -> AdapterSummary:
         stored = self.store.get(adapter_id)
@@ -118,14 +132,37 @@ class AdapterService:
                         f"LoRA (rank 2r), or set recompute_init=true if it was initialised on exactly this base.")
                 (work / "initial").mkdir()
                 initial_dir = extract_archive(initial_archive, work / "initial", self.archive_limits)
+                notes = self._check_provenance(initial_dir, init_dtype)
                 convert(initial_dir, trained_dir, work / "converted")
-                return self._commit(adapter_id, work / "converted", f"{kind}-converted", overwrite)
+                return self._commit(adapter_id, work / "converted", f"{kind}-converted", overwrite,
+                                    {"warnings": notes + self._base_name_warnings(files.config)})
             if initial_archive is not None:
                 raise UploadRefused(f"adapter {adapter_id!r} is a plain {kind} adapter: 'initial_archive' is only "
                                     "for OLoRA/PiSSA adapters; send the adapter alone")
-            return self._commit(adapter_id, trained_dir, kind, overwrite)
+            return self._commit(adapter_id, trained_dir, kind, overwrite,
+                                {"warnings": self._base_name_warnings(files.config)})
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    # ---- where the adapter comes from (olora_core/provenance.py, recompute_init.check_base_name) ---------------
+    def _check_provenance(self, initial_dir: Path, init_dtype: str | None) -> list[str]:
+        """Raises ProvenanceError (422) unless the initial checkpoint is OLoRA's/PiSSA's init of this base."""
+        from olora_core.provenance import check_initial_provenance
+
+        return check_initial_provenance(load_adapter_dir(initial_dir), self.engine.model_path,
+                                        init_dtype=init_dtype or "float32", quantization=self._served_quantization())
+
+    def _base_name_warnings(self, config: dict) -> list[str]:
+        """A base_model_name_or_path naming another model than the served one: accepted, with a warning. The name
+        is compared as text only (a client's path is never looked at on this machine)."""
+        name = config.get("base_model_name_or_path")
+        if not isinstance(name, str) or not name:
+            return []
+        served = (self.engine.model_name, str(self.engine.model_path))
+        if name in served or _norm_name(name) in {_norm_name(s) for s in served}:
+            return []
+        return [f"the adapter config names base model {name[:200]!r}, but this server serves "
+                f"{Path(self.engine.model_name).name!r}: an adapter is only right on the base it was trained on"]
 
     # ---- Beyond PEFT (olora_core/quant_convert.py, olora_core/recompute_init.py) -------------------------------
     def _served_quantization(self):
@@ -167,7 +204,8 @@ class AdapterService:
                 raise UploadRefused(f"adapter {adapter_id!r}: send either initial_archive or recompute_init=true")
             dtype = init_dtype or (str(spec.dtype).removeprefix("torch.") if spec is not None else "float32")
             report = convert_recomputed(trained_dir, Path(base_dir), work / "converted", init_dtype=dtype,
-                                        quantization=spec if spec is not None else "none", emit_warnings=False)
+                                        quantization=spec if spec is not None else "none", emit_warnings=False,
+                                        local_paths=False)
             extra.update(init="recomputed", init_dtype=dtype, warnings=report.warnings)
             conversion = report.conversion
         else:
@@ -176,6 +214,7 @@ class AdapterService:
                                     "initial checkpoint as 'initial_archive', or set recompute_init=true")
             (work / "initial").mkdir()
             initial_dir = extract_archive(initial_archive, work / "initial", self.archive_limits)
+            extra["warnings"] = self._check_provenance(initial_dir, init_dtype)
             conversion = convert_quant_aware(initial_dir, trained_dir, work / "converted", Path(base_dir), spec)
         if hasattr(conversion, "max_rel_error"):
             extra.update(max_rel_error=conversion.max_rel_error, max_peft_rel_error=conversion.max_peft_rel_error)

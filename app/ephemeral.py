@@ -3,7 +3,9 @@
 A merge request is turned into a plain LoRA once, written under `<store>/.ephemeral/<key>/`, and served like any
 other adapter under the id `~merged-<key>` (a `~` never starts a stored id, so the namespaces cannot collide).
 The key hashes the sources' ids *and versions*, weights and strategy: overwriting a source gives a new key.
-At most `max_entries` merges are kept on disk (least recently used are removed).
+At most `max_entries` merges are kept on disk (least recently used are removed). A new merge is checked by
+`validate` (the engine's adapter check: finite scaled weights within the magnitude bound) before its id is handed
+out, so a merge with weights like 1e20 is refused (422) instead of reaching the sampler.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import shutil
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 from olora_core.adapter_io import load_adapter_dir, save_adapter_dir
 from olora_core.errors import OutputExistsError
@@ -31,6 +34,7 @@ class EphemeralAdapters:
         self.max_entries = max_entries
         self._lru: OrderedDict[str, Path] = OrderedDict()
         self._lock = threading.Lock()
+        self.validate: Callable[[Path], object] | None = None  # set to Engine.validate_adapter once it exists
 
     def adapter_id_for(self, ids: list[str], weights: list[float], strategy: str, density: float | None,
                        majority_sign_method: str) -> str:
@@ -58,6 +62,12 @@ class EphemeralAdapters:
             save_adapter_dir(self.root / key, config, tensors)
         except OutputExistsError:
             pass  # another request built the same merge meanwhile
+        if self.validate is not None:
+            try:
+                self.validate(self.root / key)
+            except Exception:
+                shutil.rmtree(self.root / key, ignore_errors=True)
+                raise
         with self._lock:
             self._lru[key] = self.root / key
             self._lru.move_to_end(key)

@@ -107,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = await asyncio.to_thread(Engine, config, ServedAdapters(store, ephemeral), metrics)
         metrics.set_max_loras(engine.config.max_loras)
         engine.start()
+        ephemeral.validate = engine.validate_adapter  # a merge's scaled weights are checked before it is served
         limits = ArchiveLimits(max_compressed_bytes=settings.max_upload_bytes,
                                max_unpacked_bytes=settings.max_unpacked_bytes)
         state = AppState(settings=settings, engine=engine, adapters=AdapterService(store, engine, limits),

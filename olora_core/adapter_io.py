@@ -1,13 +1,12 @@
 """Safe reading and atomic writing of PEFT LoRA adapter directories (adapter_config.json + safetensors).
 
 Never unpickles: `.bin`/`.pt`/`.pth`/`.pkl` weights are refused by file name without being opened.
-Never runs code named by a config: `auto_mapping` and other code-naming keys are refused.
+Never runs code named by a config: the config is read and checked by `adapter_format` (the one config reader).
 """
 from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -19,13 +18,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor
 
+from .adapter_format import label, read_config
 from .errors import AdapterFormatError, NonFiniteError, OutputExistsError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-# Keys that name code to import/run. PEFT writes `auto_mapping` whenever task_type is None.
-CODE_KEYS = ("auto_mapping", "auto_map", "trust_remote_code", "custom_code", "_custom_modules")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # init_lora_weights values whose base is mutated to W - s·B0·A0 (PEFT's `subtract_mutated_init` math)
@@ -39,32 +37,6 @@ class AdapterFiles:
     config: dict  # parsed adapter_config.json
     tensors: dict[str, Tensor]  # key -> float tensor, as stored
     path: Path  # the adapter directory
-
-
-def _check_config(config: object, where: Path) -> dict:
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{where}: expected a JSON object, got {type(config).__name__}")
-    if config.get("peft_type") != "LORA":
-        raise AdapterFormatError(f"{where}: peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
-    for key in CODE_KEYS:
-        if config.get(key) not in (None, {}, False):
-            raise AdapterFormatError(
-                f"{where}: key {key!r} names code to import ({config[key]!r}); refused. Save the adapter with a "
-                "task_type (e.g. CAUSAL_LM) so PEFT does not write auto_mapping"
-            )
-    r = config.get("r")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise AdapterFormatError(f"{where}: 'r' must be a positive integer, got {r!r}")
-    alpha = config.get("lora_alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise AdapterFormatError(f"{where}: 'lora_alpha' must be a finite number, got {alpha!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        pattern = config.get(key) or {}
-        if not isinstance(pattern, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pattern.values()
-        ):
-            raise AdapterFormatError(f"{where}: {key!r} must map module patterns to numbers, got {pattern!r}")
-    return config
 
 
 def check_tensors(tensors: dict[str, Tensor], where: object) -> None:
@@ -87,30 +59,27 @@ def load_adapter_dir(path: str | os.PathLike) -> AdapterFiles:
     """Read and validate a PEFT LoRA adapter directory. Raises AdapterFormatError / NonFiniteError."""
     path = Path(path)
     if not path.is_dir():
-        raise AdapterFormatError(f"{path}: not a directory (expected a PEFT adapter directory)")
+        raise AdapterFormatError(f"{label(path)}: not a directory (expected a PEFT adapter directory)")
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not weights_file.is_file():
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise AdapterFormatError(
-                f"{path}: weights are pickle files ({', '.join(pickles)}), which are never opened here because "
-                f"loading them can run code; save the adapter as {WEIGHTS_NAME} (safe_serialization=True)"
+                f"{path.name}: weights are pickle files ({', '.join(pickles[:4])}), which are never opened here "
+                f"because loading them can run code; save the adapter as {WEIGHTS_NAME} (safe_serialization=True)"
             )
-        raise AdapterFormatError(f"{path}: missing {WEIGHTS_NAME}")
+        raise AdapterFormatError(f"{path.name}: missing {WEIGHTS_NAME}")
     if not config_file.is_file():
-        raise AdapterFormatError(f"{path}: missing {CONFIG_NAME}")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFormatError(f"{config_file}: invalid JSON ({exc})") from None
-    _check_config(config, config_file)
+        raise AdapterFormatError(f"{path.name}: missing {CONFIG_NAME}")
+    config = read_config(path)
     try:
         tensors = load_file(weights_file, device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterFormatError(f"{weights_file}: not a readable safetensors file ({exc})") from None
+        raise AdapterFormatError(f"{label(weights_file)}: not a readable safetensors file "
+                                 f"({type(exc).__name__})") from None
     if not tensors:
-        raise AdapterFormatError(f"{weights_file}: holds no tensors")
-    check_tensors(tensors, weights_file)
+        raise AdapterFormatError(f"{label(weights_file)}: holds no tensors")
+    check_tensors(tensors, label(weights_file))
     return AdapterFiles(config=config, tensors=tensors, path=path)
 
 

@@ -16,15 +16,15 @@ path_initial_model_for_weight_conversion=...)` writes. Differences from PEFT:
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .adapter_format import label, layer_rank
 from .adapter_io import (MUTATED_INIT_KINDS, AdapterFiles, adapter_kind, load_adapter_dir, save_adapter_dir)
-from .errors import (AdapterFormatError, AdapterMismatchError, NothingToConvertError, OutputExistsError, RankError,
+from .errors import (AdapterMismatchError, NothingToConvertError, OutputExistsError, RankError,
                      UnsupportedInitError, UnsupportedLayerError)
 
 LORA_A_SUFFIX, LORA_B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
@@ -88,34 +88,20 @@ def _check_match(initial: AdapterFiles, trained: AdapterFiles) -> None:
         a, b = _normalised(field, initial.config.get(field)), _normalised(field, trained.config.get(field))
         if a != b:
             hint = " (is the trained dir already a converted adapter?)" if field == "r" and b == 2 * a else ""
-            raise AdapterMismatchError(f"{field} differs: initial {initial.path} has {a!r}, "
-                                       f"trained {trained.path} has {b!r}{hint}")
+            raise AdapterMismatchError(f"{field} differs: initial {label(initial.path)} has {a!r}, "
+                                       f"trained {label(trained.path)} has {b!r}{hint}")
     only_initial = sorted(initial.tensors.keys() - trained.tensors.keys())
     only_trained = sorted(trained.tensors.keys() - initial.tensors.keys())
     if only_initial or only_trained:
-        raise AdapterMismatchError(f"tensor keys differ: only in initial {initial.path}: {only_initial[:5]}, "
-                                   f"only in trained {trained.path}: {only_trained[:5]}")
+        raise AdapterMismatchError(f"tensor keys differ: only in initial {label(initial.path)}: {only_initial[:5]}, "
+                                   f"only in trained {label(trained.path)}: {only_trained[:5]}")
     for key, tensor in trained.tensors.items():
         if tensor.shape != initial.tensors[key].shape:
             raise AdapterMismatchError(f"{key}: shape {tuple(initial.tensors[key].shape)} in initial "
-                                       f"{initial.path} vs {tuple(tensor.shape)} in trained {trained.path}")
+                                       f"{label(initial.path)} vs {tuple(tensor.shape)} in trained {label(trained.path)}")
 
 
-def pattern_key(pattern_keys, module_name: str) -> str | None:
-    """The first pattern matching `module_name`, by PEFT's rule (`peft.utils.other.get_pattern_key`)."""
-    for key in pattern_keys:
-        try:
-            if re.match(rf"(.*\.)?({key})$", module_name):
-                return key
-        except re.error as exc:
-            raise AdapterFormatError(f"rank_pattern key {key!r} is not a valid pattern ({exc})") from None
-    return None
-
-
-def _layer_rank(config: dict, module_name: str) -> int:
-    rank_pattern = config.get("rank_pattern") or {}
-    key = pattern_key(rank_pattern, module_name)
-    return config["r"] if key is None else rank_pattern[key]
+_layer_rank = layer_rank  # PEFT's rank_pattern rule, from the one config module (adapter_format)
 
 
 def _split_keys(trained: AdapterFiles) -> tuple[list[str], list[str]]:
@@ -125,18 +111,18 @@ def _split_keys(trained: AdapterFiles) -> tuple[list[str], list[str]]:
         if key.endswith(LORA_A_SUFFIX):
             module = key[: -len(LORA_A_SUFFIX)]
             if module + LORA_B_SUFFIX not in trained.tensors:
-                raise AdapterMismatchError(f"{trained.path}: {key} has no matching {module + LORA_B_SUFFIX}")
+                raise AdapterMismatchError(f"{label(trained.path)}: {key} has no matching {module + LORA_B_SUFFIX}")
             modules.append(module)
         elif key.endswith(LORA_B_SUFFIX):
             if key[: -len(LORA_B_SUFFIX)] + LORA_A_SUFFIX not in trained.tensors:
-                raise AdapterMismatchError(f"{trained.path}: {key} has no matching lora_A")
+                raise AdapterMismatchError(f"{label(trained.path)}: {key} has no matching lora_A")
         elif ".lora_" in key:  # lora_embedding_A/B, lora_magnitude_vector, lora_B.bias, ...
-            raise UnsupportedLayerError(f"{trained.path}: tensor {key!r} is not a Linear lora_A/lora_B weight; "
+            raise UnsupportedLayerError(f"{label(trained.path)}: tensor {key!r} is not a Linear lora_A/lora_B weight; "
                                         "embedding, DoRA and LoRA-bias adapters are not converted")
         else:
             carried.append(key)  # modules_to_save / trainable tokens: not touched by the mutated init
     if not modules:
-        raise UnsupportedLayerError(f"{trained.path}: no lora_A/lora_B weights to convert")
+        raise UnsupportedLayerError(f"{label(trained.path)}: no lora_A/lora_B weights to convert")
     return modules, carried
 
 
@@ -164,7 +150,7 @@ def check_olora_initial(initial: AdapterFiles, modules: list[str]) -> None:
         gram_err = (B0.T @ B0 - torch.eye(B0.shape[1])).abs().max().item()
         if torch.tril(A0, diagonal=-1).count_nonzero() or gram_err > 2e-2:
             raise AdapterMismatchError(
-                f"{initial.path}: {module} is not an OLoRA init (lora_A not upper-triangular or lora_B columns "
+                f"{label(initial.path)}: {module} is not an OLoRA init (lora_A not upper-triangular or lora_B columns "
                 f"not orthonormal, max |B0ᵀB0 - I| = {gram_err:.2e}); were the initial and trained dirs swapped?"
             )
 
@@ -191,7 +177,7 @@ def convert(initial_dir: str | os.PathLike, trained_dir: str | os.PathLike, out_
     Every check runs before anything is written; on an error nothing is written."""
     initial, trained = load_adapter_dir(initial_dir), load_adapter_dir(trained_dir)
     if Path(out_dir).resolve() in (initial.path.resolve(), trained.path.resolve()):
-        raise OutputExistsError(f"{out_dir}: the output must not replace one of the input adapter directories")
+        raise OutputExistsError(f"{label(out_dir)}: the output must not replace one of the input adapter directories")
     for files in (initial, trained):
         _check_supported(files.config, files.path)
     kind = conversion_kind(initial.config, trained.config)

@@ -46,3 +46,12 @@ class OutputExistsError(OLoRAError):
 class MergeError(OLoRAError):
     """Adapters cannot be combined (merge_adapters), or an adapter cannot be merged into a base model
     (merge_into_base), exactly: unequal ranks, bad density, key/shape mismatches, unconverted OLoRA/PiSSA."""
+
+
+class MagnitudeError(OLoRAError):
+    """An adapter's served delta s·B·A (after alpha/r, patterns, rsLoRA, merge weights) is not finite or is far
+    larger than the base weight it is added to (`adapter_format.MAX_DELTA_RATIO`)."""
+
+
+class UnsupportedConfigError(AdapterFormatError):
+    """A well-formed config that asks for something never accepted: another peft_type, code to import."""

@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 from peft.utils.merge_utils import dare_linear, dare_ties, magnitude_prune, task_arithmetic, ties
-from peft.utils.other import get_pattern_key
 from torch import Tensor
 
+from .adapter_format import label as path_label
+from .adapter_format import layer_alpha, layer_rank, short
 from .adapter_io import AdapterFiles, adapter_kind, load_adapter_dir, save_adapter_dir
 from .errors import AdapterFormatError, MergeError, RankError, UnsupportedLayerError
 
@@ -88,7 +89,7 @@ class ParsedAdapter:
 
 def parse_adapter(adapter: AdapterFiles) -> ParsedAdapter:
     """Split an adapter into per-module LoRA pairs with their scaling. Refuses what cannot be merged exactly."""
-    config, label = adapter.config, str(adapter.path)
+    config, label = adapter.config, path_label(adapter.path)  # never an absolute path in a message
     kind = adapter_kind(config, adapter.tensors)
     if kind != "lora":
         init = config.get("init_lora_weights")
@@ -98,7 +99,7 @@ def parse_adapter(adapter: AdapterFiles) -> ParsedAdapter:
         raise MergeError(f"{label}: adapter kind {kind!r} (init_lora_weights={init!r}): {hint}")
     for key in ("lora_bias", "target_parameters", "trainable_token_indices"):
         if config.get(key):
-            raise UnsupportedLayerError(f"{label}: {key}={config[key]!r} is not supported by merging")
+            raise UnsupportedLayerError(f"{label}: {key}={short(config[key])} is not supported by merging")
     pairs: dict[str, dict[str, Tensor]] = {}
     full_weights: dict[str, Tensor] = {}
     for key, tensor in adapter.tensors.items():
@@ -124,9 +125,7 @@ def _lora_module(name: str, parts: dict[str, Tensor], config: dict, label: str) 
     if lora_A.dim() != 2 or lora_B.dim() != 2:
         raise UnsupportedLayerError(f"{label}: module {name!r} has {lora_A.dim()}-D LoRA weights "
                                     f"{tuple(lora_A.shape)}/{tuple(lora_B.shape)}; only Linear/Conv1D/Embedding")
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), config["r"])
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config["lora_alpha"])
+    r, alpha = layer_rank(config, name), layer_alpha(config, name)
     if lora_A.shape[0] != r or lora_B.shape[1] != r:
         raise RankError(f"{label}: module {name!r}: config gives r={r} but {a_key} is {tuple(lora_A.shape)} "
                         f"and {b_key} is {tuple(lora_B.shape)}")
@@ -152,14 +151,15 @@ def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_arguments(sources, method, density, majority_sign_method, svd_rank, svd_clamp) -> None:
+def _check_arguments(sources, method, density, majority_sign_method, svd_rank, svd_clamp, seed) -> None:
     if method not in METHODS:
         raise MergeError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
     if not sources:
         raise MergeError("merging needs at least one (adapter, weight) source")
     for i, source in enumerate(sources):
         if not isinstance(source, (tuple, list)) or len(source) != 2 or not _is_real(source[1]):
-            raise MergeError(f"source {i}: expected (adapter or path, finite weight), got {source!r}")
+            weight = source[1] if isinstance(source, (tuple, list)) and len(source) == 2 else source
+            raise MergeError(f"source {i}: expected (adapter or path, finite weight), got weight {short(weight)}")
     if method in DENSITY_METHODS:
         if not _is_real(density) or not 0 < density <= 1:
             raise MergeError(f"method {method!r} needs density in (0, 1] (fraction of values kept), got {density!r}")
@@ -174,6 +174,8 @@ def _check_arguments(sources, method, density, majority_sign_method, svd_rank, s
         raise MergeError(f"svd_rank must be a positive integer, got {svd_rank!r}")
     if svd_clamp is not None and (not _is_real(svd_clamp) or not 0 < svd_clamp <= 1):
         raise MergeError(f"svd_clamp must be a quantile in (0, 1], got {svd_clamp!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise MergeError(f"seed must be an integer in [0, 2^63), got {short(seed)}")
 
 
 def _new_rank(method: str, adapters: list[ParsedAdapter], svd_rank: int | None) -> int:
@@ -191,7 +193,7 @@ def _merged_config(adapters: list[ParsedAdapter], new_rank: int) -> dict:
     for key in _CONFIG_KEYS_THAT_MUST_AGREE:
         values = [a.config.get(key) for a in adapters]
         if any(v != values[0] for v in values):
-            raise MergeError(f"adapters disagree on {key!r}: " + ", ".join(f"{a.label}: {v!r}" for a, v in
+            raise MergeError(f"adapters disagree on {key!r}: " + ", ".join(f"{a.label}: {short(v)}" for a, v in
                                                                            zip(adapters, values)))
     targets = [a.config.get("target_modules") for a in adapters]
     if all(isinstance(t, list) for t in targets):
@@ -200,11 +202,11 @@ def _merged_config(adapters: list[ParsedAdapter], new_rank: int) -> dict:
         target_modules = targets[0] if len(set(targets)) == 1 else "|".join(f"({t})" for t in targets)
     else:
         raise MergeError("adapters mix target_modules given as a list and as a regex string: "
-                         + ", ".join(f"{a.label}: {t!r}" for a, t in zip(adapters, targets)))
+                         + ", ".join(f"{a.label}: {short(t)}" for a, t in zip(adapters, targets)))
     with_mts = [a for a in adapters if a.config.get("modules_to_save")]
     if len(with_mts) > 1:
         raise MergeError("modules_to_save (whole trained modules) cannot be combined; present in "
-                         + ", ".join(f"{a.label}: {a.config['modules_to_save']!r}" for a in with_mts))
+                         + ", ".join(f"{a.label}: {short(a.config['modules_to_save'])}" for a in with_mts))
     config = copy.deepcopy(adapters[0].config)
     config.update(r=new_rank, lora_alpha=new_rank, target_modules=target_modules, rank_pattern={},
                   alpha_pattern={}, init_lora_weights=True, use_rslora=False,
@@ -286,7 +288,7 @@ def merge_adapters(sources: Sequence[tuple[AdapterFiles | str | os.PathLike, flo
 
     See the module docstring for the methods. Raises MergeError (and AdapterFormatError/RankError/
     UnsupportedLayerError for unreadable sources). Merged tensors are float32."""
-    _check_arguments(sources, method, density, majority_sign_method, svd_rank, svd_clamp)
+    _check_arguments(sources, method, density, majority_sign_method, svd_rank, svd_clamp, seed)
     adapters = [parse_adapter(src if isinstance(src, AdapterFiles) else load_adapter_dir(src))
                 for src, _ in sources]
     weights = [float(w) for _, w in sources]

@@ -32,9 +32,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from .adapter_format import layer_alpha
 from .adapter_io import PICKLE_SUFFIXES, AdapterFiles, load_adapter_dir, save_adapter_dir
 from .convert import (KEY_PREFIX, LORA_A_SUFFIX, LORA_B_SUFFIX, _check_match, _check_supported, _layer_rank,
-                      _split_keys, check_olora_initial, conversion_kind, pattern_key)
+                      _split_keys, check_olora_initial, conversion_kind)
 from .errors import OLoRAError, OutputExistsError, RankError, UnsupportedInitError, UnsupportedLayerError
 from .olora_init import _dense_weight, _set_residual, lora_scaling, weight_format
 
@@ -208,12 +209,6 @@ class QuantConversionReport:
     out_dir: Path
     layers: list[LayerError] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
-
-
-def layer_alpha(config: dict, module_name: str) -> float:
-    alpha_pattern = config.get("alpha_pattern") or {}
-    key = pattern_key(alpha_pattern, module_name)
-    return config["lora_alpha"] if key is None else alpha_pattern[key]
 
 
 def exact_served_delta(W: Tensor, A0: Tensor, B0: Tensor, A: Tensor, B: Tensor, scaling: float,

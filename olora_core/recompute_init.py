@@ -38,7 +38,8 @@ from .adapter_io import AdapterFiles, adapter_kind, load_adapter_dir, save_adapt
 from .convert import KEY_PREFIX, LORA_A_SUFFIX, LORA_B_SUFFIX, _layer_rank, _split_keys, convert
 from .errors import AdapterMismatchError, OLoRAError, RankError, UnsupportedInitError, UnsupportedLayerError
 from .olora_init import lora_scaling
-from .quant_convert import (DTYPES, BaseWeights, QuantSpec, Quantizer, as_spec, convert_quant_aware, layer_alpha)
+from .adapter_format import label, layer_alpha
+from .quant_convert import DTYPES, BaseWeights, QuantSpec, Quantizer, as_spec, convert_quant_aware
 
 RECOMPUTABLE = ("olora", "pissa")
 # model families whose name is (a prefix of) their transformers model_type: a name naming one of them on a base of
@@ -87,39 +88,41 @@ def _size_tokens(name: str) -> list[float]:
     return [float(num) * (1e9 if unit.lower() == "b" else 1e6) for num, unit in _SIZE_RE.findall(name)]
 
 
-def check_base_name(name: str | None, base: BaseWeights) -> str | None:
+def check_base_name(name: str | None, base: BaseWeights, local_paths: bool = True) -> str | None:
     """None when `name` (the adapter's base_model_name_or_path) is the base; a warning when it cannot be told
     or differs only by path; raises BaseNameMismatch when it obviously names another model: another local
     model directory, another model family than the base's model_type, or a size (7b, 135m) far from the
-    base's parameter count."""
+    base's parameter count. `local_paths=False` (a server checking a client's config): the name is never looked
+    up on this machine's filesystem."""
     base_dir = base.dir.resolve()
+    base_label = base_dir.name  # messages name the base by its folder, never by an absolute path
     if not name:
         return "the adapter config names no base model (base_model_name_or_path); its base cannot be checked"
     local = Path(name).expanduser()
-    if local.is_dir():
+    if local_paths and local.is_dir():
         if local.resolve() == base_dir:
             return None
         other_config = local / "config.json"
         same = other_config.is_file() and json.loads(other_config.read_text(encoding="utf-8")) == base.config
         if not same:
-            raise BaseNameMismatch(f"the adapter was trained on {name}, a different local model than {base_dir} "
+            raise BaseNameMismatch(f"the adapter was trained on {name}, a different local model than {base_label} "
                                    "(their config.json differ)")
-        return f"the adapter names {name}, another directory with the same config.json as {base_dir}"
+        return f"the adapter names {name}, another directory with the same config.json as {base_label}"
     model_type = _norm(str(base.config.get("model_type", "")))
     named = [fam for fam in FAMILIES if re.search(rf"(?<![a-z]){re.escape(fam)}(?![a-z])", name.lower())]
     if model_type and named and not any(model_type.startswith(_norm(fam)) or _norm(fam).startswith(model_type)
                                         for fam in named):
-        raise BaseNameMismatch(f"the adapter names base {name!r} ({'/'.join(named)}) but {base_dir} is a "
+        raise BaseNameMismatch(f"the adapter names base {name!r} ({'/'.join(named)}) but {base_label} is a "
                                f"{model_type!r} model")
     sizes = _size_tokens(name.split("/")[-1])
     if sizes:
         params = _param_count(base)
         if not any(0.5 <= size / params <= 2.0 for size in sizes):
-            raise BaseNameMismatch(f"the adapter names base {name!r} (about {sizes[0]:.3g} parameters) but {base_dir} "
+            raise BaseNameMismatch(f"the adapter names base {name!r} (about {sizes[0]:.3g} parameters) but {base_label} "
                                    f"has {params:,} parameters")
     if _norm(Path(name).name) == _norm(base_dir.name):
-        return f"the adapter names {name!r}; using {base_dir} (same name, other path)"
-    return (f"the adapter names {name!r}, which cannot be checked against {base_dir}; the recomputed init is only "
+        return f"the adapter names {name!r}; using {base_label} (same name, other path)"
+    return (f"the adapter names {name!r}, which cannot be checked against {base_label}; the recomputed init is only "
             "right if that is the same model, bit for bit")
 
 
@@ -154,7 +157,7 @@ def init_factors(weight: Tensor, r: int, scaling: float, kind: str) -> tuple[Ten
 
 
 def recompute_initial(trained_dir: str | os.PathLike, base_dir: str | os.PathLike, *, init_dtype: str = "float32",
-                      quantization: str | QuantSpec = "none", check_name: bool = True
+                      quantization: str | QuantSpec = "none", check_name: bool = True, local_paths: bool = True
                       ) -> tuple[AdapterFiles, list[str]]:
     """The initial adapter PEFT would have saved (in memory) and the warnings of the base-name check."""
     if init_dtype not in DTYPES:
@@ -167,11 +170,11 @@ def recompute_initial(trained_dir: str | os.PathLike, base_dir: str | os.PathLik
         raise UnsupportedInitError(f"{kind} cannot be initialised on a quantized base by PEFT; recomputing a "
                                    f"{spec.kind} init is only defined for OLoRA")
     if config.get("fan_in_fan_out"):
-        raise UnsupportedLayerError(f"{trained.path}: fan_in_fan_out (Conv1D): PEFT's init factors the stored "
+        raise UnsupportedLayerError(f"{label(trained.path)}: fan_in_fan_out (Conv1D): PEFT's init factors the stored "
                                     "(in, out) layout, which this recomputation does not reproduce")
     base = BaseWeights(base_dir)
     notes = []
-    warning = check_base_name(config.get("base_model_name_or_path"), base) if check_name else None
+    warning = check_base_name(config.get("base_model_name_or_path"), base, local_paths) if check_name else None
     if warning:
         notes.append(warning)
     modules, _ = _split_keys(trained)
@@ -185,26 +188,27 @@ def recompute_initial(trained_dir: str | os.PathLike, base_dir: str | os.PathLik
         if A.shape[0] != r or B.shape[1] != r or tuple(W.shape) != (B.shape[0], A.shape[1]):
             raise AdapterMismatchError(
                 f"{module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} (r={r}) do not fit base weight "
-                f"{name}.weight {tuple(W.shape)} in {base.dir}: not this adapter's base (or config)")
+                f"{name}.weight {tuple(W.shape)} in {base.dir.name}: not this adapter's base (or config)")
         dense = quantizer.roundtrip(W) if quantizer else W.to(DTYPES[init_dtype]).to(torch.float32)
         scaling = lora_scaling(r, layer_alpha(config, name), bool(config.get("use_rslora")))
         A0, B0 = init_factors(dense, r, scaling, kind)
         if quantizer is None and init_dtype != "float32":  # PEFT rounds the factors to the base dtype
             A0, B0 = A0.to(DTYPES[init_dtype]).float(), B0.to(DTYPES[init_dtype]).float()
         tensors[module + LORA_A_SUFFIX], tensors[module + LORA_B_SUFFIX] = A0.to(A.dtype), B0.to(B.dtype)
-    return AdapterFiles(config=dict(config), tensors=tensors, path=Path(f"<init recomputed from {base.dir}>")), notes
+    return AdapterFiles(config=dict(config), tensors=tensors, path=Path("<init recomputed from the base>")), notes
 
 
 def convert_recomputed(trained_dir: str | os.PathLike, base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                        init_dtype: str = "float32", quantization: str | QuantSpec = "none", quant_aware: bool = True,
                        rank: int | None = None, max_rel_error: float | None = None, overwrite: bool = False,
-                       check_name: bool = True, emit_warnings: bool = True) -> RecomputeReport:
+                       check_name: bool = True, emit_warnings: bool = True, local_paths: bool = True
+                       ) -> RecomputeReport:
     """Recompute the initial checkpoint, then convert: quantization-aware when `quantization` is set and
     `quant_aware`, else PEFT's exact file-level conversion (rank 2r). Nothing is written on an error. The
     base-name check's warnings are in the report, and also issued as UserWarnings unless `emit_warnings=False`
     (a server thread should not touch the global warnings machinery)."""
     initial, notes = recompute_initial(trained_dir, base_dir, init_dtype=init_dtype, quantization=quantization,
-                                       check_name=check_name)
+                                       check_name=check_name, local_paths=local_paths)
     for note in notes if emit_warnings else ():
         warnings.warn(note, UserWarning, stacklevel=2)
     spec = as_spec(quantization, DTYPES[init_dtype])

@@ -42,9 +42,9 @@ def peft_greedy_text(base_dir, adapter_dir, prompt: str, max_new_tokens: int, *,
 
 
 def upload(client, adapter_id: str, archive: bytes, initial: bytes | None = None, overwrite: bool = False,
-           headers: dict | None = None):
+           headers: dict | None = None, form: dict | None = None):
     files = {"archive": ("adapter.tgz", archive, "application/gzip")}
     if initial is not None:
         files["initial_archive"] = ("initial.tgz", initial, "application/gzip")
-    return client.post("/adapters" + ("?overwrite=true" if overwrite else ""), data={"adapter_id": adapter_id},
-                       files=files, headers=headers or {})
+    return client.post("/adapters" + ("?overwrite=true" if overwrite else ""),
+                       data={"adapter_id": adapter_id, **(form or {})}, files=files, headers=headers or {})

@@ -222,7 +222,7 @@ ERROR_CASES = {
                           lambda w: edit_config(w / "trained", r=8, init_lora_weights=True)),
     "rank_vs_config": (RankError, "lora_A has 4 rows but the config gives this layer r=2",
                        lambda w: [edit_config(w / d, rank_pattern={"q_proj": 2}) for d in ("initial", "trained")]),
-    "bad_pattern": (AdapterFormatError, "not a valid pattern",
+    "bad_pattern": (AdapterFormatError, "not a linear-time regular expression",
                     lambda w: [edit_config(w / d, rank_pattern={"q_proj(": 2}) for d in ("initial", "trained")]),
     "unpaired": (AdapterMismatchError, "has no matching",
                  lambda w: [edit_tensors(w / d, lambda t: t.pop(first_key(t, "v_proj.lora_B")))

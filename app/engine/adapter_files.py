@@ -7,7 +7,6 @@ An adapter directory holds `adapter_config.json` + `adapter_model.safetensors` (
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,10 @@ from typing import Mapping, Protocol, runtime_checkable
 
 import torch
 from safetensors import safe_open
+
+from olora_core.adapter_format import (ADAPTER_ID_RE, check_scaled_delta, label, layer_rank, layer_scaling,
+                                       read_config, short, targets_module)
+from olora_core.errors import OLoRAError, UnsupportedConfigError
 
 from .errors import (
     AdapterBaseMismatch,
@@ -29,7 +32,6 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "metadata.json"  # optional; a "base_fingerprint" key binds the adapter to one base
 MAX_CONFIG_BYTES = 1 << 20
-ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # init_lora_weights values whose adapters are only correct on a base that PEFT mutated at init time: they must be
@@ -95,50 +97,29 @@ class ParsedAdapter:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
 
 
-def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
-    """PEFT's `get_pattern_key`: the first pattern p with re.match(rf"(.*\\.)?({p})$", module)."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
-
-
 def read_adapter_config(path: Path) -> dict:
-    """Load and check adapter_config.json; raises a typed error naming the unsupported feature."""
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise InvalidAdapterFiles(f"{config_path}: missing ({CONFIG_FILE} is required)")
-    if config_path.stat().st_size > MAX_CONFIG_BYTES:
-        raise InvalidAdapterFiles(f"{config_path}: larger than {MAX_CONFIG_BYTES} bytes")
+    """Load and check adapter_config.json with olora_core's one config reader, then the serving rules (what a
+    plain LoRA slot cannot express); raises a typed error naming the unsupported feature."""
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidAdapterFiles(f"{config_path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise InvalidAdapterFiles(f"{config_path}: expected a JSON object")
-    peft_type = config.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise UnsupportedAdapterFeature(f"{config_path}: peft_type {peft_type!r} is not supported (only LORA)")
+        config = read_config(path)
+    except UnsupportedConfigError as exc:
+        raise UnsupportedAdapterFeature(str(exc)) from None
+    except OLoRAError as exc:
+        raise InvalidAdapterFiles(str(exc)) from None
+    where = label(Path(path) / CONFIG_FILE)
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_MUTATING_INITS):
         raise UnsupportedAdapterFeature(
-            f"{config_path}: init_lora_weights={init!r}: this adapter was trained on a base that PEFT modified at "
+            f"{where}: init_lora_weights={short(init)}: this adapter was trained on a base that PEFT modified at "
             "init time and would give wrong output on the shared base; convert it to plain LoRA first "
             "(PEFT save_pretrained(path_initial_model_for_weight_conversion=...) or `olora convert`)")
     for key, feature in _UNSUPPORTED_KEYS.items():
         if config.get(key):
-            raise UnsupportedAdapterFeature(f"{config_path}: {feature} is not supported ({key}={config[key]!r})")
+            raise UnsupportedAdapterFeature(f"{where}: {feature} is not supported ({key}={short(config[key])})")
     if config.get("bias", "none") != "none":
-        raise UnsupportedAdapterFeature(f"{config_path}: bias={config['bias']!r} changes base biases; only 'none'")
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise InvalidAdapterFiles(f"{config_path}: {key} must be a positive number, got {value!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        value = config.get(key) or {}
-        if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in value.values()):
-            raise InvalidAdapterFiles(f"{config_path}: {key} must map patterns to positive numbers")
-        config[key] = value
+        raise UnsupportedAdapterFeature(f"{where}: bias={short(config['bias'])} changes base biases; only 'none'")
+    if not config["lora_alpha"] > 0:
+        raise InvalidAdapterFiles(f"{where}: lora_alpha must be a positive number, got {short(config['lora_alpha'])}")
     return config
 
 
@@ -151,22 +132,44 @@ def _check_binding(path: Path, base_fingerprint: str | None) -> None:
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return
     if bound and bound != base_fingerprint:
-        raise AdapterBaseMismatch(f"{meta_path}: adapter is bound to base {bound}, this engine serves {base_fingerprint}")
+        raise AdapterBaseMismatch(f"{label(meta_path)}: adapter is bound to base {bound}, this engine serves {base_fingerprint}")
+
+
+def base_weight_norms(model: torch.nn.Module, names, model_path: Path | None = None) -> dict[str, float]:
+    """||W||_F of each served module's base weight (float32); a bitsandbytes weight is read from the checkpoint."""
+    norms = {}
+    checkpoint = None
+    for name in names:
+        weight = model.get_submodule(name).base_layer.weight
+        if type(weight).__name__ in ("Params4bit", "Int8Params") or not weight.dtype.is_floating_point:
+            if checkpoint is None:
+                from olora_core.quant_convert import BaseWeights
+                checkpoint = BaseWeights(model_path)
+            weight = checkpoint.weight(name)
+        norms[name] = float(weight.detach().float().norm())
+    return norms
 
 
 def parse_adapter(path: Path, targets: Mapping[str, tuple[int, int]], max_rank: int, dtype: torch.dtype,
-                  base_fingerprint: str | None = None, load_tensors: bool = True) -> ParsedAdapter:
+                  base_fingerprint: str | None = None, load_tensors: bool = True,
+                  base_norms: Mapping[str, float] | None = None) -> ParsedAdapter:
     """Check an adapter directory against the served modules `targets` (name -> (in, out)) and, if
-    `load_tensors`, read it into host tensors (A, B*scaling). Only the safetensors header is read otherwise."""
+    `load_tensors`, read it into host tensors (A, B*scaling), checking the scaled delta of every module against
+    `base_norms` (finite, at most MAX_DELTA_RATIO × ||W||). Only the safetensors header is read otherwise."""
     path = Path(path)
     config = read_adapter_config(path)
     _check_binding(path, base_fingerprint)
     weights = path / WEIGHTS_FILE
+    where = label(weights)
     if not weights.is_file():
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = f" (found {pickles}: pickle files are never opened)" if pickles else ""
-        raise InvalidAdapterFiles(f"{weights}: missing; only safetensors weights are accepted{hint}")
+        hint = f" (found {pickles[:4]}: pickle files are never opened)" if pickles else ""
+        raise InvalidAdapterFiles(f"{where}: missing; only safetensors weights are accepted{hint}")
     use_rslora = bool(config.get("use_rslora", False))
+    if config.get("target_modules") is not None and not any(targets_module(config, m) for m in targets):
+        raise UnsupportedAdapterFeature(  # PEFT: "Target modules {...} not found in the base model"
+            f"{label(path / CONFIG_FILE)}: target_modules {short(config['target_modules'])} not found in the base "
+            f"model (served: {_summary(targets)})")
     pairs: dict[str, dict[str, object]] = {}
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:
@@ -174,48 +177,57 @@ def parse_adapter(path: Path, targets: Mapping[str, tuple[int, int]], max_rank: 
                 match = _KEY_RE.match(key)
                 if match is None:
                     raise UnsupportedAdapterFeature(
-                        f"{weights}: tensor {key!r} is not a plain LoRA weight (DoRA magnitudes, biases, embedding "
-                        "LoRA and modules_to_save copies are not supported)")
+                        f"{where}: tensor {short(key, 100)} is not a plain LoRA weight (DoRA magnitudes, biases, "
+                        "embedding LoRA and modules_to_save copies are not supported)")
                 module, which = match["module"], match["which"]
                 if module not in targets:
                     kind = "lm_head/embedding" if re.search(r"(lm_head|embed|wte|wpe)", module) else "module"
                     raise UnsupportedAdapterFeature(
-                        f"{weights}: {key!r} targets {kind} {module!r}, which this engine does not serve "
-                        f"(served: {_summary(targets)})")
+                        f"{where}: {short(key, 100)} targets {kind} {short(module, 80)}, which this engine does not "
+                        f"serve (served: {_summary(targets)})")
+                if config.get("target_modules") is not None and not targets_module(config, module):
+                    raise UnsupportedAdapterFeature(
+                        f"{where}: {short(key, 100)} is for module {module!r}, which the config's target_modules / "
+                        "layers_to_transform do not select (PEFT would not load it)")
                 sl = f.get_slice(key)
                 if sl.get_dtype() not in _FLOAT_DTYPES:
-                    raise InvalidAdapterFiles(f"{weights}: {key!r} has dtype {sl.get_dtype()}, expected a float type")
+                    raise InvalidAdapterFiles(f"{where}: {short(key, 100)} has dtype {sl.get_dtype()}, expected a float type")
                 pairs.setdefault(module, {})[which] = (tuple(sl.get_shape()), key)
             modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             n_params, max_r = 0, 0
             for module in sorted(pairs):
                 entry = pairs[module]
                 if set(entry) != {"A", "B"}:
-                    raise InvalidAdapterFiles(f"{weights}: module {module!r} has lora_{''.join(entry)} only")
+                    raise InvalidAdapterFiles(f"{where}: module {module!r} has lora_{''.join(entry)} only")
                 (shape_a, key_a), (shape_b, key_b) = entry["A"], entry["B"]
                 in_f, out_f = targets[module]
-                r = int(_pattern_value(config["rank_pattern"], module, config["r"]))
+                r = int(layer_rank(config, module))
                 if len(shape_a) != 2 or len(shape_b) != 2 or shape_a != (r, in_f) or shape_b != (out_f, r):
                     raise AdapterShapeMismatch(
-                        f"{weights}: module {module!r}: lora_A {list(shape_a)} / lora_B {list(shape_b)} do not fit "
+                        f"{where}: module {module!r}: lora_A {list(shape_a)} / lora_B {list(shape_b)} do not fit "
                         f"base in={in_f} out={out_f} with r={r} (expected lora_A [{r}, {in_f}], lora_B [{out_f}, {r}])")
                 if r > max_rank:
-                    raise AdapterRankTooLarge(f"{weights}: module {module!r} has rank {r} > max_rank {max_rank}")
+                    raise AdapterRankTooLarge(f"{where}: module {module!r} has rank {r} > max_rank {max_rank}")
                 max_r = max(max_r, r)
                 n_params += r * (in_f + out_f)
                 if load_tensors:
-                    alpha = float(_pattern_value(config["alpha_pattern"], module, config["lora_alpha"]))
-                    scaling = alpha / (math.sqrt(r) if use_rslora else r)
-                    a, b = f.get_tensor(key_a), f.get_tensor(key_b)
+                    scaling = layer_scaling(config, module)
+                    a, b = f.get_tensor(key_a), f.get_tensor(key_b)  # (r, in), (out, r)
                     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                        raise InvalidAdapterFiles(f"{weights}: module {module!r} has non-finite values")
-                    modules[module] = (a.to(dtype).contiguous(), (b.float() * scaling).to(dtype).contiguous())
+                        raise InvalidAdapterFiles(f"{where}: module {module!r} has non-finite values")
+                    check_scaled_delta(module, a, b, scaling, (base_norms or {}).get(module), where)
+                    a_slot, b_slot = a.to(dtype).contiguous(), (b.float() * scaling).to(dtype).contiguous()
+                    if not (torch.isfinite(a_slot).all() and torch.isfinite(b_slot).all()):
+                        raise InvalidAdapterFiles(f"{where}: module {module!r}: the scaled weights overflow {dtype}")
+                    modules[module] = (a_slot, b_slot)
     except AdapterRejected:
         raise
+    except OLoRAError as exc:  # the scaled-delta check
+        raise InvalidAdapterFiles(str(exc)) from None
     except Exception as exc:  # safetensors raises its own errors for torn/corrupt files
-        raise InvalidAdapterFiles(f"{weights}: cannot read safetensors file ({type(exc).__name__}: {exc})") from None
+        raise InvalidAdapterFiles(f"{where}: cannot read safetensors file ({type(exc).__name__})") from None
     if not pairs:
-        raise InvalidAdapterFiles(f"{weights}: holds no lora_A/lora_B tensors")
+        raise InvalidAdapterFiles(f"{where}: holds no lora_A/lora_B tensors")
     itemsize = torch.empty((), dtype=dtype).element_size()
     info = AdapterInfo(
         path=path, rank=max_r, targets=tuple(sorted(pairs)),

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from .adapter_cache import AdapterCache
-from .adapter_files import AdapterInfo, AdapterSource, ParsedAdapter, parse_adapter, read_adapter_config
+from .adapter_files import (AdapterInfo, AdapterSource, ParsedAdapter, base_weight_norms, parse_adapter,
+                            read_adapter_config)
 from .base_model import load_base_model
 from .errors import BaseModelError, EngineError, EngineNotRunning, InputTooLong, InvalidRequest
 from .faults import (MAX_CONSECUTIVE_STEP_FAILURES, finite_rows, non_finite_error, report_loop_death,
@@ -81,6 +82,7 @@ class EngineStats:
     slots_pinned: int
     slot_adapters: tuple[str | None, ...]  # per slot 1..max_loras
     host_adapters: int
+    host_adapter_ids: tuple[str, ...]  # ids of the adapters in the host-memory cache
     host_bytes: int
     max_cpu_adapters: int
     pending_loads: int
@@ -115,6 +117,7 @@ class Engine:
         self.config = config = replace(config, max_loras=choice.max_loras)  # resolved, as stats() reports it
         self.bank = LoRASlotBank(base.model, targets, config.max_loras, config.max_rank, base.dtype, base.device,
                                  kernel=config.kernel, max_rows=config.max_batch_size)
+        self.base_norms = base_weight_norms(base.model, targets, base.path)  # ||W||_F per served module
         self.runner = ModelRunner(base.model, self.bank, config.max_batch_size, config.max_total_tokens)
         self._wake = threading.Condition()
         self.cache = AdapterCache(adapters, self.bank, config.max_cpu_adapters, self._parse, self.observer,
@@ -216,13 +219,15 @@ class Engine:
             max_loras=self.config.max_loras, slots_used=sum(e is not None for e in snap["slots"]),
             slots_pinned=sum(e is not None and e[1] > 0 for e in snap["slots"]),
             slot_adapters=tuple(None if e is None else e[0] for e in snap["slots"]),
-            host_adapters=len(snap["host_adapters"]), host_bytes=snap["host_bytes"],
+            host_adapters=len(snap["host_adapters"]), host_adapter_ids=tuple(snap["host_adapters"]),
+            host_bytes=snap["host_bytes"],
             max_cpu_adapters=self.config.max_cpu_adapters, pending_loads=snap["pending_loads"], steps=self.steps,
             alive=self._thread is not None and self._thread.is_alive() and self._fatal is None)
 
     # ---- internals ---------------------------------------------------------------------------------------
     def _parse(self, path: Path) -> ParsedAdapter:
-        return parse_adapter(path, self.bank.targets, self.config.max_rank, self.bank.dtype, self.base_fingerprint)
+        return parse_adapter(path, self.bank.targets, self.config.max_rank, self.bank.dtype, self.base_fingerprint,
+                             base_norms=self.base_norms)
 
     def _find_eos_ids(self) -> set[int]:
         ids: set[int] = set()

@@ -1,4 +1,5 @@
-"""Operations: /health (live), /ready (model loaded), /info, /metrics; TGI's /v2/health/* aliases."""
+"""Operations: /health (live), /ready (model loaded), /info, /cache (adapter residency), /metrics; TGI's /v2/health/*
+aliases."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
@@ -6,7 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import __version__
-from app.deps import State
+from app.deps import ApiKey, State
 
 router = APIRouter(tags=["operations"])
 
@@ -43,6 +44,15 @@ async def info(state: State) -> dict:
         "max_input_tokens": s.max_input_tokens, "max_total_tokens": s.max_total_tokens,
         "max_waiting": s.max_waiting, "auth": s.auth_enabled,
     }
+
+
+@router.get("/cache", dependencies=[ApiKey])
+async def cache(state: State) -> dict:
+    """Where adapters are now: the device slots (null = free) and the host-memory cache."""
+    stats = state.engine.stats()
+    return {"device_slots": list(stats.slot_adapters), "max_loras": stats.max_loras,
+            "host_cache": list(stats.host_adapter_ids), "max_cpu_adapters": stats.max_cpu_adapters,
+            "host_bytes": stats.host_bytes}
 
 
 @router.get("/metrics", response_class=Response,

@@ -21,7 +21,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import socket
 import threading
@@ -32,9 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from olora_core.adapter_format import ADAPTER_ID_RE
 from olora_core.adapter_io import fsync_dir
-
-ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 OLD_VERSION_GRACE_S = 60.0
 RETIRED_MARKER = ".retired"
