@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -33,6 +34,7 @@ from typing import Any, Iterator
 
 from olora_core.adapter_format import ADAPTER_ID_RE
 from olora_core.adapter_io import fsync_dir
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 OLD_VERSION_GRACE_S = 60.0
 RETIRED_MARKER = ".retired"
