@@ -142,30 +142,12 @@ class TrainReport:
 
 def train(cfg: TrainConfig) -> TrainReport:
     """Train an adapter on `cfg.data` over the base in `cfg.base`; see the module docstring."""
-    from peft import get_peft_model  # heavy imports stay out of `olora --help`
-    from transformers import AutoTokenizer
-
     cfg.validate()
     out_dir = Path(cfg.out).resolve()
     _check_out_dir(out_dir, cfg.overwrite)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-
-    tokenizer = AutoTokenizer.from_pretrained(str(_base_dir(cfg.base)), local_files_only=True)
-    dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len)
-    model = _load_base(cfg)
-    timings["load_s"] = time.perf_counter() - started
-
-    tic = time.perf_counter()
-    torch.manual_seed(cfg.seed)  # plain LoRA draws A at random
-    if cfg.share_safe:
-        from olora_core.share_safe import share_safe_model
-
-        model = share_safe_model(model, _lora_config(cfg), cfg.init)
-    else:
-        model = get_peft_model(model, _lora_config(cfg))
-    _check_ranks(model, cfg.r)
-    timings["init_s"] = time.perf_counter() - tic
+    model, tokenizer, dataset = prepare_training(cfg, timings)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -174,8 +156,7 @@ def train(cfg: TrainConfig) -> TrainReport:
         timings["save_initial_s"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        with _torch_threads(cfg.threads):
-            losses = _train_loop(model, dataset, tokenizer, cfg)
+        losses = train_steps(model, dataset, tokenizer, cfg)
         timings["train_s"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
@@ -200,6 +181,33 @@ def train(cfg: TrainConfig) -> TrainReport:
         timings["total_s"] = time.perf_counter() - started
         _write_atomic(out_dir / REPORT_NAME, report.to_json())
     return report
+
+
+def prepare_training(cfg: TrainConfig, timings: dict[str, float] | None = None):
+    """(PEFT model ready to train, tokenizer, dataset) for `cfg`: base loaded (and quantized), adapter(s)
+    initialised. `train_steps` then trains it in place; `train` = both + the directories and the report."""
+    from peft import get_peft_model  # heavy imports stay out of `olora --help`
+    from transformers import AutoTokenizer
+
+    cfg.validate()
+    timings = {} if timings is None else timings
+    tic = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(_base_dir(cfg.base)), local_files_only=True)
+    dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len)
+    model = _load_base(cfg)
+    timings["load_s"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    torch.manual_seed(cfg.seed)  # plain LoRA draws A at random
+    if cfg.share_safe:
+        from olora_core.share_safe import share_safe_model
+
+        model = share_safe_model(model, _lora_config(cfg), cfg.init)
+    else:
+        model = get_peft_model(model, _lora_config(cfg))
+    _check_ranks(model, cfg.r)
+    timings["init_s"] = time.perf_counter() - tic
+    return model, tokenizer, dataset
 
 
 def _base_dir(base: str | Path) -> Path:
@@ -268,6 +276,12 @@ def _torch_threads(threads: int | None):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def train_steps(model, dataset: TokenDataset, tokenizer, cfg: TrainConfig) -> list[float]:
+    """`cfg.steps` AdamW steps on `model` in place (seeded data order); returns the loss of every step."""
+    with _torch_threads(cfg.threads):
+        return _train_loop(model, dataset, tokenizer, cfg)
 
 
 def _train_loop(model, dataset: TokenDataset, tokenizer, cfg: TrainConfig) -> list[float]:
