@@ -194,7 +194,7 @@ def prepare_training(cfg: TrainConfig, timings: dict[str, float] | None = None):
     tic = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(_base_dir(cfg.base)), local_files_only=True)
     dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len)
-    model = _load_base(cfg)
+    model = load_base(cfg)
     timings["load_s"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
@@ -218,7 +218,7 @@ def _base_dir(base: str | Path) -> Path:
     return path.resolve()
 
 
-def _load_base(cfg: TrainConfig):
+def load_base(cfg: TrainConfig):
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPE_CHOICES[cfg.dtype]
