@@ -16,6 +16,11 @@ the held-out loss of the trained model, train step time (median of the steps aft
 of the process minus its RSS before the first step, plus the parameter bytes of the frozen adapter.
 
     nice -n 10 .venv/bin/python bench/share_safe_bench.py [--base DIR] [--steps 40] [--quantizations nf4,int8,none]
+    nice -n 10 .venv/bin/python bench/share_safe_bench.py --timing 12 [--quantizations nf4,none]
+
+`--timing N` measures only the step-time ratio, side by side in one process: PEFT's OLoRA model and the share-safe
+model on the same base, N steps each, alternating (one step of one, then one of the other, same batch), so both see
+the same machine load; reported: the median per-step time of each and the median of the per-pair ratios.
 """
 from __future__ import annotations
 
@@ -129,6 +134,37 @@ def one_run(base: Path, quantize: str, mode: str, steps: int, lr: float, seed: i
     return result
 
 
+def interleaved_timing(base: Path, quantize: str, steps: int, seed: int) -> dict:
+    """Median step time of PEFT's OLoRA vs share-safe, alternating steps on the same batches (one process)."""
+    from olora_core.data import SeededBatches
+
+    torch.set_num_threads(2)
+    models, optimizers = {}, {}
+    for mode in MODES:
+        cfg = TrainConfig(base=base, data=ROOT / "examples" / "shout.jsonl", out="unused", r=8, alpha=16.0,
+                          quantize=quantize, share_safe=mode == "share-safe", seed=seed)
+        model, tokenizer, dataset = prepare_training(cfg)
+        params = [p for p in model.parameters() if p.requires_grad]
+        models[mode], optimizers[mode] = model.train(), (params, torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = SeededBatches(dataset.examples, 8, seed, pad)
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for step in range(steps + 1):  # step 0 warms up both
+        batch = batches.next_batch()
+        for mode in (MODES if step % 2 else MODES[::-1]):
+            params, optimizer = optimizers[mode]
+            tic = time.perf_counter()
+            models[mode](**batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step:
+                times[mode].append(time.perf_counter() - tic)
+    ratios = [b / a for a, b in zip(times["peft"], times["share-safe"])]
+    return {"quantization": quantize, "steps": steps, **{f"{m}_step_s_median": statistics.median(t) for m, t in
+                                                         times.items()}, "ratio_median": statistics.median(ratios)}
+
+
 def table(results: list[dict]) -> str:
     lines = ["| base | training | served adapter | max logit err | mean logit err | held-out loss | "
              "step time (median) | peak RSS − start | frozen adapter |", "|---|---|---|---|---|---|---|---|---|"]
@@ -148,6 +184,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "share_safe.json")
+    p.add_argument("--timing", type=int, default=0, metavar="N", help="only the interleaved step-time ratio, N steps")
     p.add_argument("--one", nargs=2, metavar=("QUANTIZATION", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     base = args.base or default_base()
@@ -156,6 +193,13 @@ def main(argv=None) -> int:
             print(json.dumps(one_run(base, args.one[0], args.one[1], args.steps, args.lr, args.seed, Path(work))))
         return 0
     started = time.perf_counter()
+    if args.timing:
+        timings = [interleaved_timing(base, q, args.timing, args.seed) for q in args.quantizations.split(",")]
+        for entry in timings:
+            print(json.dumps(entry), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_name("share_safe_timing.json").write_text(json.dumps(timings, indent=1) + "\n")
+        return 0
     results = []
     for quantize in args.quantizations.split(","):
         for mode in MODES:
