@@ -125,6 +125,9 @@ def _peft_conversion_error(base_dir, data, tmp_path, quantize, ids) -> float:
     return max_diff(logits_of(served, ids), reference)
 
 
+# int8: LLM.int8 also quantizes activations, so on a larger model a ~1e-7 round-off difference between the trained
+# (two rank-r adapters) and the served (one rank-2r) forward can flip one activation's int8 rounding (default model:
+# 0.044 max, docs/benchmarks.md); on this tiny model no flip happens and the bound is round-off.
 @pytest.mark.parametrize("quantize, init", [("nf4", "olora"), ("fp4", "olora"), ("int8", "olora"), ("nf4", "pissa")])
 def test_quantized_served_adapter_is_the_trained_model(base_dir, data, tmp_path, quantize, init):
     cfg = config(base_dir, data, tmp_path / "unused", quantize=quantize, share_safe=True, init=init)
