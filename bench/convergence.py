@@ -1,4 +1,6 @@
 """Does OLoRA converge faster than standard LoRA (and PiSSA)? The OLoRA paper's claim, on our small task.
+And does share-safe OLoRA (`olora train --share-safe`: base untouched, frozen (A0, −B0) beside the trained adapter,
+olora_core/share_safe.py) keep OLoRA's convergence, on an fp32 and an nf4 base?
 
 Fine-tunes the embedded default model (and any model given with --base) on the example tasks (examples/shout.jsonl,
 examples/pirate.jsonl; held-out: examples/*-heldout.jsonl) with PEFT's init_lora_weights=True (standard LoRA:
@@ -12,8 +14,16 @@ every init: all three leave the model's output unchanged at init), L_best = lowe
 the inits; chosen after the runs, the same for every init and lr. Plots (mean ± std band) go to
 bench/out/convergence.png and docs/img/convergence.png.
 
+`--quantizations none nf4` repeats everything on the base loaded with bitsandbytes as `olora serve --quantize`
+loads it (olora_core.bnb_load; fp32 compute); the base is then labelled e.g. "default+nf4". Inits: lora, olora,
+pissa (PEFT's, via get_peft_model) and olora-ss / pissa-ss (share-safe). PEFT cannot run PiSSA on a quantized base:
+that combination is skipped. Held-out losses are those of the trained model in memory (for PEFT's OLoRA on nf4
+that is not the model a shared nf4 base serves after conversion, see bench/share_safe_bench.py).
+
     nice -n 10 .venv/bin/python bench/convergence.py                      # default: ≤ ~10 min on 2 cores
     nice -n 10 .venv/bin/python bench/convergence.py --base DIR --seeds 0 1 2 --steps 120
+    nice -n 10 .venv/bin/python bench/convergence.py --quantizations none nf4 --inits lora olora pissa olora-ss \
+        --sweep-lrs --doc-image docs/img/convergence-share-safe.png --out bench/out/share-safe
 """
 from __future__ import annotations
 
@@ -31,8 +41,10 @@ sys.path.insert(0, str(ROOT))
 
 from olora_core.data import SeededBatches, collate, load_dataset  # noqa: E402
 
-INITS = {"lora": True, "olora": "olora", "pissa": "pissa"}
-COLORS = {"lora": "tab:blue", "olora": "tab:red", "pissa": "tab:green"}
+INITS = {"lora": True, "olora": "olora", "pissa": "pissa", "olora-ss": "olora", "pissa-ss": "pissa"}
+SHARE_SAFE = ("olora-ss", "pissa-ss")
+COLORS = {"lora": "tab:blue", "olora": "tab:red", "pissa": "tab:green", "olora-ss": "tab:purple",
+          "pissa-ss": "tab:olive"}
 
 
 def held_out_loss(model, batch) -> float:
@@ -43,15 +55,17 @@ def held_out_loss(model, batch) -> float:
     return loss
 
 
-def run(base: Path, task: str, init: str, lr: float, seed: int, args, tokenizer) -> dict:
+def run(base: Path, quantize: str, task: str, init: str, lr: float, seed: int, args, tokenizer) -> dict:
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    model.config.use_cache = False
+    from olora_core.share_safe import share_safe_model
+    from olora_core.train import TrainConfig, load_base
+
+    model = load_base(TrainConfig(base=base, data="unused", out="unused", quantize=quantize))  # as the server does
     torch.manual_seed(seed)  # standard LoRA draws A here
-    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=args.targets,
-                                             init_lora_weights=INITS[init], lora_dropout=0.0, task_type="CAUSAL_LM"))
+    config = LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=args.targets,
+                        init_lora_weights=INITS[init], lora_dropout=0.0, task_type="CAUSAL_LM")
+    model = share_safe_model(model, config, INITS[init]) if init in SHARE_SAFE else get_peft_model(model, config)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train = load_dataset(ROOT / "examples" / f"{task}.jsonl", tokenizer, args.seq_len)
     heldout = collate(list(load_dataset(ROOT / "examples" / f"{task}-heldout.jsonl", tokenizer, args.seq_len).examples),
@@ -146,7 +160,8 @@ def plot(runs: list[dict], main_lr: float, paths: list[Path]) -> None:
             ax = axes[1][col]
             ax.plot(steps, mean, color=COLORS[init], marker=".", label=init)
             ax.fill_between(steps, mean - std, mean + std, color=COLORS[init], alpha=0.2)
-        axes[0][col].set_title(f"{base}: {task} (lr {main_lr:g}, {len(rs)} seeds)")
+        seeds = len({r["seed"] for r in runs if (r["base"], r["task"], r["lr"]) == (base, task, main_lr)})
+        axes[0][col].set_title(f"{base}: {task} (lr {main_lr:g}, {seeds} seeds)")
         axes[0][col].set_ylabel("train loss (5-step mean)")
         axes[1][col].set_ylabel("held-out loss")
         axes[1][col].set_xlabel("step")
@@ -155,6 +170,8 @@ def plot(runs: list[dict], main_lr: float, paths: list[Path]) -> None:
         for init in INITS:
             finals = [[r["eval"][-1][1] for r in runs if (r["base"], r["task"], r["init"], r["lr"]) ==
                        (base, task, init, lr)] for lr in lrs]
+            if not all(finals):
+                continue
             ax.errorbar(lrs, [statistics.fmean(f) for f in finals],
                         yerr=[statistics.stdev(f) if len(f) > 1 else 0.0 for f in finals],
                         color=COLORS[init], marker="o", capsize=3, label=init)
@@ -164,7 +181,8 @@ def plot(runs: list[dict], main_lr: float, paths: list[Path]) -> None:
         for row in (0, 1, 2):
             axes[row][col].legend()
             axes[row][col].grid(alpha=0.3)
-    fig.suptitle("LoRA vs OLoRA vs PiSSA init (mean ± std over seeds)")
+    inits = sorted({r["init"] for r in runs}, key=list(INITS).index)
+    fig.suptitle(" vs ".join(inits) + " init (mean ± std over seeds; -ss: share-safe)")
     fig.tight_layout()
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,6 +196,9 @@ def main(argv=None) -> int:
                    help="extra base model directory (repeatable); the default model is always run when present")
     p.add_argument("--no-default", action="store_true", help="skip the embedded default model")
     p.add_argument("--tasks", nargs="+", default=["shout", "pirate"])
+    p.add_argument("--inits", nargs="+", choices=list(INITS), default=["lora", "olora", "pissa"])
+    p.add_argument("--quantizations", nargs="+", choices=["none", "nf4", "fp4", "int8"], default=["none"],
+                   help="base quantizations to run (bitsandbytes, as olora serve --quantize)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--lr", type=float, default=1e-3, help="main learning rate (all tasks, plots, threshold)")
     p.add_argument("--sweep-lrs", type=float, nargs="*", default=[3e-4, 3e-3, 1e-2],
@@ -205,14 +226,17 @@ def main(argv=None) -> int:
     bases += [(path.name, path) for path in args.base or []]
     runs = []
     started = time.perf_counter()
-    for label, base in bases:
+    for (name, base), quantize in ((b, q) for b in bases for q in args.quantizations):
+        label = name if quantize == "none" else f"{name}+{quantize}"
         tokenizer = AutoTokenizer.from_pretrained(str(base))
         grid = [(task, args.lr) for task in args.tasks] + [(args.tasks[0], lr) for lr in args.sweep_lrs]
         for task, lr in grid:
             for seed in args.seeds:
-                for init in INITS:
+                for init in args.inits:
+                    if init == "pissa" and quantize != "none":
+                        continue  # PEFT cannot run the PiSSA init on a quantized base (pissa-ss can)
                     tic = time.perf_counter()
-                    result = run(base, task, init, lr, seed, args, tokenizer)
+                    result = run(base, quantize, task, init, lr, seed, args, tokenizer)
                     result["base"] = label
                     runs.append(result)
                     print(f"{label} {task} lr={lr:g} seed={seed} {init:5s}: held-out {result['eval'][0][1]:.3f} -> "

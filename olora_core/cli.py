@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "(as PEFT saves it), OUT/converted (a plain LoRA adapter for the original base; "
                            "not for --init lora, which needs no conversion) and OUT/train_report.json "
                            "(loss per step, config, timings).",
+                           "--share-safe (OLoRA/PiSSA) never mutates the base: OUT/initial and OUT/trained are then "
+                           "plain LoRA adapters of rank 2r for the unmodified base (with --quantize: the base "
+                           "quantized as `olora serve --quantize` does), OUT/trained being exactly the trained "
+                           "model; nothing is converted.",
                            "--data is a .txt file (cut into --seq-len token chunks) or a .jsonl file with "
                            'one {"text": ...} or {"prompt": ..., "completion": ...} object per line (loss '
                            "only on the completion and the end-of-sequence token)."))
@@ -101,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype to load the base in (float32 keeps the conversion exact)")
+    p.add_argument("--quantize", choices=("none", "nf4", "fp4", "int8"), default="none",
+                   help="load the base with bitsandbytes as `olora serve --quantize` does (compute dtype: --dtype)")
+    p.add_argument("--share-safe", action="store_true",
+                   help="OLoRA/PiSSA without mutating the base: a frozen, negated copy of the init sits beside "
+                        "the trained adapter, and OUT/trained is a plain LoRA (rank 2r) that is exactly the trained "
+                        "model on the shared (quantized) base; nothing to convert. Use the server's --quantize and "
+                        "--dtype (docs/beyond-peft.md)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads while training (default: torch's choice; on a busy machine 1 is "
                         "often fastest; results are reproducible for a fixed thread count)")
@@ -293,6 +304,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(base=base, data=args.data, out=args.out, r=args.r, alpha=args.alpha, targets=targets,
                       steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
                       seed=args.seed, init=args.init, use_rslora=args.rslora, dtype=args.dtype,
+                      quantize=args.quantize, share_safe=args.share_safe,
                       threads=args.threads, overwrite=args.overwrite, progress=not args.quiet)
     report = train(cfg)
     print(f"trained {len(report.losses)} steps in {report.timings_s['train_s']:.1f} s "

@@ -8,6 +8,14 @@
     converted/          a plain LoRA adapter (rank 2r) for the ORIGINAL base (not for init="lora")
     train_report.json   config, data set counts, loss per step, timings, conversion summary
 
+With ``share_safe=True`` (OLoRA/PiSSA; `olora_core.share_safe`) the base is never mutated: ``initial/`` and
+``trained/`` are plain LoRA adapters of rank 2r for the unmodified (possibly quantized) base - ``trained/`` is the
+trained model itself, on the base the server shares - and nothing is converted.
+
+``quantize`` ("nf4", "fp4", "int8") loads the base with bitsandbytes exactly as `olora serve --quantize` does
+(`olora_core.bnb_load`). Without share_safe, OLoRA then follows PEFT (the residual is re-quantized) and
+``converted/`` is PEFT's conversion, which is not exact on a quantized base (docs/beyond-peft.md).
+
 Why `converted/`: PEFT's OLoRA init subtracts ``scaling * B0 @ A0`` from every targeted base
 weight, so ``trained/`` only reproduces the trained model on a base that went through the same
 init. `olora_core.convert` folds the initial factors into the adapter so it runs on the untouched
@@ -33,6 +41,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from olora_core.bnb_load import QUANTIZATIONS, avoid_unsupported_cpu_4bit_packing, bnb_quantization_config
 from olora_core.data import SeededBatches, TokenDataset, load_dataset
 from olora_core.errors import OLoRAError
 
@@ -62,7 +71,9 @@ class TrainConfig:
     seed: int = 0
     init: str = "olora"
     use_rslora: bool = False
-    dtype: str = "float32"
+    dtype: str = "float32"  # dtype the base is loaded in (the compute dtype of a quantized base)
+    quantize: str = "none"  # none | nf4 | fp4 | int8: bitsandbytes, as `olora serve --quantize`
+    share_safe: bool = False  # OLoRA/PiSSA without mutating the base: trained/ is a plain rank-2r LoRA
     threads: int | None = None  # torch CPU threads during the run (None: leave torch's setting)
     overwrite: bool = False  # replace an existing training output directory in `out`
     progress: bool = True  # show a tqdm bar on stderr
@@ -72,6 +83,13 @@ class TrainConfig:
             raise TrainError(f"init must be one of {', '.join(INIT_CHOICES)}, got {self.init!r}")
         if self.dtype not in DTYPE_CHOICES:
             raise TrainError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.quantize not in QUANTIZATIONS:
+            raise TrainError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}")
+        if self.share_safe and self.init == "lora":
+            raise TrainError("share_safe applies to init olora or pissa (a plain LoRA never mutates the base)")
+        if self.init == "pissa" and self.quantize != "none" and not self.share_safe:
+            raise TrainError("PEFT cannot run the PiSSA init on a quantized base; use share_safe=True "
+                             "(--share-safe), which keeps the base as it is")
         for name in ("r", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -124,39 +142,25 @@ class TrainReport:
 
 def train(cfg: TrainConfig) -> TrainReport:
     """Train an adapter on `cfg.data` over the base in `cfg.base`; see the module docstring."""
-    from peft import get_peft_model  # heavy imports stay out of `olora --help`
-    from transformers import AutoTokenizer
-
     cfg.validate()
     out_dir = Path(cfg.out).resolve()
     _check_out_dir(out_dir, cfg.overwrite)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-
-    tokenizer = AutoTokenizer.from_pretrained(str(_base_dir(cfg.base)), local_files_only=True)
-    dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len)
-    model = _load_base(cfg)
-    timings["load_s"] = time.perf_counter() - started
-
-    tic = time.perf_counter()
-    torch.manual_seed(cfg.seed)  # plain LoRA draws A at random
-    model = get_peft_model(model, _lora_config(cfg))
-    _check_ranks(model, cfg.r)
-    timings["init_s"] = time.perf_counter() - tic
+    model, tokenizer, dataset = prepare_training(cfg, timings)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         tic = time.perf_counter()
-        model.save_pretrained(str(staging / "initial"), safe_serialization=True)  # before any step
+        _save_adapter(model, staging / "initial", cfg.share_safe)  # before any step
         timings["save_initial_s"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        with _torch_threads(cfg.threads):
-            losses = _train_loop(model, dataset, tokenizer, cfg)
+        losses = train_steps(model, dataset, tokenizer, cfg)
         timings["train_s"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        model.save_pretrained(str(staging / "trained"), safe_serialization=True)
+        _save_adapter(model, staging / "trained", cfg.share_safe)
         timings["save_trained_s"] = time.perf_counter() - tic
         _publish(staging, out_dir)
     except BaseException:
@@ -172,11 +176,38 @@ def train(cfg: TrainConfig) -> TrainReport:
     )
     del model  # its base weights are mutated (OLoRA/PiSSA); nothing below may use them
     try:
-        _convert_into(report, cfg.init)
+        _convert_into(report, cfg)
     finally:
         timings["total_s"] = time.perf_counter() - started
         _write_atomic(out_dir / REPORT_NAME, report.to_json())
     return report
+
+
+def prepare_training(cfg: TrainConfig, timings: dict[str, float] | None = None):
+    """(PEFT model ready to train, tokenizer, dataset) for `cfg`: base loaded (and quantized), adapter(s)
+    initialised. `train_steps` then trains it in place; `train` = both + the directories and the report."""
+    from peft import get_peft_model  # heavy imports stay out of `olora --help`
+    from transformers import AutoTokenizer
+
+    cfg.validate()
+    timings = {} if timings is None else timings
+    tic = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(_base_dir(cfg.base)), local_files_only=True)
+    dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len)
+    model = load_base(cfg)
+    timings["load_s"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    torch.manual_seed(cfg.seed)  # plain LoRA draws A at random
+    if cfg.share_safe:
+        from olora_core.share_safe import share_safe_model
+
+        model = share_safe_model(model, _lora_config(cfg), cfg.init)
+    else:
+        model = get_peft_model(model, _lora_config(cfg))
+    _check_ranks(model, cfg.r)
+    timings["init_s"] = time.perf_counter() - tic
+    return model, tokenizer, dataset
 
 
 def _base_dir(base: str | Path) -> Path:
@@ -187,13 +218,27 @@ def _base_dir(base: str | Path) -> Path:
     return path.resolve()
 
 
-def _load_base(cfg: TrainConfig):
+def load_base(cfg: TrainConfig):
     from transformers import AutoModelForCausalLM
 
+    dtype = DTYPE_CHOICES[cfg.dtype]
+    quantization = bnb_quantization_config(cfg.quantize, dtype)
     model = AutoModelForCausalLM.from_pretrained(
-        str(_base_dir(cfg.base)), dtype=DTYPE_CHOICES[cfg.dtype], local_files_only=True)
+        str(_base_dir(cfg.base)), dtype=dtype, local_files_only=True, use_safetensors=True,
+        **({"quantization_config": quantization, "device_map": {"": "cpu"}} if quantization else {}))
+    if cfg.quantize in ("nf4", "fp4"):
+        avoid_unsupported_cpu_4bit_packing(model)  # the same CPU kernels as the server
     model.config.use_cache = False
     return model
+
+
+def _save_adapter(model, path: Path, share_safe: bool) -> None:
+    if share_safe:
+        from olora_core.share_safe import save_stacked
+
+        save_stacked(model, path)  # the rank-2r plain LoRA: both active adapters in one
+    else:
+        model.save_pretrained(str(path), safe_serialization=True)
 
 
 def _lora_config(cfg: TrainConfig):
@@ -233,6 +278,12 @@ def _torch_threads(threads: int | None):
         torch.set_num_threads(previous)
 
 
+def train_steps(model, dataset: TokenDataset, tokenizer, cfg: TrainConfig) -> list[float]:
+    """`cfg.steps` AdamW steps on `model` in place (seeded data order); returns the loss of every step."""
+    with _torch_threads(cfg.threads):
+        return _train_loop(model, dataset, tokenizer, cfg)
+
+
 def _train_loop(model, dataset: TokenDataset, tokenizer, cfg: TrainConfig) -> list[float]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     torch.manual_seed(cfg.seed)
@@ -259,11 +310,16 @@ def _train_loop(model, dataset: TokenDataset, tokenizer, cfg: TrainConfig) -> li
     return losses
 
 
-def _convert_into(report: TrainReport, init: str) -> None:
+def _convert_into(report: TrainReport, cfg: TrainConfig) -> None:
     """Fill report.converted_dir/conversion; the error (if any) is noted in the report and re-raised."""
+    init = cfg.init
     if init == "lora":
         report.conversion_note = ("init=lora: trained/ is already a plain LoRA adapter for the original base; "
                                   "nothing to convert")
+        return
+    if cfg.share_safe:
+        report.conversion_note = (f"share-safe {init}: trained/ is a plain LoRA adapter (rank 2r) for the "
+                                  "unmodified base, exactly the trained model; nothing to convert")
         return
     from olora_core.convert import convert
 
@@ -282,6 +338,9 @@ def _convert_into(report: TrainReport, init: str) -> None:
     report.conversion = dataclasses.asdict(conversion) if dataclasses.is_dataclass(conversion) else None
     report.conversion_note = (f"converted/ is a plain LoRA adapter for the ORIGINAL base "
                               f"(the {init} init factors folded in, rank 2r)")
+    if cfg.quantize != "none":
+        report.conversion_note += (f"; on the {cfg.quantize} base it misses the re-quantization error of PEFT's "
+                                   "init (use --share-safe, or `olora convert --quantization`)")
 
 
 def _dataset_summary(dataset: TokenDataset) -> dict:

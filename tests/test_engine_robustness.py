@@ -8,7 +8,7 @@ import torch
 
 from app.engine import Engine, EngineConfig
 from app.engine.adapter_files import DirectoryAdapterSource
-from app.engine.base_model import _avoid_unsupported_cpu_4bit_packing
+from olora_core.bnb_load import avoid_unsupported_cpu_4bit_packing
 from app.engine.sampling import SamplingParams
 from olora_core.default_model import default_model_path
 
@@ -20,7 +20,7 @@ def _hf_greedy(quant, ids: list[int], n: int) -> list[int]:
 
     model = AutoModelForCausalLM.from_pretrained(default_model_path(), quantization_config=quant,
                                                  device_map={"": "cpu"})
-    _avoid_unsupported_cpu_4bit_packing(model)
+    avoid_unsupported_cpu_4bit_packing(model)
     t = torch.tensor([ids])
     out = model.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=n, do_sample=False,
                          eos_token_id=None)

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from olora_core.bnb_load import QUANTIZATIONS, avoid_unsupported_cpu_4bit_packing, bnb_quantization_config
+
 from .errors import BaseModelError
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
-QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 _CHUNK = 8 << 20
 
 
@@ -99,35 +100,6 @@ def fingerprint_model_dir(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _quantization_config(quantize: str, dtype: torch.dtype):
-    from transformers import BitsAndBytesConfig
-
-    if quantize in ("nf4", "fp4"):
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=dtype)
-    if quantize == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return None
-
-
-CPU_4BIT_BLOCK_N = 32  # bitsandbytes' AVX512-BF16 4-bit kernel packs out_features in blocks of 32
-
-
-def _avoid_unsupported_cpu_4bit_packing(net: torch.nn.Module) -> int:
-    """bitsandbytes 0.50 repacks a Linear4bit's weight for its AVX512-BF16 CPU kernel at the first forward and
-    needs out_features % 32 == 0 and in_features a multiple of the quantization block (the embedded model's
-    688-wide MLP fails both). Such layers keep the generic 4-bit CPU path: still nf4/fp4, no repacking.
-    Returns how many layers were switched."""
-    switched = 0
-    for module in net.modules():
-        if not hasattr(module, "support_avx512bf16_for_cpu"):
-            continue
-        blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64) or 64
-        if module.out_features % CPU_4BIT_BLOCK_N or module.in_features % blocksize:
-            module.support_avx512bf16_for_cpu = False
-            switched += 1
-    return switched
-
-
 class _DropInt8CastWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
@@ -155,7 +127,7 @@ def load_base_model(model: str | None = None, dtype: str = "auto", quantize: str
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         net = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch_dtype, quantization_config=_quantization_config(quantize, torch_dtype),
+            str(path), dtype=torch_dtype, quantization_config=bnb_quantization_config(quantize, torch_dtype),
             device_map={"": dev}, use_safetensors=True, trust_remote_code=False)
     except Exception as exc:
         raise BaseModelError(f"cannot load model from {path} ({type(exc).__name__}: {exc})") from None
@@ -163,7 +135,7 @@ def load_base_model(model: str | None = None, dtype: str = "auto", quantize: str
     for param in net.parameters():
         param.requires_grad_(False)
     if quantize in ("nf4", "fp4") and dev.type == "cpu":
-        _avoid_unsupported_cpu_4bit_packing(net)
+        avoid_unsupported_cpu_4bit_packing(net)
     if quantize == "int8":
         _quiet_int8_cast_warning()
     compute_dtype = net.get_input_embeddings().weight.dtype
