@@ -28,9 +28,10 @@ EPHEMERAL_PREFIX = "~merged-"
 class EphemeralAdapters:
     def __init__(self, store: AdapterStore, max_entries: int = 32):
         self.store = store
-        self.root = store.root / ".ephemeral"
-        shutil.rmtree(self.root, ignore_errors=True)  # merges do not outlive the process
-        self.root.mkdir()
+        # Merges do not outlive the process. Replicas share the store: each process keeps its own folder and
+        # removes only what dead processes left (a shared `.ephemeral` wiped at start cut off the other replicas).
+        store.clean_process_dirs(".ephemeral")
+        self.root = store.process_dir(".ephemeral")
         self.max_entries = max_entries
         self._lru: OrderedDict[str, Path] = OrderedDict()
         self._lock = threading.Lock()
@@ -51,9 +52,11 @@ class EphemeralAdapters:
                                                                            majority_sign_method])
         key = hashlib.sha256(spec.encode()).hexdigest()[:24]
         with self._lock:
-            if key in self._lru:
+            if key in self._lru and self._lru[key].is_dir():
                 self._lru.move_to_end(key)
                 return EPHEMERAL_PREFIX + key
+            self._lru.pop(key, None)  # removed behind our back (another host's start-up clean): build it again
+        self.root.mkdir(parents=True, exist_ok=True)
         # LoRAX's `linear` is the weighted sum of the adapters' deltas: PEFT's exact form of it is `cat`.
         method = "cat" if strategy == "linear" else strategy
         config, tensors = merge_adapters([(load_adapter_dir(s.path), w) for s, w in zip(sources, weights)], method,

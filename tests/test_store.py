@@ -148,3 +148,18 @@ def test_lock_files_are_bounded(tmp_path):
         store.put(f"id-{i}", _src(tmp_path), {})
         store.delete(f"id-{i}")
     assert len(list((tmp_path / "store" / ".locks").iterdir())) <= adapter_store.LOCK_STRIPES
+
+
+def test_replicas_keep_their_own_per_request_merges(tmp_path):
+    """Replicas share the store: a second process starting must not wipe the first one's merges (it did: one shared
+    `.ephemeral` was removed at every start); what a dead process left is removed."""
+    from app.ephemeral import EphemeralAdapters
+
+    store = AdapterStore(tmp_path)
+    dead = tmp_path / ".ephemeral" / f"{store._host}-999999999-deadbeef"  # no such pid
+    dead.mkdir(parents=True)
+    first = EphemeralAdapters(store)
+    (first.root / "k").mkdir()
+    second = EphemeralAdapters(AdapterStore(tmp_path))  # another replica (same host: same pid here, fresh folder)
+    assert (first.root / "k").is_dir() and second.root != first.root
+    assert not dead.exists()

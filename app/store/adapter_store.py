@@ -146,15 +146,23 @@ class AdapterStore:
 
     def staging_dir(self) -> Path:
         """A fresh private directory on the store's filesystem for building a version."""
-        path = self.root / ".staging" / f"{self._host}-{os.getpid()}-{uuid.uuid4().hex}"
-        path.mkdir()
+        return self.process_dir(".staging")
+
+    def process_dir(self, area: str) -> Path:
+        """A fresh directory `<root>/<area>/<host>-<pid>-<uuid>/` owned by this process (removed by
+        `clean_process_dirs` once the process is gone)."""
+        path = self.root / area / f"{self._host}-{os.getpid()}-{uuid.uuid4().hex}"
+        path.mkdir(parents=True)
         return path
 
-    def _clean_staging(self) -> None:
-        """Remove what crashed writers left in .staging: this host's folders whose process is gone (or has our
-        pid: a restarted container), and any folder untouched for STALE_STAGING_S (another host's crash)."""
+    def clean_process_dirs(self, area: str) -> None:
+        """Remove what dead processes left in `<root>/<area>/`: this host's folders whose process is gone (or has
+        our pid: a restarted container), and any folder untouched for STALE_STAGING_S (another host's crash)."""
         now = time.time()
-        for child in (self.root / ".staging").iterdir():
+        folder = self.root / area
+        if not folder.is_dir():
+            return
+        for child in folder.iterdir():
             host, pid, _ = (child.name.split("-") + ["", ""])[:3]
             mine = host == self._host and pid.isdigit()
             try:
@@ -169,6 +177,9 @@ class AdapterStore:
                     shutil.rmtree(child, ignore_errors=True)
                 else:
                     child.unlink(missing_ok=True)
+
+    def _clean_staging(self) -> None:
+        self.clean_process_dirs(".staging")
 
     @contextlib.contextmanager
     def reading(self, stored: StoredAdapter) -> Iterator[Path]:
