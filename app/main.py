@@ -18,7 +18,7 @@ from app.adapter_service import AdapterService, UploadRefused
 from app.deps import AppState
 from app.engine.errors import EngineError, QueueFull
 from app.ephemeral import EphemeralAdapters, ServedAdapters
-from app.generation import GenerationTimeout
+from app.generation import GenerationError
 from app.metrics import ServerMetrics
 from app.middleware import AccessLogMiddleware, BodySizeLimitMiddleware
 from app.settings import Settings
@@ -50,7 +50,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _engine(request: Request, exc: EngineError):
         return _error(getattr(exc, "status_code", 500), str(exc), type(exc).__name__)
 
-    for family in (ArchiveError, StoreError, UploadRefused, GenerationTimeout):
+    for family in (ArchiveError, StoreError, UploadRefused, GenerationError):
         @app.exception_handler(family)
         async def _typed(request: Request, exc: Exception):
             return _error(getattr(exc, "status_code", 422), str(exc), type(exc).__name__)
