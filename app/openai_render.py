@@ -61,9 +61,16 @@ class Logprobs:
             s = self.text(t.id)
             out["tokens"].append(s)
             out["token_logprobs"].append(t.logprob)
-            out["top_logprobs"].append({self.text(i): lp for i, lp in t.top[:k]} if k else {s: t.logprob})
+            out["top_logprobs"].append(self._top_dict(t.top[:k]) if k else {s: t.logprob})
             out["text_offset"].append(offset)
             offset += len(t.text)
+        return out
+
+    def _top_dict(self, top) -> dict[str, float]:
+        """{token text: logprob}, most likely first; tokens that decode alike keep the most likely's value."""
+        out: dict[str, float] = {}
+        for token_id, logprob in top:
+            out.setdefault(self.text(token_id), logprob)
         return out
 
     def _entry(self, token_id: int, logprob: float) -> dict:
