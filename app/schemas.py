@@ -37,7 +37,8 @@ class Grammar(BaseModel):
 class GenerateParameters(BaseModel):
     """Every field of TGI's `GenerateParameters` (docs/openapi.json) and of lorax-client's `Parameters`.
     Fields we cannot honour are accepted at their default and refused (422) otherwise: `watermark`, `grammar`,
-    `response_format`, `api_token`, `adapter_source` other than local."""
+    `response_format`, `api_token`, `adapter_source` other than local. null means the default everywhere (clients
+    such as huggingface_hub send every field, null when unset)."""
     model_config = ConfigDict(extra="forbid")
     adapter_id: str | None = None
     adapter_source: Literal["local", "hub", "s3", "pbase"] | None = None
@@ -48,18 +49,18 @@ class GenerateParameters(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     typical_p: float | None = Field(None, gt=0, le=1)
-    do_sample: bool = False
+    do_sample: bool | None = False
     seed: int | None = Field(None, ge=0)
-    stop: list[str] = Field(default_factory=list, max_length=8)
+    stop: list[str] | None = Field(default_factory=list, max_length=8)
     repetition_penalty: float | None = Field(None, gt=0)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     truncate: int | None = Field(None, ge=1)
     best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF)
-    watermark: bool = False
-    details: bool = False
-    decoder_input_details: bool = False
+    watermark: bool | None = False
+    details: bool | None = False
+    decoder_input_details: bool | None = False
     return_full_text: bool | None = False
-    ignore_eos_token: bool = False
+    ignore_eos_token: bool | None = False
     top_n_tokens: int | None = Field(None, ge=0, le=20)
     return_k_alternatives: int | None = Field(None, ge=1, le=20)
     grammar: Grammar | None = None

@@ -46,16 +46,17 @@ def check_supported(p: GenerateParameters, *, stream: bool) -> None:
 
 
 def _sampling_fields(p: GenerateParameters) -> dict:
-    return dict(do_sample=p.do_sample, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+    return dict(do_sample=bool(p.do_sample), temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
                 typical_p=p.typical_p)
 
 
 def sampling(p: GenerateParameters, default_max_new_tokens: int) -> SamplingParams:
     return sampling_params(
         max_new_tokens=p.max_new_tokens, default_max_new_tokens=default_max_new_tokens, **_sampling_fields(p),
-        repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty, seed=p.seed, stop=p.stop,
-        ignore_eos=p.ignore_eos_token, top_n_tokens=max(p.top_n_tokens or 0, p.return_k_alternatives or 0),
-        prompt_logprobs=p.decoder_input_details)
+        repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty, seed=p.seed,
+        stop=p.stop or [], ignore_eos=bool(p.ignore_eos_token),
+        top_n_tokens=max(p.top_n_tokens or 0, p.return_k_alternatives or 0),
+        prompt_logprobs=bool(p.decoder_input_details))
 
 
 def body_adapter(ephemeral, p: GenerateParameters) -> tuple[str | None, bool]:
