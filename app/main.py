@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from olora_core.errors import OLoRAError
@@ -112,8 +113,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.olora = None
             await asyncio.to_thread(engine.shutdown)
 
-    app = FastAPI(title="olora-serve", version=__version__, lifespan=lifespan,
-                  description="Many OLoRA/LoRA adapters on one base model: TGI/LoRAX- and OpenAI-compatible.")
+    # /docs and /redoc with their assets served from the fastapi-offline package: no CDN, they work offline
+    app = FastAPIOffline(title="olora-serve", version=__version__, lifespan=lifespan,
+                         description="Many OLoRA/LoRA adapters on one base model: TGI/LoRAX- and OpenAI-compatible.")
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_json_bytes=settings.max_request_bytes,
                        max_upload_bytes=settings.max_upload_bytes)
