@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 import typing
+import urllib.request
 
 from pydantic import ValidationError
 from pydantic_core import PydanticUndefined
@@ -62,6 +64,22 @@ def settings_from_args(argv: list[str] | None) -> tuple[Settings, str]:
         raise ValueError(describe(exc)) from None
 
 
+def port_holder(host: str, port: int) -> str | None:
+    """None when nothing listens on host:port; "olora-serve" when an olora-serve answers there; else "other"."""
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    try:
+        with socket.create_connection((target, port), timeout=1):
+            pass
+    except OSError:
+        return None
+    url = f"http://{'[' + target + ']' if ':' in target else target}:{port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=3) as r:  # noqa: S310 - our own loopback/bind address
+            return "olora-serve" if b"olora_requests_total" in r.read() else "other"
+    except (OSError, ValueError):
+        return "other"
+
+
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
@@ -72,6 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         warning = settings.check_bind()
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    holder = port_holder(settings.host, settings.port)
+    if holder == "olora-serve":  # e.g. the README tour's `make serve &` while the set-up's server still runs
+        print(f"olora serve: an olora-serve is already running on {settings.host}:{settings.port}; "
+              "not starting a second one (stop it first, or pick another --port)", file=sys.stderr)
+        return 0
+    if holder is not None:
+        print(f"error: {settings.host}:{settings.port} is in use by another program; pick another --port",
+              file=sys.stderr)
         return 2
     logging.basicConfig(level=log_level.upper(), format="%(message)s")
     if warning:

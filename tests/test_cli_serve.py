@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import re
+import socket
+from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from app.cli_serve import build_parser, main
 from app.main import create_app
 from app.settings import Settings
+from helpers import save_tiny_checkpoint
+from server_process import Replica
 
 
 def test_help_shows_real_defaults_and_choices():
@@ -54,3 +59,21 @@ def test_docs_pages_work_offline(tmp_path):
         assert urls and not [u for u in urls if u.startswith(("http:", "https:", "//"))], (page, urls)
         for url in urls:
             assert client.get(url).status_code == 200, url
+
+
+def test_a_second_serve_on_a_busy_port_does_not_collide(tmp_path, capsys):
+    """The README tour's `make serve &` while the set-up's server runs: says so and exits 0; another program on
+    the port: a one-line error."""
+    server = Replica("server", Path(save_tiny_checkpoint(tmp_path / "base")), tmp_path / "store", tmp_path)
+    try:
+        server.wait_ready()
+        assert main(["--port", str(server.port), "--no-demo-adapters"]) == 0
+        assert "already running" in capsys.readouterr().err
+        assert server.proc.poll() is None and httpx.get(server.url + "/health").status_code == 200
+    finally:
+        server.stop()
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        assert main(["--port", str(other.getsockname()[1])]) == 2
+        assert "in use by another program" in capsys.readouterr().err
