@@ -79,5 +79,6 @@ class Logprobs:
 
     def chat(self, tokens: list[TokenOut], k: int) -> dict:
         """Chat `logprobs`: {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
-        return {"content": [{**self._entry(t.id, t.logprob), "top_logprobs": [self._entry(i, lp) for i, lp in t.top[:k]]}
-                            for t in tokens], "refusal": None}
+        content = [{**self._entry(t.id, t.logprob), "top_logprobs": [self._entry(i, lp) for i, lp in t.top[:k]]}
+                   for t in tokens]
+        return {"content": content, "refusal": None}
