@@ -155,7 +155,8 @@ def test_n_list_and_token_id_prompts(client, hf):  # noqa: F811
 
 def test_best_of_keeps_the_most_likely(client):
     body = complete(client, n=1, best_of=3, temperature=1.5, logprobs=0).json()
-    assert len(body["choices"]) == 1 and body["usage"]["completion_tokens"] == 18
+    shown = len(body["choices"][0]["logprobs"]["tokens"])  # a sampled sequence may end early on EOS
+    assert len(body["choices"]) == 1 and shown + 2 <= body["usage"]["completion_tokens"] <= 18  # all 3 counted
     assert complete(client, n=2, best_of=1).status_code == 422
 
 
