@@ -19,7 +19,7 @@ from olora_core.errors import MergeError, NonFiniteError, OLoRAError
 from app.adapter_service import UploadRefused
 from app.engine.errors import (AdapterNotFound, AdapterRejected, EngineError, EngineNotRunning, InputTooLong,
                                InvalidRequest, NonFiniteLogits, QueueFull, StepFailed)
-from app.generation import GenerationTimeout
+from app.generation import AdapterHeaderMismatch, GenerationTimeout, UnsupportedOption
 from app.store.adapter_store import AdapterExists, AdapterMissing, InvalidAdapterId, StoreError
 from app.store.archive import ArchiveError
 
@@ -59,6 +59,8 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     EngineNotRunning: ErrorKind(503, "engine_unavailable", "server_error"),
     EngineError: INTERNAL,
     GenerationTimeout: ErrorKind(504, "timeout", "timeout"),
+    AdapterHeaderMismatch: ErrorKind(400, "adapter_header_mismatch", "invalid_request_error"),
+    UnsupportedOption: ErrorKind(422, "unsupported_option", "invalid_request_error"),
 }
 
 # Errors whose status travels on the instance (archive checks, HTTPException), by status.

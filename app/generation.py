@@ -16,8 +16,24 @@ Disconnected = Callable[[], Awaitable[bool]]
 DISCONNECT_POLL_S = 0.1
 
 
-class GenerationTimeout(Exception):
+class GenerationError(Exception):
+    """A generation the HTTP layer refuses or ends; `status_code` is the hint for it."""
+
+    status_code = 500
+
+
+class GenerationTimeout(GenerationError):
     status_code = 504
+
+
+class AdapterHeaderMismatch(GenerationError):
+    status_code = 400
+
+
+class UnsupportedOption(GenerationError):
+    """A protocol option (TGI, LoRAX or OpenAI) set to a value this server cannot honour: refused, never ignored."""
+
+    status_code = 422
 
 
 @dataclass
@@ -25,6 +41,9 @@ class TokenOut:
     id: int
     text: str
     logprob: float | None
+    special: bool = False
+    top: tuple[tuple[int, float], ...] = ()  # (id, logprob) of the most likely tokens, when asked
+    finish_reason: str | None = None  # set on the generation's last token
 
 
 @dataclass
@@ -35,28 +54,63 @@ class Generation:
     adapter_id: str | None
     prompt_tokens: int
     seed: int | None
+    prompt_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: tuple[float, ...] | None = None  # prompt tokens 1..n-1, when asked
     tokens: list[TokenOut] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
 
+    @property
+    def logprob_sum(self) -> float:
+        return sum(t.logprob or 0.0 for t in self.tokens)
+
 
 def sampling_params(*, max_new_tokens: int | None, default_max_new_tokens: int, do_sample: bool = False,
                     temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-                    repetition_penalty: float | None = None, seed: int | None = None, stop: list[str] | None = None,
-                    ignore_eos: bool = False) -> SamplingParams:
-    """TGI semantics: sampling is on when asked, or implied by temperature/top_p/top_k (as TGI does).
+                    typical_p: float | None = None, repetition_penalty: float | None = None,
+                    frequency_penalty: float | None = None, presence_penalty: float | None = None,
+                    seed: int | None = None, stop: list[str] | None = None, ignore_eos: bool = False,
+                    top_n_tokens: int | None = None, prompt_logprobs: bool = False) -> SamplingParams:
+    """TGI semantics: sampling is on when asked, or implied by temperature/top_p/top_k/typical_p (as TGI does).
     A sampled request without a seed gets one, reported back in `details.seed` so it can be replayed."""
     temperature_given = temperature is not None and temperature != 1.0
-    sample = do_sample or temperature_given or (top_p is not None and top_p < 1.0) or bool(top_k)
+    sample = (do_sample or temperature_given or (top_p is not None and top_p < 1.0) or bool(top_k)
+              or (typical_p is not None and typical_p < 1.0))
     if temperature == 0:  # OpenAI clients ask for greedy with temperature 0
         sample, temperature = False, None
     if sample and seed is None:
         seed = random.randrange(2**63)
     return SamplingParams(
         max_new_tokens=max_new_tokens or default_max_new_tokens, do_sample=sample,
-        temperature=temperature or 1.0, top_p=top_p or 1.0, top_k=top_k or 0,
-        repetition_penalty=repetition_penalty or 1.0, seed=seed if sample else None, stop=list(stop or []),
-        ignore_eos=ignore_eos)
+        temperature=temperature or 1.0, top_p=top_p or 1.0, top_k=top_k or 0, typical_p=typical_p or 1.0,
+        repetition_penalty=repetition_penalty or 1.0, frequency_penalty=frequency_penalty or 0.0,
+        presence_penalty=presence_penalty or 0.0, seed=seed if sample else None, stop=list(stop or []),
+        ignore_eos=ignore_eos, top_n_tokens=top_n_tokens or 0, prompt_logprobs=prompt_logprobs)
+
+
+def adapter_with_header(named: str | None, header: str | None, *, body_names_one: bool) -> str | None:
+    """The adapter a request runs with. An `X-Adapter-Id` header (for proxies that route by adapter) is used when
+    the body names no adapter, and must agree with the body when it does."""
+    if not header:
+        return named
+    if not body_names_one:
+        return header
+    if header != (named or ""):
+        raise AdapterHeaderMismatch(f"X-Adapter-Id header {header!r} does not match the adapter the body names "
+                                    f"({named or 'the base model'!r})")
+    return named
+
+
+def start(engine, *, request_id: str, prompt: str | list[int], adapter_id: str | None, params: SamplingParams,
+          truncate: int | None = None) -> tuple[object, Generation]:
+    """The one way a router starts a generation: tokenize (token ids are taken as they are), keep the last
+    `truncate` tokens (TGI's truncation side), submit. Raises the engine's typed errors."""
+    prompt_ids = engine.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+    if truncate is not None:
+        prompt_ids = prompt_ids[-truncate:]
+    handle = engine.submit(prompt_ids, adapter_id, params)
+    return handle, Generation(request_id=request_id, adapter_id=adapter_id, prompt_tokens=len(prompt_ids),
+                              seed=params.seed, prompt_ids=prompt_ids)
 
 
 async def _watch_disconnect(disconnected: Disconnected, handle) -> None:
@@ -86,7 +140,10 @@ async def stream_tokens(handle, generation: Generation, *, timeout_s: float,
             except asyncio.TimeoutError:
                 raise timeout from None
             finite = event.logprob is not None and math.isfinite(event.logprob)  # JSON has no NaN/Infinity
-            token = TokenOut(event.token_id, event.text, event.logprob if finite else None)
+            token = TokenOut(event.token_id, event.text, event.logprob if finite else None, event.special,
+                             event.top_tokens, event.finish_reason)
+            if event.prompt_logprobs is not None:
+                generation.prompt_logprobs = event.prompt_logprobs
             generation.tokens.append(token)
             generation.text += event.text
             generation.finish_reason = event.finish_reason
@@ -108,3 +165,33 @@ async def collect(handle, generation: Generation, *, timeout_s: float,
     async for _ in stream_tokens(handle, generation, timeout_s=timeout_s, disconnected=disconnected):
         pass
     return generation
+
+
+async def merged_tokens(runs: list[tuple[object, Generation]], *, timeout_s: float,
+                        disconnected: Disconnected | None = None) -> AsyncIterator[tuple[int, TokenOut | None]]:
+    """Tokens of several generations as they come: (run index, token), and (run index, None) when one ends.
+    Leaving the iteration cancels the runs still going; the first error ends it."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, handle, generation: Generation) -> None:
+        try:
+            async for token in stream_tokens(handle, generation, timeout_s=timeout_s, disconnected=disconnected):
+                await queue.put((i, token, None))
+            await queue.put((i, None, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, None, exc))
+
+    tasks = [asyncio.create_task(pump(i, handle, g)) for i, (handle, g) in enumerate(runs)]
+    try:
+        running = len(tasks)
+        while running:
+            i, token, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if token is None:
+                running -= 1
+            yield i, token
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

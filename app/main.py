@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from olora_core.errors import OLoRAError
@@ -20,7 +21,7 @@ from app.adapter_service import AdapterService, UploadRefused
 from app.deps import AppState
 from app.engine.errors import EngineError
 from app.ephemeral import EphemeralAdapters, ServedAdapters
-from app.generation import GenerationTimeout
+from app.generation import GenerationError
 from app.metrics import ServerMetrics
 from app.auth import AuthMiddleware
 from app.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, UploadLimitMiddleware
@@ -58,7 +59,7 @@ def _install_error_handlers(app: FastAPI) -> None:
                       exc_info=exc if kind is errors.INTERNAL else None)
         return _error_response(request, kind, message)
 
-    for family in (EngineError, StoreError, ArchiveError, UploadRefused, GenerationTimeout, OLoRAError,
+    for family in (EngineError, StoreError, ArchiveError, UploadRefused, GenerationError, OLoRAError,
                    ValidationError, UnicodeError, OSError, Exception):
         app.add_exception_handler(family, _typed)
 
@@ -129,8 +130,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.olora = None
             await asyncio.to_thread(engine.shutdown)
 
-    app = FastAPI(title="olora-serve", version=__version__, lifespan=lifespan,
-                  description="Many OLoRA/LoRA adapters on one base model: TGI/LoRAX- and OpenAI-compatible.")
+    # /docs and /redoc with their assets served from the fastapi-offline package: no CDN, they work offline
+    app = FastAPIOffline(title="olora-serve", version=__version__, lifespan=lifespan,
+                         description="Many OLoRA/LoRA adapters on one base model: TGI/LoRAX- and OpenAI-compatible.")
     _install_error_handlers(app)
     # outermost last: access log -> keys (headers only) -> upload bound -> body size -> routes
     app.add_middleware(BodySizeLimitMiddleware, max_json_bytes=settings.max_request_bytes,

@@ -19,7 +19,8 @@ def test_every_endpoint_has_a_curl_example():
     curl_lines = "\n".join(line for line in README.splitlines() if "curl" in line or "localhost" in line)
     missing = []
     for path in paths:
-        head, _, tail = path.partition("{adapter_id}")
+        head, _, rest = path.partition("{")  # any path parameter: {adapter_id}, {model_id}, ...
+        tail = rest.partition("}")[2]
         if not any(head.rstrip("/") in line and tail in line for line in curl_lines.splitlines()):
             missing.append(path)
     assert not missing, missing

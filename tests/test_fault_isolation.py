@@ -94,9 +94,8 @@ def test_non_finite_logits_end_that_request_only(engine):
     ids = engine.tokenizer(PROMPT)["input_ids"]
     others = [engine.submit(ids, "good", SamplingParams(max_new_tokens=8, ignore_eos=True)) for _ in range(2)]
     for sampled in (False, True):
-        hostile = engine.submit(ids, "huge", SamplingParams(max_new_tokens=8, do_sample=sampled, seed=1))
         try:
-            hostile.result(60)
+            engine.submit(ids, "huge", SamplingParams(max_new_tokens=8, do_sample=sampled, seed=1)).result(60)
         except NonFiniteLogits as exc:
             assert "not finite" in str(exc) and "'huge'" in str(exc)
         except AdapterRejected:
@@ -185,12 +184,15 @@ finite_or_not = st.floats(allow_nan=True, allow_infinity=True) | st.integers(-10
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(temperature=finite_or_not, top_p=finite_or_not, top_k=st.integers(-2, 300),
        repetition_penalty=finite_or_not, seed=st.integers(-1, 2**64), do_sample=st.booleans(),
+       typical_p=finite_or_not, frequency_penalty=finite_or_not, top_n=st.integers(-1, 25),
        scale=st.sampled_from([1.0, 1e-30, 30.0, 1e4, LOGIT_BOUND]))
-def test_sampling_parameters_property(temperature, top_p, top_k, repetition_penalty, seed, do_sample, scale):
+def test_sampling_parameters_property(temperature, top_p, top_k, repetition_penalty, seed, do_sample, typical_p,
+                                      frequency_penalty, top_n, scale):
     """Any parameters either are refused with InvalidRequest, or give a valid token for any finite logits."""
     try:
         params = SamplingParams(max_new_tokens=1, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
+                                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, typical_p=typical_p,
+                                frequency_penalty=frequency_penalty, top_n_tokens=top_n)
     except InvalidRequest:
         return
     gen = torch.Generator().manual_seed(0)
@@ -198,6 +200,6 @@ def test_sampling_parameters_property(temperature, top_p, top_k, repetition_pena
     logits = logits / logits.abs().amax() * scale  # the largest logit the engine lets through is LOGIT_BOUND
     history = torch.tensor([[1, 2, 3, 4]])  # (1, n)
     samplers = [RowSampler(params, torch.device("cpu")), RowSampler(SamplingParams(), torch.device("cpu"))]
-    tokens, logprobs = choose_tokens(logits, samplers, [history, None])
+    tokens, logprobs, _ = choose_tokens(logits, samplers, [history, None])
     assert all(0 <= t < 50 for t in tokens) and all(math.isfinite(lp) for lp in logprobs)
     assert tokens[1] == int(torch.argmax(logits[1]))

@@ -30,7 +30,7 @@ from .handle import RequestHandle, TokenEvent
 from .lora_layers import KERNELS, LoRASlotBank, find_target_modules
 from .observer import EngineObserver, RequestStats, SafeObserver
 from .runner import ModelRunner
-from .sampling import RowSampler, SamplingParams, choose_tokens
+from .sampling import RowSampler, SamplingParams, choose_tokens, prompt_logprobs
 from .scheduler import Limits, Scheduler, Sequence
 from .slot_budget import choose_max_loras, device_memory_bytes, slot_bytes
 from .text import IncrementalDetokenizer, find_stop
@@ -101,6 +101,7 @@ class Engine:
         self.base_fingerprint: str = base.fingerprint
         self.model_path: Path = base.path  # local directory of the base checkpoint
         self.device = base.device
+        self.dtype: torch.dtype = base.dtype  # compute dtype in use ("auto" resolved)
         self.model = base.model
         window = getattr(base.model.config, "sliding_window", None)
         if isinstance(window, int) and window < config.max_total_tokens:
@@ -125,6 +126,7 @@ class Engine:
         self.scheduler = Scheduler(Limits(config.max_batch_size, config.max_batch_tokens, config.max_waiting),
                                    self.cache, self.runner.kv)
         self._eos_ids = self._find_eos_ids()
+        self._special_ids = set(getattr(self.tokenizer, "all_special_ids", ())) | self._eos_ids
         self._ids = itertools.count()
         self._by_id: dict[str, Sequence] = {}
         self._thread: threading.Thread | None = None
@@ -180,7 +182,7 @@ class Engine:
         request_id = f"req-{next(self._ids)}"
         handle = RequestHandle(request_id, self.cancel)
         seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), adapter_id=adapter_id, key=key,
-                       params=params, sampler=RowSampler(params, self.device),
+                       params=params, sampler=RowSampler(params, self.device, len(prompt_ids)),
                        detok=IncrementalDetokenizer(self.tokenizer, prompt_ids), handle=handle)
         self._by_id[request_id] = seq
         try:
@@ -309,16 +311,23 @@ class Engine:
             for group in _padding_groups(newcomers):
                 width = len(group[-1].prompt_ids)
                 prefill_tokens += len(group) * width
-                logits.append(self.runner.prefill(row, [s.prompt_ids for s in group], [s.slot for s in group]))
+                if group[0].params.prompt_logprobs:  # a group of one: logits of every prompt position
+                    seq = group[0]
+                    every = self.runner.prefill(row, [seq.prompt_ids], [seq.slot], all_positions=True)[0]  # (T, V)
+                    seq.prompt_logprobs = tuple(prompt_logprobs(every, seq.prompt_ids))
+                    logits.append(every[len(seq.prompt_ids) - 1][None])  # (1, V)
+                else:
+                    logits.append(self.runner.prefill(row, [s.prompt_ids for s in group], [s.slot for s in group]))
                 row += len(group)
             rows += newcomers
             sched.start_running(newcomers)
         batch_logits = torch.cat(logits) if len(logits) > 1 else logits[0]  # (B, V)
         rows, batch_logits = self._drop_non_finite(rows, batch_logits)
         histories = [self._history(s) for s in rows]
-        tokens, logprobs = choose_tokens(batch_logits, [s.sampler for s in rows], histories) if rows else ([], [])
-        for seq, token, logprob in zip(rows, tokens, logprobs):
-            self._emit(seq, token, logprob)
+        tokens, logprobs, tops = (choose_tokens(batch_logits, [s.sampler for s in rows], histories) if rows
+                                  else ([], [], []))
+        for seq, token, logprob, top in zip(rows, tokens, logprobs, tops):
+            self._emit(seq, token, logprob, top)
         self._step_rows = []
         self.steps += 1
         self.observer.on_step(len(old) + len(newcomers), sched.n_waiting, prefill_tokens, len(old))
@@ -340,11 +349,11 @@ class Engine:
         return kept, logits[finite]
 
     def _history(self, seq: Sequence) -> torch.Tensor | None:
-        if seq.sampler.batched_greedy or seq.params.repetition_penalty == 1.0:
+        if not seq.sampler.needs_history:
             return None
         return torch.tensor([seq.prompt_ids + seq.generated], dtype=torch.long, device=self.device)  # (1, n)
 
-    def _emit(self, seq: Sequence, token: int, logprob: float) -> None:
+    def _emit(self, seq: Sequence, token: int, logprob: float, top: tuple = ()) -> None:
         seq.generated.append(token)
         text = seq.detok.add(token)
         reason = None
@@ -356,7 +365,9 @@ class Engine:
             reason = "length"
         if reason is not None:
             text += seq.detok.flush()
-        seq.handle._push(TokenEvent(token, text, logprob, reason))
+        prompt_lp = seq.prompt_logprobs if len(seq.generated) == 1 and seq.params.prompt_logprobs else None
+        seq.handle._push(TokenEvent(token, text, logprob, reason, special=token in self._special_ids,
+                                    top_tokens=top, prompt_logprobs=prompt_lp))
         if reason is not None:
             self._finish(seq, reason)
 
@@ -381,12 +392,18 @@ class Engine:
 
 def _padding_groups(seqs: list[Sequence], max_waste: float = 0.2) -> list[list[Sequence]]:
     """Split length-sorted newcomers into consecutive prefill groups whose right-padding stays under `max_waste`
-    of their real tokens (one forward per group; on CPU padded tokens cost as much as real ones)."""
+    of their real tokens (one forward per group; on CPU padded tokens cost as much as real ones). A request that
+    asks for prompt log-probabilities gets a group of its own."""
     groups: list[list[Sequence]] = []
     real = 0
     for seq in seqs:
         n = len(seq.prompt_ids)
-        if groups and (len(groups[-1]) + 1) * n <= (1 + max_waste) * (real + n):
+        if seq.params.prompt_logprobs:  # alone: its prefill keeps the logits of every position
+            groups.append([seq])
+            real = n
+            continue
+        joinable = bool(groups) and not groups[-1][0].params.prompt_logprobs
+        if joinable and (len(groups[-1]) + 1) * n <= (1 + max_waste) * (real + n):
             groups[-1].append(seq)
             real += n
         else:

@@ -19,6 +19,9 @@ class TokenEvent:
     text: str  # new text this token completes ("" while a multi-byte character is incomplete, or for EOS)
     logprob: float  # log-probability of the token under the distribution it was drawn from
     finish_reason: str | None = None  # set on the last token: "length" | "eos_token" | "stop_sequence"
+    special: bool = False  # the tokenizer's special token (EOS, ...): TGI's `special`
+    top_tokens: tuple[tuple[int, float], ...] = ()  # (id, logprob) of the most likely tokens, if asked
+    prompt_logprobs: tuple[float, ...] | None = None  # first event only, if asked: prompt tokens 1..n-1
 
 
 @dataclass

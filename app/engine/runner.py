@@ -41,11 +41,13 @@ class ModelRunner:
                  logits_to_keep: int | torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                          logits_to_keep=logits_to_keep, **{self._cache_kwarg: self.kv})
-        return out.logits[:, -1, :]  # (B, V)
+        return out.logits if isinstance(logits_to_keep, int) and logits_to_keep == 0 else out.logits[:, -1, :]
 
     @torch.inference_mode()
-    def prefill(self, row_start: int, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """Run the prompts of newcomers placed at rows [row_start, row_start+n); returns last-token logits (n, V)."""
+    def prefill(self, row_start: int, prompts: list[list[int]], slots: list[int],
+                all_positions: bool = False) -> torch.Tensor:
+        """Run the prompts of newcomers placed at rows [row_start, row_start+n); returns last-token logits (n, V),
+        or with `all_positions` the logits of every position (n, T, V) (prompt log-probabilities)."""
         n, t = len(prompts), max(len(p) for p in prompts)
         if row_start + n > self.max_batch or t > self.max_tokens:
             raise ValueError(f"prefill of rows {row_start}..{row_start + n} x {t} tokens exceeds the cache")
@@ -64,7 +66,8 @@ class ModelRunner:
         self.kv.plan_prefill(row_start, n, t)
         self.bank.prepare(row_start, slots)
         try:
-            return self._forward(ids, mask, pos[None, :].expand(n, t), (lengths - 1)[:, None])
+            keep = 0 if all_positions else (lengths - 1)[:, None]  # 0 = keep every position
+            return self._forward(ids, mask, pos[None, :].expand(n, t), keep)
         finally:
             self.bank.meta.clear()
 

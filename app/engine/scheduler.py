@@ -40,6 +40,7 @@ class Sequence:
     cancelled: bool = False
     finish_reason: str | None = None
     error: EngineError | None = None
+    prompt_logprobs: tuple[float, ...] | None = None  # set by the prefill when params.prompt_logprobs
 
     @property
     def cached_tokens(self) -> int:

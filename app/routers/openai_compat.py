@@ -1,4 +1,4 @@
-"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions (with stream), /v1/models.
+"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions (with stream), /v1/models[/{id}].
 
 `model` is an adapter id, or the base model's name for no adapter (as vLLM, LoRAX and TGI do).
 Chat prompts use the tokenizer's chat template, else DEFAULT_CHAT_TEMPLATE.
@@ -8,15 +8,17 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from typing import Callable
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
+from app import openai_render as oai
 from app.deps import ApiKey, AppState, State
 from app.errors import stream_error
-from app.generation import Generation, collect, sampling_params, stream_tokens
-from app.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from app.generation import Generation, TokenOut, adapter_with_header, merged_tokens, sampling_params, start
+from app.openai_schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey])
 
@@ -24,7 +26,11 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey])
 DEFAULT_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 SSE_OR_JSON = {200: {"content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}}
-FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop", "cancelled": "stop"}
+_SEED_LIMIT = 2**63
+
+# chunk(choice index, new text, the tokens since the last chunk, finish reason or None, where those tokens' text
+# starts in the choice's generated text) -> one SSE object
+Chunk = Callable[[int, str, list[TokenOut], str | None, int], dict]
 
 
 def _adapter_for_model(state: AppState, model: str) -> str | None:
@@ -33,54 +39,60 @@ def _adapter_for_model(state: AppState, model: str) -> str | None:
     return model
 
 
-def _stop_list(stop: str | list[str] | None) -> list[str]:
-    return [stop] if isinstance(stop, str) else list(stop or [])
-
-
-def _trim_stop(text: str, stop: list[str], finish_reason: str | None) -> str:
-    """OpenAI leaves the stop sequence out of the text (TGI keeps it)."""
-    if finish_reason == "stop_sequence":
-        for s in stop:
-            if text.endswith(s):
-                return text[: -len(s)]
-    return text
-
-
-def _usage(g: Generation) -> dict:
-    return {"prompt_tokens": g.prompt_tokens, "completion_tokens": len(g.tokens),
-            "total_tokens": g.prompt_tokens + len(g.tokens)}
-
-
-def _start(state: AppState, request: Request, model: str, prompt: str, max_tokens: int | None, temperature,
-           top_p, seed, stop: list[str], ignore_eos: bool = False) -> tuple[object, Generation]:
-    adapter_id = _adapter_for_model(state, model)
-    header_adapter = request.headers.get("x-adapter-id")
-    if header_adapter is not None and header_adapter != (adapter_id or ""):
-        raise HTTPException(400, f"X-Adapter-Id header {header_adapter!r} does not match the model {model!r}")
+def _start_choices(state: AppState, request: Request, body: OpenAIRequest, prompts: list, per_prompt: int,
+                   max_tokens: int | None, top_n: int, prompt_logprobs: bool) -> list[tuple[object, Generation]]:
+    """Start `per_prompt` generations of every prompt (choice j of a seeded request uses seed + j)."""
+    adapter_id = adapter_with_header(_adapter_for_model(state, body.model), request.headers.get("x-adapter-id"),
+                                     body_names_one=True)
     request.scope["state"]["adapter_id"] = adapter_id
-    params = sampling_params(max_new_tokens=max_tokens, default_max_new_tokens=state.settings.max_new_tokens_default,
-                             temperature=temperature, top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos)
-    prompt_ids = state.engine.tokenizer(prompt)["input_ids"]
-    handle = state.engine.submit(prompt_ids, adapter_id, params)
-    return handle, Generation(request_id=request.scope["state"]["request_id"], adapter_id=adapter_id,
-                              prompt_tokens=len(prompt_ids), seed=params.seed)
+    runs: list[tuple[object, Generation]] = []
+    try:
+        for prompt in prompts:
+            for j in range(per_prompt):
+                params = sampling_params(
+                    max_new_tokens=max_tokens, default_max_new_tokens=state.settings.max_new_tokens_default,
+                    temperature=body.temperature, top_p=body.top_p,
+                    seed=None if body.seed is None else (body.seed + j) % _SEED_LIMIT, stop=oai.stop_list(body.stop),
+                    frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+                    top_n_tokens=top_n, prompt_logprobs=prompt_logprobs, ignore_eos=body.ignore_eos)
+                runs.append(start(state.engine, request_id=request.scope["state"]["request_id"], prompt=prompt,
+                                  adapter_id=adapter_id, params=params))
+    except Exception:
+        for handle, _ in runs:
+            handle.cancel()
+        raise
+    return runs
 
 
-def _sse(state: AppState, request: Request, handle, g: Generation, stop: list[str], chunk) -> EventSourceResponse:
-    """Stream `chunk(text, finish_reason)` objects, then `data: [DONE]`. Stop sequences are held back until it
-    is clear they are not one (so streamed text equals the non-streamed text)."""
+def _sse(state: AppState, request: Request, runs: list[tuple[object, Generation]], stop: list[str], chunk: Chunk,
+         final_usage: Callable[[], dict] | None, with_tokens: bool) -> EventSourceResponse:
+    """Stream `chunk(...)` objects of every choice (run i = choice i), then a usage chunk when asked, then
+    `data: [DONE]`. Stop sequences are held back until it is clear they are not one (so streamed text equals the
+    non-streamed text); with `with_tokens` a chunk is sent for every token (its log-probabilities)."""
+    hold = max((len(s) - 1 for s in stop), default=0)
+
     async def events():
-        sent = 0
+        sent = [0] * len(runs)  # characters of choice i's text sent so far
+        texts = [""] * len(runs)  # choice i's text so far, as this loop has seen it
+        pending: list[list[TokenOut]] = [[] for _ in runs]  # tokens not yet sent in a chunk
         try:
-            async for _ in stream_tokens(handle, g, timeout_s=state.settings.request_timeout_s,
-                                         disconnected=request.is_disconnected):
-                hold = max((len(s) - 1 for s in stop), default=0)
-                safe = max(sent, len(g.text) - hold)
-                if safe > sent:
-                    yield json.dumps(chunk(g.text[sent:safe], None))
-                    sent = safe
-            final = _trim_stop(g.text, stop, g.finish_reason)
-            yield json.dumps(chunk(final[sent:], FINISH.get(g.finish_reason, "stop")))
+            async for i, token in merged_tokens(runs, timeout_s=state.settings.request_timeout_s,
+                                                disconnected=request.is_disconnected):
+                g = runs[i][1]
+                if token is not None:
+                    pending[i].append(token)
+                    texts[i] += token.text
+                token_offset = len(texts[i]) - sum(len(t.text) for t in pending[i])
+                if token is None:  # choice i is done: the rest of its text, without the stop sequence
+                    final = oai.trim_stop(texts[i], stop, g.finish_reason)
+                    yield json.dumps(chunk(i, final[sent[i]:], pending[i], oai.finish_reason(g), token_offset))
+                    continue
+                safe = max(sent[i], len(texts[i]) - hold)
+                if safe > sent[i] or (with_tokens and token.finish_reason is None):
+                    yield json.dumps(chunk(i, texts[i][sent[i]:safe], pending[i], None, token_offset))
+                    sent[i], pending[i] = safe, []
+            if final_usage is not None:
+                yield json.dumps(final_usage())
             yield "[DONE]"
         except Exception as exc:  # noqa: BLE001 - headers already sent: report in-band
             yield json.dumps(stream_error(exc, openai=True))
@@ -88,33 +100,63 @@ def _sse(state: AppState, request: Request, handle, g: Generation, stop: list[st
     return EventSourceResponse(events(), ping=15)
 
 
+def _envelope(kind: str, rid: str, created: int, model: str) -> dict:
+    return {"id": rid, "object": kind, "created": created, "model": model, "system_fingerprint": None}
+
+
 @router.post("/completions", responses=SSE_OR_JSON)
 async def completions(body: CompletionRequest, request: Request, state: State):
-    if body.presence_penalty or body.frequency_penalty:
-        raise HTTPException(422, "presence_penalty and frequency_penalty are not supported (they would be ignored); "
-                                 "use repetition_penalty with POST /generate")
-    if isinstance(body.prompt, list):
-        if len(body.prompt) != 1:
-            raise HTTPException(422, "only one prompt per request is supported")
-        prompt = body.prompt[0]
-    else:
-        prompt = body.prompt
-    stop = _stop_list(body.stop)
-    handle, g = _start(state, request, body.model, prompt, body.max_tokens, body.temperature, body.top_p,
-                       body.seed, stop, body.ignore_eos)
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    prompts = body.prompts()
+    n, per_prompt = body.choices_per_prompt, max(body.choices_per_prompt, body.best_of or 1)
+    k = body.logprobs
+    runs = _start_choices(state, request, body, prompts, per_prompt, body.max_tokens, top_n=k or 0,
+                          prompt_logprobs=bool(body.echo) and k is not None)
+    stop = oai.stop_list(body.stop)
+    logprobs = oai.Logprobs(state.engine.tokenizer)
+    prompt_texts = [p if isinstance(p, str) else state.engine.tokenizer.decode(p) for p in prompts]
+    head = _envelope("text_completion", f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model)
+    prompt_tokens = sum(g.prompt_tokens for _, g in runs[::per_prompt])
 
-    def chunk(text: str, finish: str | None) -> dict:
-        return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+    def choice(index: int, g: Generation, text: str, tokens: list[TokenOut], finish: str | None,
+               offset: int, echo: bool) -> dict:
+        """`offset`: where `tokens`' text starts in the generated text; `echo`: the prompt is part of `text`."""
+        lp = None
+        if k is not None:
+            start_at = offset + (len(prompt_texts[index // n]) if body.echo else 0)
+            lp = logprobs.completion(tokens, k, offset=start_at, prompt=g if echo else None)
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
 
-    if body.stream:
-        return _sse(state, request, handle, g, stop, chunk)
-    await collect(handle, g, timeout_s=state.settings.request_timeout_s, disconnected=request.is_disconnected)
-    text = _trim_stop(g.text, stop, g.finish_reason)
-    out = chunk((prompt + text) if body.echo else text, FINISH.get(g.finish_reason, "stop"))
-    out["usage"] = _usage(g)
-    return JSONResponse(out)
+    if body.stream:  # per_prompt == n here: best_of > n is refused with stream
+        echoed = [False] * len(runs)
+
+        def chunk(i: int, text: str, tokens: list[TokenOut], finish: str | None, offset: int) -> dict:
+            echo_now = bool(body.echo) and not echoed[i]  # the choice's first chunk carries the prompt
+            echoed[i] = True
+            prefix = prompt_texts[i // n] if echo_now else ""
+            c = choice(i, runs[i][1], prefix + text, tokens, finish, offset, echo_now)
+            return {**head, "choices": [c], **({"usage": None} if body.include_usage else {})}
+
+        final = (lambda: {**head, "choices": [], "usage": oai.usage(prompt_tokens, [g for _, g in runs])}
+                 ) if body.include_usage else None
+        return _sse(state, request, runs, stop, chunk, final, with_tokens=k is not None)
+
+    await _collect_all(state, request, runs)
+    choices = []
+    for p, prompt_text in enumerate(prompt_texts):
+        group = [g for _, g in runs[p * per_prompt:(p + 1) * per_prompt]]
+        if per_prompt > n:  # best_of: the n sequences with the highest sum of token log-probabilities
+            group = sorted(group, key=lambda g: g.logprob_sum, reverse=True)[:n]
+        for j, g in enumerate(group):
+            text = oai.trim_stop(g.text, stop, g.finish_reason)
+            shown = (prompt_text + text) if body.echo else text
+            choices.append(choice(p * n + j, g, shown, g.tokens, oai.finish_reason(g), 0, bool(body.echo)))
+    return JSONResponse({**head, "choices": choices, "usage": oai.usage(prompt_tokens, [g for _, g in runs])})
+
+
+async def _collect_all(state: AppState, request: Request, runs: list[tuple[object, Generation]]) -> None:
+    async for _ in merged_tokens(runs, timeout_s=state.settings.request_timeout_s,
+                                 disconnected=request.is_disconnected):
+        pass
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> str:
@@ -125,36 +167,53 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
 
 @router.post("/chat/completions", responses=SSE_OR_JSON)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
-    prompt = chat_prompt(state.engine.tokenizer, [m.model_dump() for m in body.messages])
-    stop = _stop_list(body.stop)
-    handle, g = _start(state, request, body.model, prompt, body.max_completion_tokens or body.max_tokens,
-                       body.temperature, body.top_p, body.seed, stop, body.ignore_eos)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    prompt = chat_prompt(state.engine.tokenizer, [m.for_template() for m in body.messages])
+    k = (body.top_logprobs or 0) if body.logprobs else None
+    runs = _start_choices(state, request, body, [prompt], body.choices_per_prompt,
+                          body.max_completion_tokens or body.max_tokens, top_n=k or 0, prompt_logprobs=False)
+    stop = oai.stop_list(body.stop)
+    logprobs = oai.Logprobs(state.engine.tokenizer)
+    prompt_tokens = runs[0][1].prompt_tokens
 
     if body.stream:
-        first = {"sent": False}
+        head = _envelope("chat.completion.chunk", f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model)
+        started = [False] * len(runs)
 
-        def chunk(text: str, finish: str | None) -> dict:
+        def chunk(i: int, text: str, tokens: list[TokenOut], finish: str | None, offset: int) -> dict:
             delta = {"content": text}
-            if not first["sent"]:
-                delta["role"] = "assistant"
-                first["sent"] = True
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        return _sse(state, request, handle, g, stop, chunk)
-    await collect(handle, g, timeout_s=state.settings.request_timeout_s, disconnected=request.is_disconnected)
-    return JSONResponse({
-        "id": rid, "object": "chat.completion", "created": created, "model": body.model,
-        "choices": [{"index": 0, "message": {"role": "assistant",
-                                             "content": _trim_stop(g.text, stop, g.finish_reason)},
-                     "finish_reason": FINISH.get(g.finish_reason, "stop")}],
-        "usage": _usage(g)})
+            if not started[i]:
+                delta["role"], started[i] = "assistant", True
+            lp = logprobs.chat(tokens, k) if k is not None else None
+            return {**head, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}],
+                    **({"usage": None} if body.include_usage else {})}
+
+        final = (lambda: {**head, "choices": [], "usage": oai.usage(prompt_tokens, [g for _, g in runs])}
+                 ) if body.include_usage else None
+        return _sse(state, request, runs, stop, chunk, final, with_tokens=k is not None)
+
+    await _collect_all(state, request, runs)
+    head = _envelope("chat.completion", f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model)
+    choices = [{"index": i, "message": {"role": "assistant", "content": oai.trim_stop(g.text, stop, g.finish_reason)},
+                "logprobs": logprobs.chat(g.tokens, k) if k is not None else None,
+                "finish_reason": oai.finish_reason(g)} for i, (_, g) in enumerate(runs)]
+    return JSONResponse({**head, "choices": choices, "usage": oai.usage(prompt_tokens, [g for _, g in runs])})
+
+
+def _cards(state: AppState) -> list[ModelCard]:
+    now = int(time.time())
+    return [ModelCard(id=state.engine.model_name, created=now)] + [
+        ModelCard(id=a.id, created=int(a.created), parent=state.engine.model_name)
+        for a in state.adapters.list() if a.servable]
 
 
 @router.get("/models", response_model=ModelList)
 async def models(state: State) -> ModelList:
-    now = int(time.time())
-    cards = [ModelCard(id=state.engine.model_name, created=now)]
-    cards += [ModelCard(id=a.id, created=int(a.created), parent=state.engine.model_name)
-              for a in state.adapters.list() if a.servable]
-    return ModelList(data=cards)
+    return ModelList(data=_cards(state))
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard)
+async def model(model_id: str, state: State) -> ModelCard:
+    for card in _cards(state):
+        if card.id == model_id:
+            return card
+    raise HTTPException(404, f"model {model_id!r} not found: see GET /v1/models")

@@ -8,6 +8,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import __version__
 from app.deps import ApiKey, State
+from app.engine.sampling import MAX_STOP_SEQUENCES
+from app.schemas import MAX_BEST_OF
 
 router = APIRouter(tags=["operations"])
 
@@ -35,13 +37,21 @@ async def ready(request: Request):
 
 @router.get("/info")
 async def info(state: State) -> dict:
-    s = state.settings
+    """TGI's `Info` fields (docs/openapi.json), then this server's own."""
+    s, engine = state.settings, state.engine
+    dtype = str(engine.dtype).removeprefix("torch.")
     return {
-        "version": __version__, "model_id": state.engine.model_name, "base_fingerprint": state.engine.base_fingerprint,
-        "quantize": s.quantize, "dtype": s.dtype, "device": str(getattr(state.engine, "device", s.device)),
-        "max_loras": state.engine.config.max_loras, "max_cpu_adapters": s.max_cpu_adapters, "max_rank": s.max_rank,
-        "max_batch_size": s.max_batch_size, "max_batch_tokens": s.max_batch_tokens,
-        "max_input_tokens": s.max_input_tokens, "max_total_tokens": s.max_total_tokens,
+        # TGI's Info
+        "model_id": engine.model_name, "model_sha": None, "model_dtype": f"torch.{dtype}",
+        "model_device_type": engine.device.type, "model_pipeline_tag": "text-generation",
+        "max_concurrent_requests": s.max_waiting + s.max_batch_size, "max_best_of": MAX_BEST_OF,
+        "max_stop_sequences": MAX_STOP_SEQUENCES, "max_input_tokens": s.max_input_tokens,
+        "max_total_tokens": s.max_total_tokens, "validation_workers": 1, "max_client_batch_size": 1,
+        "router": "olora-serve", "version": __version__, "sha": None, "docker_label": None,
+        # olora-serve's own
+        "base_fingerprint": engine.base_fingerprint, "quantize": s.quantize, "dtype": dtype,
+        "device": str(engine.device), "max_loras": engine.config.max_loras, "max_cpu_adapters": s.max_cpu_adapters,
+        "max_rank": s.max_rank, "max_batch_size": s.max_batch_size, "max_batch_tokens": s.max_batch_tokens,
         "max_waiting": s.max_waiting, "auth": s.auth_enabled,
     }
 
