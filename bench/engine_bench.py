@@ -16,7 +16,6 @@ import json
 import math
 import platform
 import random
-import statistics
 import sys
 import tempfile
 import threading

@@ -38,7 +38,7 @@ def _start_upload(url: str, adapter_id: str, declared: int, headers: dict | None
     host, port = url.removeprefix("http://").split(":")
     head, _, length = _multipart_head(adapter_id, declared)
     sock = socket.create_connection((host, int(port)), timeout=15)
-    lines = [f"POST /adapters HTTP/1.1", f"Host: {host}", f"Content-Length: {length}",
+    lines = ["POST /adapters HTTP/1.1", f"Host: {host}", f"Content-Length: {length}",
              f"Content-Type: multipart/form-data; boundary={BOUNDARY}",
              *[f"{k}: {v}" for k, v in (headers or {}).items()]]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + head + first)

@@ -1,7 +1,6 @@
 """The `olora` command line, run in-process through `main([...])` (plus one real subprocess call)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
