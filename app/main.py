@@ -83,7 +83,9 @@ async def _watch_store(state: AppState, store: AdapterStore) -> None:
             continue
         for adapter_id in set(known) | set(current):
             if known.get(adapter_id) != current.get(adapter_id):
-                state.engine.invalidate(adapter_id)
+                version = current.get(adapter_id)  # None: deleted
+                path = None if version is None else str(store.root / adapter_id / version)
+                state.engine.invalidate(adapter_id, current_path=path)  # an up-to-date cache is left alone
         known = current
         state.metrics.adapters_registered.set(len(current))
 

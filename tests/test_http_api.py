@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.main import create_app
 from app.settings import Settings
+from app.store.adapter_store import AdapterStore
 from helpers import save_random_lora, save_tiny_checkpoint
 from http_helpers import peft_greedy_text, tar_gz, upload
 
@@ -305,3 +306,23 @@ def test_delete_lets_running_requests_finish(client, lora_dirs, monkeypatch):
     body = result["r"].json()
     assert result["r"].status_code == 200 and body["details"]["finish_reason"] == "length"
     assert body["generated_text"] == expected  # finished with the adapter it started with
+
+
+def test_store_watcher_keeps_a_fresh_upload_cached(tmp_path, base_dir, lora_dirs):
+    """The store watcher saw this process's own upload as a change and evicted the adapter it had just loaded;
+    an overwrite by another process (a new version) is still picked up."""
+    import time as _time
+
+    with TestClient(create_app(make_settings(tmp_path, base_dir, store_poll_s=0.1))) as c:
+        assert upload(c, "fresh", tar_gz(lora_dirs["qv4"])).status_code == 201
+        assert c.post("/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "fresh",
+                                                                          "max_new_tokens": 2}}).status_code == 200
+        _time.sleep(0.6)  # several polls
+        assert "fresh" in c.get("/cache").json()["host_cache"]
+        state = c.app.state.olora
+        other = AdapterStore(state.settings.adapter_dir)  # another replica overwriting the adapter
+        other.put("fresh", lora_dirs["qv4b"], dict(other.get("fresh").metadata), overwrite=True)
+        deadline = _time.monotonic() + 5
+        while "fresh" in c.get("/cache").json()["host_cache"] and _time.monotonic() < deadline:
+            _time.sleep(0.1)
+        assert "fresh" not in c.get("/cache").json()["host_cache"]  # the old version was dropped

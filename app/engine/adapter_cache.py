@@ -142,8 +142,16 @@ class AdapterCache:
                 return "device"
             return "host" if key in self._host else "loading"
 
-    def invalidate(self, adapter_id: str) -> None:
+    def invalidate(self, adapter_id: str, current_path: str | None = None) -> None:
+        """Drop what is cached of `adapter_id`; later requests resolve it again. With `current_path` (the store's
+        current version, as a store watcher sees it) nothing happens when every key this cache holds or waits
+        for is already that version: e.g. an adapter this process has just uploaded and loaded."""
         with self._lock:
+            if current_path is not None:
+                held = [*self._host, *self._wanted, *self._pending, *self._failed,
+                        *(e.key for e in self._slots if e is not None), *([self._loading] if self._loading else [])]
+                if all(k.path == current_path for k in held if k.adapter_id == adapter_id):
+                    return
             self._generation[adapter_id] = self._generation.get(adapter_id, 0) + 1
             for key in [k for k in self._host if k.adapter_id == adapter_id]:
                 del self._host[key]

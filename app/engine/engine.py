@@ -199,9 +199,10 @@ class Engine:
             seq.cancelled = True
             self._notify()
 
-    def invalidate(self, adapter_id: str) -> None:
-        """The adapter was deleted or overwritten: later requests get the new version or AdapterNotFound."""
-        self.cache.invalidate(adapter_id)
+    def invalidate(self, adapter_id: str, current_path: str | None = None) -> None:
+        """The adapter was deleted or overwritten: later requests get the new version or AdapterNotFound.
+        `current_path`: the version now current, when known; a cache holding only it is left alone."""
+        self.cache.invalidate(adapter_id, current_path)
         self._notify()
 
 
