@@ -8,7 +8,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 from app.engine.sampling import SamplingParams
 
@@ -111,6 +111,23 @@ def start(engine, *, request_id: str, prompt: str | list[int], adapter_id: str |
     handle = engine.submit(prompt_ids, adapter_id, params)
     return handle, Generation(request_id=request_id, adapter_id=adapter_id, prompt_tokens=len(prompt_ids),
                               seed=params.seed, prompt_ids=prompt_ids)
+
+
+def start_many(engine, *, request_id: str, adapter_id: str | None,
+               jobs: Iterable[tuple[str | list[int], SamplingParams]], truncate: int | None = None
+               ) -> list[tuple[object, Generation]]:
+    """Start the generations of one request (TGI's best_of, OpenAI's n and prompt lists), one per (prompt, params)
+    job, with `start`. If one cannot start, those already started are cancelled before the error goes up."""
+    runs: list[tuple[object, Generation]] = []
+    try:
+        for prompt, params in jobs:
+            runs.append(start(engine, request_id=request_id, prompt=prompt, adapter_id=adapter_id, params=params,
+                              truncate=truncate))
+    except Exception:
+        for handle, _ in runs:
+            handle.cancel()
+        raise
+    return runs
 
 
 async def _watch_disconnect(disconnected: Disconnected, handle) -> None:

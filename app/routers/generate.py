@@ -12,7 +12,7 @@ from sse_starlette.sse import EventSourceResponse
 from app import tgi
 from app.deps import ApiKey, AppState, State
 from app.errors import stream_error
-from app.generation import Generation, adapter_with_header, collect, start, stream_tokens
+from app.generation import Generation, adapter_with_header, collect, start_many, stream_tokens
 from app.schemas import GenerateRequest, GenerateResponse
 
 router = APIRouter(tags=["generation"], dependencies=[ApiKey])
@@ -26,17 +26,9 @@ def _start_all(state: AppState, request: Request, body: GenerateRequest, header_
     named, names_one = tgi.body_adapter(state.ephemeral, p)
     adapter_id = adapter_with_header(named, header_adapter, body_names_one=names_one)
     request.scope["state"]["adapter_id"] = adapter_id
-    runs: list[tuple[object, Generation]] = []
-    try:
-        for _ in range(p.best_of or 1):
-            runs.append(start(state.engine, request_id=request.scope["state"]["request_id"], prompt=body.inputs,
-                              adapter_id=adapter_id, params=tgi.sampling(p, state.settings.max_new_tokens_default),
-                              truncate=p.truncate))
-    except Exception:
-        for handle, _ in runs:
-            handle.cancel()
-        raise
-    return runs
+    jobs = ((body.inputs, tgi.sampling(p, state.settings.max_new_tokens_default)) for _ in range(p.best_of or 1))
+    return start_many(state.engine, request_id=request.scope["state"]["request_id"], adapter_id=adapter_id,
+                      jobs=jobs, truncate=p.truncate)
 
 
 async def _generate(body: GenerateRequest, request: Request, state: AppState,

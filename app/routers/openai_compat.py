@@ -17,7 +17,9 @@ from sse_starlette.sse import EventSourceResponse
 from app import openai_render as oai
 from app.deps import ApiKey, AppState, State
 from app.errors import stream_error
-from app.generation import Generation, TokenOut, adapter_with_header, merged_tokens, sampling_params, start
+from app.engine.sampling import SamplingParams
+from app.generation import (Generation, TokenOut, adapter_with_header, merged_tokens, sampling_params,
+                            start_many)
 from app.openai_schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey])
@@ -45,23 +47,18 @@ def _start_choices(state: AppState, request: Request, body: OpenAIRequest, promp
     adapter_id = adapter_with_header(_adapter_for_model(state, body.model), request.headers.get("x-adapter-id"),
                                      body_names_one=True)
     request.scope["state"]["adapter_id"] = adapter_id
-    runs: list[tuple[object, Generation]] = []
-    try:
-        for prompt in prompts:
-            for j in range(per_prompt):
-                params = sampling_params(
-                    max_new_tokens=max_tokens, default_max_new_tokens=state.settings.max_new_tokens_default,
-                    temperature=body.temperature, top_p=body.top_p,
-                    seed=None if body.seed is None else (body.seed + j) % _SEED_LIMIT, stop=oai.stop_list(body.stop),
-                    frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                    top_n_tokens=top_n, prompt_logprobs=prompt_logprobs, ignore_eos=body.ignore_eos)
-                runs.append(start(state.engine, request_id=request.scope["state"]["request_id"], prompt=prompt,
-                                  adapter_id=adapter_id, params=params))
-    except Exception:
-        for handle, _ in runs:
-            handle.cancel()
-        raise
-    return runs
+
+    def params(j: int) -> SamplingParams:
+        return sampling_params(
+            max_new_tokens=max_tokens, default_max_new_tokens=state.settings.max_new_tokens_default,
+            temperature=body.temperature, top_p=body.top_p,
+            seed=None if body.seed is None else (body.seed + j) % _SEED_LIMIT, stop=oai.stop_list(body.stop),
+            frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+            top_n_tokens=top_n, prompt_logprobs=prompt_logprobs, ignore_eos=body.ignore_eos)
+
+    jobs = ((prompt, params(j)) for prompt in prompts for j in range(per_prompt))
+    return start_many(state.engine, request_id=request.scope["state"]["request_id"], adapter_id=adapter_id,
+                      jobs=jobs)
 
 
 def _sse(state: AppState, request: Request, runs: list[tuple[object, Generation]], stop: list[str], chunk: Chunk,
