@@ -167,13 +167,7 @@ class AdapterService:
     # ---- Beyond PEFT (olora_core/quant_convert.py, olora_core/recompute_init.py) -------------------------------
     def _served_quantization(self):
         """The served base's QuantSpec (its bitsandbytes settings), or None when the base is not quantized."""
-        from olora_core.quant_convert import QuantSpec
-
-        quantize = self.engine.config.quantize
-        if quantize == "none":
-            return None
-        spec = QuantSpec.from_model(self.engine.model, device="cpu")
-        return spec if spec.kind == quantize else QuantSpec(kind=quantize)
+        return self.engine.base.quantization
 
     def _quant_aware(self, kind: str, requested: bool | None) -> bool:
         """OLoRA on a quantized server: the quantization-aware conversion unless the client said quant_aware=false."""

@@ -35,6 +35,28 @@ class LoadedBase:
     dtype: torch.dtype  # compute/activation dtype (= LoRA slot dtype)
     quantize: str
 
+    def describe(self) -> "BaseDescription":
+        from olora_core.quant_convert import QuantSpec
+
+        spec = None
+        if self.quantize != "none":
+            found = QuantSpec.from_model(self.model, device="cpu")
+            spec = found if found.kind == self.quantize else QuantSpec(kind=self.quantize)
+        return BaseDescription(name=self.name, path=self.path, fingerprint=self.fingerprint, dtype=self.dtype,
+                               device=self.device, quantization=spec)
+
+
+@dataclass(frozen=True)
+class BaseDescription:
+    """What the layers above the engine may know of the served base, without reaching into the model."""
+
+    name: str  # what the user asked for (HF id or directory), or "default"
+    path: Path  # local directory of the checkpoint (merges, provenance checks, conversions read it)
+    fingerprint: str  # "sha256:..." of the original files (module docstring)
+    dtype: torch.dtype  # compute dtype in use
+    device: torch.device
+    quantization: "QuantSpec | None"  # olora_core.quant_convert.QuantSpec of the served layers; None = not quantized
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":

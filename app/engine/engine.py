@@ -103,6 +103,7 @@ class Engine:
         self.device = base.device
         self.dtype: torch.dtype = base.dtype  # compute dtype in use ("auto" resolved)
         self.model = base.model
+        self.base = base.describe()  # frozen facts of the base for the adapter domain (BaseDescription)
         window = getattr(base.model.config, "sliding_window", None)
         if isinstance(window, int) and window < config.max_total_tokens:
             raise BaseModelError(f"{base.name}: sliding-window attention ({window}) is not supported by the row KV "
