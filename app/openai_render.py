@@ -80,6 +80,6 @@ class Logprobs:
 
     def chat(self, tokens: list[TokenEvent], k: int) -> dict:
         """Chat `logprobs`: {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
-        content = [{**self._entry(t.token_id, t.logprob), "top_logprobs": [self._entry(i, lp) for i, lp in t.top_tokens[:k]]}
-                   for t in tokens]
+        content = [{**self._entry(t.token_id, t.logprob),
+                    "top_logprobs": [self._entry(i, lp) for i, lp in t.top_tokens[:k]]} for t in tokens]
         return {"content": content, "refusal": None}

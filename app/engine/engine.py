@@ -144,7 +144,8 @@ class Engine:
         sampler = RowSampler(params, self.device, len(prompt_ids))  # draws the seed of an unseeded sampled request
         handle = RequestHandle(request_id, self.cancel, seed=sampler.seed)
         seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), adapter_id=adapter_id, key=key,
-                       params=params, sampler=sampler, detok=IncrementalDetokenizer(self.tokenizer, prompt_ids), handle=handle)
+                       params=params, sampler=sampler, detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+                       handle=handle)
         self._by_id[request_id] = seq
         try:
             self.scheduler.enqueue(seq)
