@@ -26,6 +26,7 @@ from typing import Any
 
 from olora_core.adapter_io import MUTATED_INIT_KINDS, adapter_kind, load_adapter_dir, save_adapter_dir
 from olora_core.convert import convert
+from olora_core.dtypes import torch_dtype
 
 from app.store.adapter_store import AdapterMissing, AdapterStore, StoredAdapter, check_adapter_id
 from app.store.archive import ArchiveLimits, extract_archive
@@ -190,8 +191,7 @@ class AdapterService:
         if spec is not None and init_dtype is not None:
             from dataclasses import replace
 
-            from olora_core.quant_convert import DTYPES
-            spec = replace(spec, dtype=DTYPES[init_dtype])
+            spec = replace(spec, dtype=torch_dtype(init_dtype))
         extra: dict[str, Any] = {"conversion": f"quant_aware:{spec.kind}" if spec is not None else "peft"}
         if recompute_init:
             if initial_archive is not None:

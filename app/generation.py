@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-import random
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, Iterable
 
+from app.engine.handle import GenerationResult, TokenEvent
 from app.engine.sampling import SamplingParams
 
 Disconnected = Callable[[], Awaitable[bool]]
@@ -37,32 +36,14 @@ class UnsupportedOption(GenerationError):
 
 
 @dataclass
-class TokenOut:
-    id: int
-    text: str
-    logprob: float | None
-    special: bool = False
-    top: tuple[tuple[int, float], ...] = ()  # (id, logprob) of the most likely tokens, when asked
-    finish_reason: str | None = None  # set on the generation's last token
+class Generation(GenerationResult):
+    """Everything one request's generation produced: the engine's accumulator (tokens as the engine's
+    `TokenEvent`s, text, finish reason, seed) plus what the renderers need of the request (its timings are the
+    engine's: observer RequestStats)."""
 
-
-@dataclass
-class Generation:
-    """Everything one finished request produced (its timings are the engine's: observer RequestStats)."""
-
-    request_id: str
-    adapter_id: str | None
-    prompt_tokens: int
-    seed: int | None
+    adapter_id: str | None = None
+    prompt_tokens: int = 0
     prompt_ids: list[int] = field(default_factory=list)
-    prompt_logprobs: tuple[float, ...] | None = None  # prompt tokens 1..n-1, when asked
-    tokens: list[TokenOut] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-
-    @property
-    def logprob_sum(self) -> float:
-        return sum(t.logprob or 0.0 for t in self.tokens)
 
 
 def sampling_params(*, max_new_tokens: int | None, default_max_new_tokens: int, do_sample: bool = False,
@@ -72,14 +53,13 @@ def sampling_params(*, max_new_tokens: int | None, default_max_new_tokens: int, 
                     seed: int | None = None, stop: list[str] | None = None, ignore_eos: bool = False,
                     top_n_tokens: int | None = None, prompt_logprobs: bool = False) -> SamplingParams:
     """TGI semantics: sampling is on when asked, or implied by temperature/top_p/top_k/typical_p (as TGI does).
-    A sampled request without a seed gets one, reported back in `details.seed` so it can be replayed."""
+    A sampled request without a seed gets one from the engine (its RowSampler), reported back in
+    `details.seed` so it can be replayed."""
     temperature_given = temperature is not None and temperature != 1.0
     sample = (do_sample or temperature_given or (top_p is not None and top_p < 1.0) or bool(top_k)
               or (typical_p is not None and typical_p < 1.0))
     if temperature == 0:  # OpenAI clients ask for greedy with temperature 0
         sample, temperature = False, None
-    if sample and seed is None:
-        seed = random.randrange(2**63)
     return SamplingParams(
         max_new_tokens=max_new_tokens or default_max_new_tokens, do_sample=sample,
         temperature=temperature or 1.0, top_p=top_p or 1.0, top_k=top_k or 0, typical_p=typical_p or 1.0,
@@ -110,7 +90,7 @@ def start(engine, *, request_id: str, prompt: str | list[int], adapter_id: str |
         prompt_ids = prompt_ids[-truncate:]
     handle = engine.submit(prompt_ids, adapter_id, params)
     return handle, Generation(request_id=request_id, adapter_id=adapter_id, prompt_tokens=len(prompt_ids),
-                              seed=params.seed, prompt_ids=prompt_ids)
+                              seed=handle.seed, prompt_ids=prompt_ids)
 
 
 def start_many(engine, *, request_id: str, adapter_id: str | None,
@@ -139,7 +119,7 @@ async def _watch_disconnect(disconnected: Disconnected, handle) -> None:
 
 
 async def stream_tokens(handle, generation: Generation, *, timeout_s: float,
-                        disconnected: Disconnected | None = None) -> AsyncIterator[TokenOut]:
+                        disconnected: Disconnected | None = None) -> AsyncIterator[TokenEvent]:
     """Yield the request's tokens as they come; cancel the request on timeout, disconnect or consumer exit."""
     watcher = asyncio.create_task(_watch_disconnect(disconnected, handle)) if disconnected else None
     deadline = time.monotonic() + timeout_s
@@ -156,20 +136,13 @@ async def stream_tokens(handle, generation: Generation, *, timeout_s: float,
                 break
             except asyncio.TimeoutError:
                 raise timeout from None
-            finite = event.logprob is not None and math.isfinite(event.logprob)  # JSON has no NaN/Infinity
-            token = TokenOut(event.token_id, event.text, event.logprob if finite else None, event.special,
-                             event.top_tokens, event.finish_reason)
-            if event.prompt_logprobs is not None:
-                generation.prompt_logprobs = event.prompt_logprobs
-            generation.tokens.append(token)
-            generation.text += event.text
-            generation.finish_reason = event.finish_reason
-            yield token
+            generation.add(event)
+            yield event
             if event.finish_reason is not None:
                 break
     finally:
         if generation.finish_reason is None:
-            generation.finish_reason = getattr(handle, "finish_reason", None) or "cancelled"
+            generation.finish_reason = handle.finish_reason or "cancelled"
             handle.cancel()  # no-op for a finished request; frees the row of an abandoned one
         if watcher is not None:
             watcher.cancel()
@@ -185,7 +158,7 @@ async def collect(handle, generation: Generation, *, timeout_s: float,
 
 
 async def merged_tokens(runs: list[tuple[object, Generation]], *, timeout_s: float,
-                        disconnected: Disconnected | None = None) -> AsyncIterator[tuple[int, TokenOut | None]]:
+                        disconnected: Disconnected | None = None) -> AsyncIterator[tuple[int, TokenEvent | None]]:
     """Tokens of several generations as they come: (run index, token), and (run index, None) when one ends.
     Leaving the iteration cancels the runs still going; the first error ends it."""
     queue: asyncio.Queue = asyncio.Queue()

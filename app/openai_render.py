@@ -6,7 +6,8 @@ penalties; the model's own for greedy decoding), as TGI reports them. No web fra
 """
 from __future__ import annotations
 
-from app.generation import Generation, TokenOut
+from app.engine.handle import TokenEvent
+from app.generation import Generation
 
 FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop", "cancelled": "stop"}
 
@@ -42,7 +43,7 @@ class Logprobs:
     def text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def completion(self, tokens: list[TokenOut], k: int, *, offset: int, prompt: Generation | None = None) -> dict:
+    def completion(self, tokens: list[TokenEvent], k: int, *, offset: int, prompt: Generation | None = None) -> dict:
         """Legacy completions `logprobs` ({tokens, token_logprobs, top_logprobs, text_offset}); `offset` is where
         the first token's text starts in the choice's text. With `prompt` (echo) the prompt's tokens come first,
         from offset 0 (the first has no log-probability; prompt positions list only their own token)."""
@@ -58,10 +59,10 @@ class Logprobs:
                 out["text_offset"].append(at)
                 at += len(s)
         for t in tokens:
-            s = self.text(t.id)
+            s = self.text(t.token_id)
             out["tokens"].append(s)
             out["token_logprobs"].append(t.logprob)
-            out["top_logprobs"].append(self._top_dict(t.top[:k]) if k else {s: t.logprob})
+            out["top_logprobs"].append(self._top_dict(t.top_tokens[:k]) if k else {s: t.logprob})
             out["text_offset"].append(offset)
             offset += len(t.text)
         return out
@@ -77,8 +78,8 @@ class Logprobs:
         s = self.text(token_id)
         return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8"))}
 
-    def chat(self, tokens: list[TokenOut], k: int) -> dict:
+    def chat(self, tokens: list[TokenEvent], k: int) -> dict:
         """Chat `logprobs`: {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
-        content = [{**self._entry(t.id, t.logprob), "top_logprobs": [self._entry(i, lp) for i, lp in t.top[:k]]}
-                   for t in tokens]
+        content = [{**self._entry(t.token_id, t.logprob),
+                    "top_logprobs": [self._entry(i, lp) for i, lp in t.top_tokens[:k]]} for t in tokens]
         return {"content": content, "refusal": None}

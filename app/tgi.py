@@ -5,8 +5,9 @@ No web framework types: routers call these and return what they build.
 """
 from __future__ import annotations
 
+from app.engine.handle import TokenEvent
 from app.engine.sampling import SamplingParams
-from app.generation import Generation, TokenOut, UnsupportedOption, sampling_params
+from app.generation import Generation, UnsupportedOption, sampling_params
 from app.schemas import (
     AlternativeToken,
     BestOfSequence,
@@ -79,16 +80,16 @@ class Renderer:
     def _text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def _top(self, t: TokenOut) -> list[Token]:
+    def _top(self, t: TokenEvent) -> list[Token]:
         return [Token(id=i, text=self._text(i), logprob=lp, special=i in self._special)
-                for i, lp in t.top[:self.p.top_n_tokens or 0]]
+                for i, lp in t.top_tokens[:self.p.top_n_tokens or 0]]
 
-    def token(self, t: TokenOut) -> Token:
+    def token(self, t: TokenEvent) -> Token:
         alternatives = None
         if self.p.return_k_alternatives:
             alternatives = [AlternativeToken(id=i, text=self._text(i), logprob=lp)
-                            for i, lp in t.top[:self.p.return_k_alternatives]]
-        return Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special, alternative_tokens=alternatives)
+                            for i, lp in t.top_tokens[:self.p.return_k_alternatives]]
+        return Token(id=t.token_id, text=t.text, logprob=t.logprob, special=t.special, alternative_tokens=alternatives)
 
     def prefill(self, g: Generation) -> list[PrefillToken]:
         if not self.p.decoder_input_details or g.prompt_logprobs is None:
@@ -112,7 +113,7 @@ class Renderer:
                        prompt_tokens=best.prompt_tokens, adapter_id=self.p.adapter_id, prefill=self.prefill(best),
                        tokens=[self.token(t) for t in best.tokens], top_tokens=top, best_of_sequences=sequences)
 
-    def stream_event(self, index: int, t: TokenOut) -> StreamResponse:
+    def stream_event(self, index: int, t: TokenEvent) -> StreamResponse:
         return StreamResponse(index=index, token=self.token(t),
                               top_tokens=self._top(t) if self.p.top_n_tokens else None)
 

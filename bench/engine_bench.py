@@ -189,7 +189,7 @@ def cold_loads(engine: Engine, adapters: Path, names: list[str], n: int) -> dict
     parse_s, copy_s, total_s = [], [], []
     for i in range(n):
         t0 = time.perf_counter()
-        parsed = engine._parse(adapters / names[i % len(names)])
+        parsed = engine.parser.parse(adapters / names[i % len(names)])
         t1 = time.perf_counter()
         engine.bank.load(1 + i % engine.bank.n_slots, parsed)
         t2 = time.perf_counter()

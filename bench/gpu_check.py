@@ -212,7 +212,7 @@ def profile_decode(engine: Engine, adapters: Path, args, use_adapters: bool) -> 
     slots = [0] * c
     if use_adapters:
         for i in range(min(c, engine.bank.n_slots)):
-            engine.bank.load(i + 1, engine._parse(adapters / f"ad{i:03d}"))
+            engine.bank.load(i + 1, engine.parser.parse(adapters / f"ad{i:03d}"))
         slots = [1 + i % engine.bank.n_slots for i in range(c)]
     rng = random.Random(1)
     prompts = [[rng.randrange(4, engine.runner.vocab_size) for _ in range(args.prompt_tokens)] for _ in range(c)]

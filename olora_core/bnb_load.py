@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 CPU_4BIT_BLOCK_N = 32  # bitsandbytes' AVX512-BF16 4-bit kernel packs out_features in blocks of 32
 
 

@@ -14,6 +14,8 @@ import textwrap
 import warnings
 from pathlib import Path
 
+from olora_core.dtypes import DTYPE_NAMES, QUANTIZATIONS, torch_dtype
+
 EXIT_OK = 0
 EXIT_ERROR = 2
 
@@ -103,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for the init and the data order")
     p.add_argument("--init", choices=("olora", "pissa", "lora"), default="olora", help="adapter initialisation")
     p.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                    help="dtype to load the base in (float32 keeps the conversion exact)")
-    p.add_argument("--quantize", choices=("none", "nf4", "fp4", "int8"), default="none",
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
                    help="load the base with bitsandbytes as `olora serve --quantize` does (compute dtype: --dtype)")
     p.add_argument("--share-safe", action="store_true",
                    help="OLoRA/PiSSA without mutating the base: a frozen, negated copy of the init sits beside "
@@ -226,7 +228,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 # ---- Beyond PEFT: quantization-aware conversion and init recomputation (docs/beyond-peft.md) ----------------
 def _add_beyond_peft_convert_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quantization", choices=("none", "nf4", "fp4", "int8"), default="none",
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
                    help="the adapter was trained on this bitsandbytes base and is served on it: write the exact served "
                         "delta at low rank (needs --base)")
     p.add_argument("--base", type=Path, default=None, metavar="DIR",
@@ -238,7 +240,7 @@ def _add_beyond_peft_convert_flags(p: argparse.ArgumentParser) -> None:
                       help="per layer, the smallest rank whose relative Frobenius error is <= E")
     p.add_argument("--recompute-init", action="store_true",
                    help="no --initial: recompute the OLoRA/PiSSA init from --base (same weights bit for bit)")
-    p.add_argument("--init-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    p.add_argument("--init-dtype", choices=DTYPE_NAMES, default="float32",
                    help="dtype the base checkpoint was loaded in (before any quantization) when the adapter was "
                         "initialised")
 
@@ -263,11 +265,11 @@ def _cmd_convert_beyond_peft(args: argparse.Namespace) -> int:
     else:
         if args.initial is None:
             return _missing_component("--initial DIR is required (or --recompute-init)")
-        from olora_core.quant_convert import DTYPES, convert_quant_aware
+        from olora_core.quant_convert import convert_quant_aware
 
         conversion = convert_quant_aware(args.initial, args.trained, args.out, args.base, args.quantization,
                                          rank=args.rank, max_rel_error=args.max_rel_error,
-                                         dtype=DTYPES[args.init_dtype], overwrite=args.overwrite)
+                                         dtype=torch_dtype(args.init_dtype), overwrite=args.overwrite)
     print(f"converted adapter written to {args.out}")
     for key, value in _report_items(conversion):
         if key != "layers":

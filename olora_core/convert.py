@@ -77,13 +77,16 @@ def conversion_kind(initial: dict, trained: dict) -> str:
                                 "(neither config says init_lora_weights = olora/pissa/corda/lora_ga)")
 
 
-def _check_supported(config: dict, where: Path) -> None:
+def check_supported_config(config: dict, where: Path) -> None:
+    """Refuse an adapter config with a flag the conversions cannot express (UNSUPPORTED_FLAGS)."""
     for flag in UNSUPPORTED_FLAGS:
         if config.get(flag) not in (None, False, [], {}, ""):
             raise UnsupportedLayerError(f"{where}: {flag}={config[flag]!r} is not supported by the conversion")
 
 
-def _check_match(initial: AdapterFiles, trained: AdapterFiles) -> None:
+def check_matching_pair(initial: AdapterFiles, trained: AdapterFiles) -> None:
+    """Refuse an (initial, trained) pair that are not the same adapter before and after training: config fields
+    (MATCHING_FIELDS), tensor keys and shapes must agree."""
     for field in MATCHING_FIELDS:
         a, b = _normalised(field, initial.config.get(field)), _normalised(field, trained.config.get(field))
         if a != b:
@@ -101,10 +104,7 @@ def _check_match(initial: AdapterFiles, trained: AdapterFiles) -> None:
                                        f"{label(initial.path)} vs {tuple(tensor.shape)} in trained {label(trained.path)}")
 
 
-_layer_rank = layer_rank  # PEFT's rank_pattern rule, from the one config module (adapter_format)
-
-
-def _split_keys(trained: AdapterFiles) -> tuple[list[str], list[str]]:
+def split_lora_keys(trained: AdapterFiles) -> tuple[list[str], list[str]]:
     """(module names with a lora_A/lora_B pair, keys carried unchanged). Refuses other LoRA tensors."""
     modules, carried = [], []
     for key in sorted(trained.tensors):
@@ -132,7 +132,7 @@ def _convert_pair(trained: AdapterFiles, initial: AdapterFiles, module: str) -> 
     if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
         raise RankError(f"{module}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not a rank-r pair")
     name = module[len(KEY_PREFIX):] if module.startswith(KEY_PREFIX) else module
-    r_layer = _layer_rank(trained.config, name)
+    r_layer = layer_rank(trained.config, name)
     if A.shape[0] != r_layer:
         raise RankError(f"{module}: lora_A has {A.shape[0]} rows but the config gives this layer r={r_layer}")
     dtype_A, dtype_B = torch.promote_types(A.dtype, A0.dtype), torch.promote_types(B.dtype, B0.dtype)
@@ -179,10 +179,10 @@ def convert(initial_dir: str | os.PathLike, trained_dir: str | os.PathLike, out_
     if Path(out_dir).resolve() in (initial.path.resolve(), trained.path.resolve()):
         raise OutputExistsError(f"{label(out_dir)}: the output must not replace one of the input adapter directories")
     for files in (initial, trained):
-        _check_supported(files.config, files.path)
+        check_supported_config(files.config, files.path)
     kind = conversion_kind(initial.config, trained.config)
-    _check_match(initial, trained)
-    modules, carried = _split_keys(trained)
+    check_matching_pair(initial, trained)
+    modules, carried = split_lora_keys(trained)
     if kind == "olora":
         check_olora_initial(initial, modules)
 

@@ -104,7 +104,7 @@ def _unpack_cpu_4bit(weight) -> None:
         weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
 
 
-def _dense_weight(module: nn.Module, fmt: str) -> Tensor:
+def dense_weight(module: nn.Module, fmt: str) -> Tensor:
     """The module's weight as a float (out, in) tensor (dequantized for bitsandbytes; a view otherwise)."""
     weight = module.weight
     if fmt == "4bit":
@@ -127,7 +127,7 @@ def _dense_weight(module: nn.Module, fmt: str) -> Tensor:
     return weight.data
 
 
-def _set_residual(module: nn.Module, fmt: str, residual: Tensor, dense_dtype: torch.dtype) -> None:
+def set_residual(module: nn.Module, fmt: str, residual: Tensor, dense_dtype: torch.dtype) -> None:
     """Store the float32 (out, in) residual as the module's weight, in the module's own format."""
     weight = module.weight
     if fmt == "4bit":
@@ -160,9 +160,9 @@ def olora_init_module(module: nn.Module, r: int, alpha: float, use_rslora: bool 
     settings) and returns A0/B0 (float32). On an error the weight keeps its values (a 4-bit weight that
     bitsandbytes had repacked for its CPU kernel may be left in the standard layout)."""
     fmt = weight_format(module)
-    dense = _dense_weight(module, fmt)  # (out, in)
+    dense = dense_weight(module, fmt)  # (out, in)
     init = olora_init(dense, r, alpha, use_rslora)
-    _set_residual(module, fmt, init.residual, dense.dtype)
+    set_residual(module, fmt, init.residual, dense.dtype)
     return init
 
 
@@ -171,7 +171,8 @@ def olora_init_module(module: nn.Module, r: int, alpha: float, use_rslora: bool 
 _UNSUPPORTED_CONFIG_FLAGS = ("use_dora", "lora_bias", "use_qalora", "use_bdlora")
 
 
-def _check_config(config) -> None:
+def check_olora_config(config) -> None:
+    """Refuse a peft LoraConfig with a feature the OLoRA init does not support."""
     for flag in _UNSUPPORTED_CONFIG_FLAGS:
         if getattr(config, flag, False):
             raise UnsupportedLayerError(f"OLoRA init with LoraConfig.{flag}=True is not supported")
@@ -181,7 +182,7 @@ def _check_config(config) -> None:
             raise UnsupportedLayerError(f"OLoRA init with LoraConfig.{field} set is not supported")
 
 
-def _lora_layers(peft_model, adapter_name: str) -> list[tuple[str, nn.Module]]:
+def lora_layers_of(peft_model, adapter_name: str) -> list[tuple[str, nn.Module]]:
     """Every LoRA layer holding `adapter_name`; refuses layer kinds OLoRA cannot initialise."""
     from peft.tuners.lora import LoraLayer
 
@@ -193,7 +194,7 @@ def _lora_layers(peft_model, adapter_name: str) -> list[tuple[str, nn.Module]]:
             raise UnsupportedLayerError(f"{name}: {type(layer).__name__} (embedding or LoRA variant) "
                                         "cannot be OLoRA-initialised")
         base = layer.get_base_layer()
-        dense = _dense_weight(base, weight_format(base))  # raises UnsupportedLayerError
+        dense = dense_weight(base, weight_format(base))  # raises UnsupportedLayerError
         r, (out_f, in_f) = layer.r[adapter_name], dense.shape
         if r > min(out_f, in_f):
             raise RankError(f"{name}: r={r} > min(out={out_f}, in={in_f}); OLoRA needs r <= {min(out_f, in_f)}")
@@ -221,12 +222,12 @@ def apply_olora(model: nn.Module, lora_config, adapter_name: str = "default"):
 
     if isinstance(model, PeftModel):
         raise OLoRAError("apply_olora expects a plain model, got a PeftModel")
-    _check_config(lora_config)
+    check_olora_config(lora_config)
     config = copy.deepcopy(lora_config)
     config.init_lora_weights = True  # PEFT builds the layers; we overwrite A/B and the base below
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     try:
-        layers = _lora_layers(peft_model, adapter_name)
+        layers = lora_layers_of(peft_model, adapter_name)
     except OLoRAError:
         peft_model.unload()  # puts the original modules back into `model`
         raise

@@ -23,9 +23,10 @@ import torch
 
 from .adapter_format import layer_rank, layer_scaling
 from .adapter_io import AdapterFiles, adapter_kind
-from .convert import KEY_PREFIX, LORA_A_SUFFIX, LORA_B_SUFFIX, _split_keys
+from .convert import KEY_PREFIX, LORA_A_SUFFIX, LORA_B_SUFFIX, split_lora_keys
+from .dtypes import torch_dtype
 from .errors import AdapterMismatchError
-from .quant_convert import DTYPES, BaseWeights, Quantizer, QuantSpec
+from .quant_convert import BaseWeights, Quantizer, QuantSpec
 
 # relative Frobenius distance accepted per dtype the init ran in: float32 QR/SVD reproduces to ~1e-6; a
 # bfloat16/float16 base rounds W (and PEFT rounds the stored factors) to ~2^-8 / 2^-11 relative
@@ -57,7 +58,7 @@ def check_initial_provenance(initial: AdapterFiles, base_dir: str | os.PathLike,
     base = BaseWeights(base_dir)
     quantizer = Quantizer(quantization) if quantization is not None and quantization.kind != "none" else None
     tolerance = TOLERANCE[init_dtype]
-    modules, _ = _split_keys(initial)
+    modules, _ = split_lora_keys(initial)
     for module in modules:
         name = module[len(KEY_PREFIX):] if module.startswith(KEY_PREFIX) else module
         A0 = initial.tensors[module + LORA_A_SUFFIX].float()  # (r, in)
@@ -67,7 +68,7 @@ def check_initial_provenance(initial: AdapterFiles, base_dir: str | os.PathLike,
         if tuple(W.shape) != (B0.shape[0], A0.shape[1]) or A0.shape[0] != r:
             raise ProvenanceError(f"{name}: initial lora_A {tuple(A0.shape)} / lora_B {tuple(B0.shape)} do not fit "
                                   f"the served base weight {tuple(W.shape)} with r={r}")
-        candidates = [W.to(DTYPES[init_dtype]).to(torch.float32)]
+        candidates = [W.to(torch_dtype(init_dtype)).to(torch.float32)]
         if quantizer is not None:
             candidates.append(quantizer.roundtrip(W))
         got = B0 @ A0  # (out, in)

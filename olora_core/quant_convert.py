@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,15 +33,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from .adapter_format import layer_alpha
+from .adapter_format import layer_alpha, layer_rank
 from .adapter_io import PICKLE_SUFFIXES, AdapterFiles, load_adapter_dir, save_adapter_dir
-from .convert import (KEY_PREFIX, LORA_A_SUFFIX, LORA_B_SUFFIX, _check_match, _check_supported, _layer_rank,
-                      _split_keys, check_olora_initial, conversion_kind)
+from .convert import (KEY_PREFIX, LORA_A_SUFFIX, LORA_B_SUFFIX, check_matching_pair, check_olora_initial,
+                      check_supported_config, conversion_kind, split_lora_keys)
+from .dtypes import QUANTIZATIONS
 from .errors import OLoRAError, OutputExistsError, RankError, UnsupportedInitError, UnsupportedLayerError
-from .olora_init import _dense_weight, _set_residual, lora_scaling, weight_format
+from .olora_init import dense_weight, lora_scaling, set_residual, weight_format
 
-QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class BaseWeightsError(OLoRAError):
@@ -119,8 +119,8 @@ class Quantizer:
         if self.spec.kind == "none":
             return source.to(torch.float32)
         holder, fmt = self._holder()
-        _set_residual(holder, fmt, source.to(dtype=torch.float32), source.dtype)  # CPU data (int8 quantizes on the move)
-        return _dense_weight(holder, fmt).to(device="cpu", dtype=torch.float32)  # (out, in)
+        set_residual(holder, fmt, source.to(dtype=torch.float32), source.dtype)  # CPU data (int8 quantizes on the move)
+        return dense_weight(holder, fmt).to(device="cpu", dtype=torch.float32)  # (out, in)
 
 
 # ---- the base checkpoint, one tensor at a time -----------------------------------------------------------
@@ -165,6 +165,14 @@ class BaseWeights:
             return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         except ValueError as exc:
             raise BaseWeightsError(f"{path}: invalid JSON ({exc})") from None
+
+    def parameter_count(self) -> int:
+        """Elements of every tensor of the checkpoint (from the safetensors headers; nothing is read)."""
+        total = 0
+        for path in sorted(set(self._files.values())):
+            with safe_open(path, framework="pt") as fh:
+                total += sum(math.prod(fh.get_slice(key).get_shape()) for key in fh.keys())
+        return total
 
     def weight(self, module: str) -> Tensor:
         """The (out, in) weight of `module` (e.g. 'model.layers.0.self_attn.q_proj'), as stored."""
@@ -258,7 +266,7 @@ def low_rank_factors(U: Tensor, S: Tensor, Vh: Tensor, k: int) -> tuple[Tensor, 
 def _check_inputs(initial: AdapterFiles, trained: AdapterFiles, rank: int | None,
                   max_rel_error: float | None) -> tuple[list[str], list[str]]:
     for files in (initial, trained):
-        _check_supported(files.config, files.path)
+        check_supported_config(files.config, files.path)
         if files.config.get("fan_in_fan_out"):
             raise UnsupportedLayerError(f"{files.path}: fan_in_fan_out (Conv1D) adapters are not converted "
                                         "quantization-aware")
@@ -266,8 +274,8 @@ def _check_inputs(initial: AdapterFiles, trained: AdapterFiles, rank: int | None
     if kind != "olora":
         raise UnsupportedInitError(f"quantization-aware conversion is for OLoRA adapters only, got {kind!r} (PEFT "
                                    "cannot initialise it on a quantized base); use the plain conversion")
-    _check_match(initial, trained)
-    modules, carried = _split_keys(trained)
+    check_matching_pair(initial, trained)
+    modules, carried = split_lora_keys(trained)
     check_olora_initial(initial, modules)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise RankError(f"rank must be a positive integer, got {rank!r}")
@@ -288,7 +296,7 @@ def quant_aware_tensors(initial: AdapterFiles, trained: AdapterFiles, base: Base
         name = module[len(KEY_PREFIX):] if module.startswith(KEY_PREFIX) else module
         A, B = trained.tensors[module + LORA_A_SUFFIX], trained.tensors[module + LORA_B_SUFFIX]  # (r, in), (out, r)
         A0, B0 = initial.tensors[module + LORA_A_SUFFIX], initial.tensors[module + LORA_B_SUFFIX]
-        r_layer = _layer_rank(config_in, name)
+        r_layer = layer_rank(config_in, name)
         if A.shape[0] != r_layer or B.shape[1] != r_layer:
             raise RankError(f"{module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not match r={r_layer}")
         W = base.weight(name)
@@ -373,7 +381,7 @@ def dequantize_linears(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child).__name__ in ("Linear4bit", "Linear8bitLt") and not hasattr(child, "base_layer"):
-                weight = _dense_weight(child, weight_format(child)).float()  # (out, in)
+                weight = dense_weight(child, weight_format(child)).float()  # (out, in)
                 linear = nn.Linear(weight.shape[1], weight.shape[0], bias=child.bias is not None)
                 linear.weight.data = weight.clone()
                 if child.bias is not None:

@@ -31,15 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from .adapter_io import AdapterFiles, adapter_kind, load_adapter_dir, save_adapter_dir
-from .convert import KEY_PREFIX, LORA_A_SUFFIX, LORA_B_SUFFIX, _layer_rank, _split_keys, convert
+from .convert import KEY_PREFIX, LORA_A_SUFFIX, LORA_B_SUFFIX, convert, split_lora_keys
+from .dtypes import DTYPE_NAMES, torch_dtype
 from .errors import AdapterMismatchError, OLoRAError, RankError, UnsupportedInitError, UnsupportedLayerError
 from .olora_init import lora_scaling
-from .adapter_format import label, layer_alpha
-from .quant_convert import DTYPES, BaseWeights, QuantSpec, Quantizer, as_spec, convert_quant_aware
+from .adapter_format import label, layer_alpha, layer_rank
+from .quant_convert import BaseWeights, QuantSpec, Quantizer, as_spec, convert_quant_aware
 
 RECOMPUTABLE = ("olora", "pissa")
 # model families whose name is (a prefix of) their transformers model_type: a name naming one of them on a base of
@@ -69,19 +69,6 @@ class RecomputeReport:
 
 def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
-def _param_count(base: BaseWeights) -> int:
-    total = 0
-    for path in sorted(set(base._files.values())):
-        with safe_open(path, framework="pt") as fh:
-            for key in fh.keys():
-                shape = fh.get_slice(key).get_shape()
-                count = 1
-                for dim in shape:
-                    count *= dim
-                total += count
-    return total
 
 
 def _size_tokens(name: str) -> list[float]:
@@ -116,7 +103,7 @@ def check_base_name(name: str | None, base: BaseWeights, local_paths: bool = Tru
                                f"{model_type!r} model")
     sizes = _size_tokens(name.split("/")[-1])
     if sizes:
-        params = _param_count(base)
+        params = base.parameter_count()
         if not any(0.5 <= size / params <= 2.0 for size in sizes):
             raise BaseNameMismatch(f"the adapter names base {name!r} (about {sizes[0]:.3g} parameters) but {base_label} "
                                    f"has {params:,} parameters")
@@ -160,12 +147,12 @@ def recompute_initial(trained_dir: str | os.PathLike, base_dir: str | os.PathLik
                       quantization: str | QuantSpec = "none", check_name: bool = True, local_paths: bool = True
                       ) -> tuple[AdapterFiles, list[str]]:
     """The initial adapter PEFT would have saved (in memory) and the warnings of the base-name check."""
-    if init_dtype not in DTYPES:
-        raise OLoRAError(f"init_dtype must be one of {', '.join(DTYPES)}, got {init_dtype!r}")
+    if init_dtype not in DTYPE_NAMES:
+        raise OLoRAError(f"init_dtype must be one of {', '.join(DTYPE_NAMES)}, got {init_dtype!r}")
     trained = load_adapter_dir(trained_dir)
     config = trained.config
     kind = _kind(config)
-    spec = as_spec(quantization, DTYPES[init_dtype])
+    spec = as_spec(quantization, torch_dtype(init_dtype))
     if spec.kind != "none" and kind != "olora":
         raise UnsupportedInitError(f"{kind} cannot be initialised on a quantized base by PEFT; recomputing a "
                                    f"{spec.kind} init is only defined for OLoRA")
@@ -177,23 +164,23 @@ def recompute_initial(trained_dir: str | os.PathLike, base_dir: str | os.PathLik
     warning = check_base_name(config.get("base_model_name_or_path"), base, local_paths) if check_name else None
     if warning:
         notes.append(warning)
-    modules, _ = _split_keys(trained)
+    modules, _ = split_lora_keys(trained)
     quantizer = Quantizer(spec) if spec.kind != "none" else None
     tensors: dict[str, Tensor] = dict(trained.tensors)  # modules_to_save etc.: same keys as the trained dir
     for module in modules:
         name = module[len(KEY_PREFIX):] if module.startswith(KEY_PREFIX) else module
         A, B = trained.tensors[module + LORA_A_SUFFIX], trained.tensors[module + LORA_B_SUFFIX]  # (r, in), (out, r)
-        r = _layer_rank(config, name)
+        r = layer_rank(config, name)
         W = base.weight(name)  # (out, in), as stored
         if A.shape[0] != r or B.shape[1] != r or tuple(W.shape) != (B.shape[0], A.shape[1]):
             raise AdapterMismatchError(
                 f"{module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} (r={r}) do not fit base weight "
                 f"{name}.weight {tuple(W.shape)} in {base.dir.name}: not this adapter's base (or config)")
-        dense = quantizer.roundtrip(W) if quantizer else W.to(DTYPES[init_dtype]).to(torch.float32)
+        dense = quantizer.roundtrip(W) if quantizer else W.to(torch_dtype(init_dtype)).to(torch.float32)
         scaling = lora_scaling(r, layer_alpha(config, name), bool(config.get("use_rslora")))
         A0, B0 = init_factors(dense, r, scaling, kind)
         if quantizer is None and init_dtype != "float32":  # PEFT rounds the factors to the base dtype
-            A0, B0 = A0.to(DTYPES[init_dtype]).float(), B0.to(DTYPES[init_dtype]).float()
+            A0, B0 = A0.to(torch_dtype(init_dtype)).float(), B0.to(torch_dtype(init_dtype)).float()
         tensors[module + LORA_A_SUFFIX], tensors[module + LORA_B_SUFFIX] = A0.to(A.dtype), B0.to(B.dtype)
     return AdapterFiles(config=dict(config), tensors=tensors, path=Path("<init recomputed from the base>")), notes
 
@@ -211,7 +198,7 @@ def convert_recomputed(trained_dir: str | os.PathLike, base_dir: str | os.PathLi
                                        check_name=check_name, local_paths=local_paths)
     for note in notes if emit_warnings else ():
         warnings.warn(note, UserWarning, stacklevel=2)
-    spec = as_spec(quantization, DTYPES[init_dtype])
+    spec = as_spec(quantization, torch_dtype(init_dtype))
     if spec.kind != "none" and quant_aware:
         conversion = convert_quant_aware(None, trained_dir, out_dir, base_dir, spec, rank=rank,
                                          max_rel_error=max_rel_error, overwrite=overwrite, initial=initial)

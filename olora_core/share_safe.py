@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .convert import LORA_A_SUFFIX, LORA_B_SUFFIX, converted_config
 from .errors import OLoRAError, UnsupportedInitError
-from .olora_init import _check_config, _dense_weight, _lora_layers, weight_format
+from .olora_init import check_olora_config, dense_weight, lora_layers_of, weight_format
 from .recompute_init import init_factors
 
 FROZEN_ADAPTER = "share_safe_init"
@@ -54,19 +54,19 @@ def share_safe_model(model: torch.nn.Module, lora_config, kind: str = "olora", a
         raise UnsupportedInitError(f"share-safe training supports init {SHARE_SAFE_INITS}, got {kind!r}")
     if isinstance(model, PeftModel):
         raise OLoRAError("share_safe_model expects a plain model, got a PeftModel")
-    _check_config(lora_config)
+    check_olora_config(lora_config)
     config = copy.deepcopy(lora_config)
     config.init_lora_weights = True  # PEFT builds the layers (B = 0); A and B are set below
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     try:
-        layers = _lora_layers(peft_model, adapter_name)  # checks kinds, ranks, finiteness, scaling
+        layers = lora_layers_of(peft_model, adapter_name)  # checks kinds, ranks, finiteness, scaling
         peft_model.add_adapter(FROZEN_ADAPTER, copy.deepcopy(config))
     except OLoRAError:
         peft_model.unload()
         raise
     for _, layer in layers:
         base = layer.get_base_layer()
-        dense = _dense_weight(base, weight_format(base)).to(torch.float32)  # (out, in): W', never written back
+        dense = dense_weight(base, weight_format(base)).to(torch.float32)  # (out, in): W', never written back
         A0, B0 = init_factors(dense, layer.r[adapter_name], layer.scaling[adapter_name], kind)  # (r, in), (out, r)
         for name, lora_b in ((adapter_name, B0), (FROZEN_ADAPTER, -B0)):
             A, B = layer.lora_A[name].weight, layer.lora_B[name].weight

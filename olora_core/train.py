@@ -41,12 +41,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from olora_core.bnb_load import QUANTIZATIONS, avoid_unsupported_cpu_4bit_packing, bnb_quantization_config
+from olora_core.bnb_load import avoid_unsupported_cpu_4bit_packing, bnb_quantization_config
 from olora_core.data import SeededBatches, TokenDataset, load_dataset
+from olora_core.dtypes import DTYPE_NAMES, QUANTIZATIONS, torch_dtype
 from olora_core.errors import OLoRAError
 
 INIT_CHOICES = ("olora", "pissa", "lora")
-DTYPE_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REPORT_NAME = "train_report.json"
 
 
@@ -81,8 +81,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.init not in INIT_CHOICES:
             raise TrainError(f"init must be one of {', '.join(INIT_CHOICES)}, got {self.init!r}")
-        if self.dtype not in DTYPE_CHOICES:
-            raise TrainError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise TrainError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.quantize not in QUANTIZATIONS:
             raise TrainError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}")
         if self.share_safe and self.init == "lora":
@@ -221,7 +221,7 @@ def _base_dir(base: str | Path) -> Path:
 def load_base(cfg: TrainConfig):
     from transformers import AutoModelForCausalLM
 
-    dtype = DTYPE_CHOICES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     quantization = bnb_quantization_config(cfg.quantize, dtype)
     model = AutoModelForCausalLM.from_pretrained(
         str(_base_dir(cfg.base)), dtype=dtype, local_files_only=True, use_safetensors=True,

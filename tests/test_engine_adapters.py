@@ -182,7 +182,7 @@ def test_converted_olora_is_served_exactly_and_unconverted_is_refused(setup, tmp
     assert res.token_ids == expected
     # logits: a second (not started) engine on the same files, its runner driven directly
     idle = Engine(engine.config, DirectoryAdapterSource(store))
-    idle.bank.load(1, idle._parse(store / "olora-converted"))
+    idle.bank.load(1, idle.parser.parse(store / "olora-converted"))
     ours = idle.runner.prefill(0, [prompt], [1])[0]
     assert (ours - trained).abs().max().item() < 1e-4
 

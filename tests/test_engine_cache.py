@@ -2,6 +2,7 @@
 and load errors found on the loader thread."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import threading
@@ -20,6 +21,9 @@ from app.engine import (
     EngineConfig,
     SamplingParams,
 )
+from app.engine.adapter_cache import AdapterCache, SlotView
+from app.engine.errors import EngineError
+from app.engine.observer import NullObserver
 
 PROMPT = [5, 9, 200, 31, 7]
 
@@ -97,8 +101,8 @@ def test_slot_and_host_lru_order_and_counters(base, tmp_path):
         run(engine, "s")  # host holds 3: p, q, r -> s evicts the least recently used host entry (q)
         assert events.of("host", "eviction") == ["q"]
         assert events.of("host", "miss") == ["p", "q", "r", "s"]
-        counters = engine.cache.counters
-        assert counters["host"].loads == 4 and counters["device"].loads == 4 and counters["device"].hits == 1
+        assert len(events.of("host", "load")) == 4 and len(events.of("device", "load")) == 4
+        assert len(events.of("device", "hit")) == 1
         assert len([t for t, _ in events.loads if t == "host"]) == 4
         assert all(s >= 0 for _, s in events.loads)
         stats = engine.stats()
@@ -185,8 +189,8 @@ def test_thousand_registered_adapters_host_memory_is_bounded(base, tmp_path):
         def on_cache_event(self, tier, event, adapter_id):
             if tier == "host" and event == "load":
                 snap = engine.cache.snapshot()
-                peak["entries"] = max(peak["entries"], len(snap["host_adapters"]))
-                peak["bytes"] = max(peak["bytes"], snap["host_bytes"])
+                peak["entries"] = max(peak["entries"], len(snap.host_adapter_ids))
+                peak["bytes"] = max(peak["bytes"], snap.host_bytes)
             super().on_cache_event(tier, event, adapter_id)
 
     watch = Watch()
@@ -202,4 +206,57 @@ def test_thousand_registered_adapters_host_memory_is_bounded(base, tmp_path):
         assert stats.host_adapters <= max_cpu and stats.slots_used <= 4
         assert len(watch.of("host", "eviction")) >= n_adapters - max_cpu
     finally:
+        engine.shutdown()
+
+
+def test_snapshot_is_typed_and_follows_pins(base, tmp_path):
+    write_lora_dir(tmp_path / "p", r=4, seed=3)
+    engine = make_engine(base, tmp_path)
+    try:
+        long = engine.submit(PROMPT, "p", SamplingParams(max_new_tokens=120, ignore_eos=True))
+        deadline = time.monotonic() + 30
+        while engine.stats().running < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        snap = engine.cache.snapshot()
+        assert snap.slots == (SlotView("p", 1), None) and snap.host_adapter_ids == ("p",)
+        assert snap.pending_loads == 0 and snap.host_bytes == 4 * (2 * (64 + 64) + 2 * (64 + 32)) * 4
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            snap.host_bytes = 0
+        long.cancel()
+        assert long.result(timeout=30).finish_reason == "cancelled"
+        assert engine.cache.snapshot().slots == (SlotView("p", 0), None)  # unpinned, still loaded
+        assert engine.stats().slots_pinned == 0 and engine.stats().slot_adapters == ("p", None)
+    finally:
+        engine.shutdown()
+
+
+def test_cache_parses_with_the_parser_object_and_sets_the_wake_event(base, tmp_path):
+    """The cache knows the engine only through its parser and a threading.Event: a finished or failed load sets
+    the event, and the outcome is read back through status()."""
+    write_lora_dir(tmp_path / "good", r=4, seed=4)
+    write_lora_dir(tmp_path / "bad", r=4, seed=5, hidden=48)
+    engine = make_engine(base, tmp_path)
+    wake = threading.Event()
+    cache = AdapterCache(DirectoryAdapterSource(tmp_path), engine.bank, 2, engine.parser, NullObserver(), wake)
+    cache.start()
+    try:
+        for name, expected in (("good", "host"), ("bad", AdapterShapeMismatch)):
+            wake.clear()
+            key = cache.resolve(name)
+            cache.want(key)
+            assert wake.wait(timeout=30)
+            status = cache.status(key)
+            if isinstance(expected, str):
+                assert status == expected
+            else:
+                assert isinstance(status, EngineError) and isinstance(status, expected)
+                with pytest.raises(expected):
+                    cache.resolve(name)  # the error is remembered for this version
+            cache.unwant(key)
+        assert cache.snapshot().host_adapter_ids == ("good",) and cache.snapshot().pending_loads == 0
+        cache.invalidate("bad")
+        assert cache.resolve("bad").generation == 1  # the failure was forgotten with its version
+    finally:
+        cache.stop()
         engine.shutdown()

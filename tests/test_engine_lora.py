@@ -51,7 +51,7 @@ def engine_logits(engine: Engine, adapters, steps: int = 4) -> list[torch.Tensor
     """Prefill all PROMPTS as one mixed batch, then greedy-decode `steps` tokens; per row (1 + steps, V) logits."""
     slots = {}
     for i, name in enumerate(sorted(ADAPTERS)):
-        engine.bank.load(i + 1, engine._parse(adapters / name))
+        engine.bank.load(i + 1, engine.parser.parse(adapters / name))
         slots[name] = i + 1
     row_slots = [slots[a] if a else 0 for a in ROW_ADAPTERS]
     logits = [engine.runner.prefill(0, PROMPTS, row_slots)]
@@ -175,7 +175,7 @@ def test_loading_never_touches_base_weights(files):
     engine = make_engine(base, adapters)
     before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
     for i, name in enumerate(sorted(ADAPTERS)):
-        engine.bank.load(i + 1, engine._parse(adapters / name))
+        engine.bank.load(i + 1, engine.parser.parse(adapters / name))
     engine.runner.prefill(0, PROMPTS[:2], [1, 2])
     after = dict(engine.model.named_parameters())
     assert before.keys() == after.keys()
@@ -196,7 +196,7 @@ def test_row_bindings_follow_slot_reloads_and_row_moves(files):
         return fn(rows), fn(ref)
 
     def load(slot, name):
-        return lambda e: e.bank.load(slot, e._parse(adapters / name))
+        return lambda e: e.bank.load(slot, e.parser.parse(adapters / name))
 
     def prefill(row, slots):
         return lambda e: e.runner.prefill(row, PROMPTS[:len(slots)], slots)

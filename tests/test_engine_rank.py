@@ -47,7 +47,7 @@ def run_rows(engine: Engine, adapters, row_adapters: list[str | None], steps: in
     rank each forward computed at. Returns (per-row logits (1 + steps, V), sequences, ranks seen)."""
     slots = {}
     for i, name in enumerate(sorted(ADAPTERS)):
-        engine.bank.load(i + 1, engine._parse(adapters / name))
+        engine.bank.load(i + 1, engine.parser.parse(adapters / name))
         slots[name] = i + 1
     ranks = []
     prepare = engine.bank.prepare
@@ -109,9 +109,9 @@ def test_lower_rank_reload_leaves_no_stale_columns(files):
     base, adapters = files
     fast, ref = make_engine(base, adapters, "rows"), make_engine(base, adapters, "reference")
     for engine in (fast, ref):
-        engine.bank.load(1, engine._parse(adapters / "r24"))
+        engine.bank.load(1, engine.parser.parse(adapters / "r24"))
         engine.runner.prefill(0, PROMPTS[:2], [1, 1])  # binds rows 0 and 1 to the rank-24 weights
-        engine.bank.load(1, engine._parse(adapters / "r2"))
+        engine.bank.load(1, engine.parser.parse(adapters / "r2"))
     assert fast.bank.slot_rank[1] == 2
     ours = fast.runner.prefill(0, PROMPTS[:2], [1, 0])
     theirs = ref.runner.prefill(0, PROMPTS[:2], [1, 0])
@@ -167,8 +167,8 @@ def test_row_rebound_to_a_lower_rank_clears_the_old_columns(files):
     base, adapters = files
     fast, ref = make_engine(base, adapters, "rows"), make_engine(base, adapters, "reference")
     for engine in (fast, ref):
-        engine.bank.load(1, engine._parse(adapters / "r24"))
-        engine.bank.load(2, engine._parse(adapters / "r2"))
+        engine.bank.load(1, engine.parser.parse(adapters / "r24"))
+        engine.bank.load(2, engine.parser.parse(adapters / "r2"))
     for slots in ([1, 1, 0], [2, 1, 2], [1, 2, 1], [2, 2, 2]):  # rows change slots between forwards
         ours = fast.runner.prefill(0, PROMPTS[:3], slots)
         theirs = ref.runner.prefill(0, PROMPTS[:3], slots)

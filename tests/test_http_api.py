@@ -99,6 +99,19 @@ def test_seeded_sampling_is_reproducible(client):
     assert a["generated_text"] == b["generated_text"] and a["details"]["seed"] == 7
 
 
+def test_unseeded_sampling_reports_the_seed_it_ran_with(client):
+    """The engine draws the seed of an unseeded sampled request (in one place) and details.seed reports it:
+    replaying with that seed gives the same text; greedy requests report none."""
+    params = dict(do_sample=True, temperature=0.9, top_p=0.9, max_new_tokens=12, details=True)
+    first = gen(client, None, **params).json()["details"]
+    seeds = [first["seed"], gen(client, None, **params).json()["details"]["seed"]]
+    assert all(isinstance(s, int) and 0 <= s < 2**63 for s in seeds) and seeds[0] != seeds[1]
+    replay = gen(client, None, **params, seed=seeds[0]).json()
+    assert replay["details"]["seed"] == seeds[0] and [t["id"] for t in replay["details"]["tokens"]] == \
+        [t["id"] for t in first["tokens"]]
+    assert gen(client, None, details=True).json()["details"].get("seed") is None
+
+
 def test_stream_matches_generate(client, lora_dirs):
     upload(client, "all8", tar_gz(lora_dirs["all8"]))
     expected = gen(client, "all8", max_new_tokens=10).json()["generated_text"]

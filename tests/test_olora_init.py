@@ -10,7 +10,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from olora_core.errors import NonFiniteError, RankError, UnsupportedLayerError
-from olora_core.olora_init import _dense_weight, apply_olora, olora_init, olora_init_module, weight_format
+from olora_core.olora_init import dense_weight, apply_olora, olora_init, olora_init_module, weight_format
 from helpers import quantized_tiny_llama, tiny_gpt2, tiny_llama
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -35,7 +35,7 @@ def logits(model, ids):
 
 
 def dequantized_bases(peft_model) -> dict[str, torch.Tensor]:
-    return {name: _dense_weight(mod, weight_format(mod)).float().clone()
+    return {name: dense_weight(mod, weight_format(mod)).float().clone()
             for name, mod in peft_model.named_modules() if type(mod).__module__.startswith("bitsandbytes.")}
 
 
@@ -155,7 +155,7 @@ def test_linear4bit_module_keeps_quant_settings():
                                quant_type="fp4")
     module.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, blocksize=128,
                                       compress_statistics=True, quant_type="fp4", module=module).to("cpu")
-    W = _dense_weight(module, "4bit").clone()
+    W = dense_weight(module, "4bit").clone()
     init = olora_init_module(module, r=4, alpha=8)
     weight = module.weight
     assert (weight.blocksize, weight.quant_type, weight.compress_statistics, weight.quant_storage) == (
@@ -164,7 +164,7 @@ def test_linear4bit_module_keeps_quant_settings():
     torch.testing.assert_close(init.residual, W - 2.0 * init.B0 @ init.A0, atol=1e-6, rtol=0)
     expected = bnb.nn.Params4bit(init.residual.clone(), requires_grad=False, blocksize=128,
                                  compress_statistics=True, quant_type="fp4").to("cpu")
-    assert torch.equal(_dense_weight(module, "4bit"), bnb.functional.dequantize_4bit(expected.data,
+    assert torch.equal(dense_weight(module, "4bit"), bnb.functional.dequantize_4bit(expected.data,
                                                                                      expected.quant_state))
 
 
@@ -177,7 +177,7 @@ def test_linear8bit_module_keeps_settings_and_clears_stale_state():
     module = module.to("cpu")  # quantizes
     with torch.no_grad():
         module(torch.randn(3, 64))  # moves CB/SCB into module.state
-    W = _dense_weight(module, "8bit").clone()
+    W = dense_weight(module, "8bit").clone()
     init = olora_init_module(module, r=4, alpha=8)
     assert module.state.threshold == 6.0 and module.weight.has_fp16_weights is False
     assert module.weight.dtype == torch.int8 and module.state.SCB is None  # no stale scales left

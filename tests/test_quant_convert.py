@@ -22,7 +22,7 @@ import torch
 from helpers import quantized_tiny_llama, tiny_llama
 from olora_core.convert import convert
 from olora_core.errors import OLoRAError, RankError, UnsupportedInitError
-from olora_core.olora_init import _dense_weight, weight_format
+from olora_core.olora_init import dense_weight, weight_format
 from olora_core.quant_convert import (BaseWeights, dequantize_linears, BaseWeightsError, QuantSpec, Quantizer, convert_quant_aware,
                                       exact_served_delta)
 
@@ -107,13 +107,13 @@ def test_quantizer_reproduces_served_and_trained_bases(base_dir):
         assert spec.compress_statistics == (kind == "fp4")
         quantizer = Quantizer(spec)
         layer = model.model.layers[1].self_attn.v_proj
-        served = _dense_weight(layer, weight_format(layer)).float()
+        served = dense_weight(layer, weight_format(layer)).float()
         assert torch.equal(quantizer.roundtrip(base.weight("model.layers.1.self_attn.v_proj")), served), kind
         peft_model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["v_proj"],
                                                       init_lora_weights="olora"))
         wrapped = peft_model.base_model.model.model.layers[1].self_attn.v_proj
         A0, B0 = wrapped.lora_A["default"].weight.detach(), wrapped.lora_B["default"].weight.detach()
-        trained_base = _dense_weight(wrapped.base_layer, weight_format(wrapped.base_layer)).float()
+        trained_base = dense_weight(wrapped.base_layer, weight_format(wrapped.base_layer)).float()
         residual = served - (wrapped.scaling["default"] * B0) @ A0
         assert torch.equal(quantizer.roundtrip(residual, source_dtype=torch.float32), trained_base), kind
         logits(peft_model)  # a CPU forward may repack 4-bit weights (bf16 scales): the spec must not change

@@ -18,7 +18,7 @@ def engine(tmp_path_factory):
     eng = Engine(EngineConfig(model=base, dtype="fp32", device="cpu", max_loras=1, max_rank=8, max_batch_size=4,
                               max_input_tokens=16, max_total_tokens=48, max_batch_tokens=64),
                  DirectoryAdapterSource(adapters))
-    eng.bank.load(1, eng._parse(adapters / "a"))
+    eng.bank.load(1, eng.parser.parse(adapters / "a"))
     return eng
 
 

@@ -7,22 +7,28 @@
 * device: `max_loras` slots of the `LoRASlotBank`. A slot used by a running sequence is pinned (refcount) and never
   evicted; otherwise the least recently used slot is overwritten (one `copy_`).
 
-Versions: an adapter is known by `AdapterKey(adapter_id, path, generation)`. `invalidate(id)` bumps the generation:
-host copies go at once, unpinned slots are freed, pinned slots stay for the running sequences that use them and
-are freed when released; later requests resolve the id again (new version, or AdapterNotFound).
+State: one `_Entry` per adapter version (`AdapterKey(adapter_id, path, generation)`) holds all of it: its host
+tier (queued / loading / ready with its tensors / failed with its error), how many waiting requests want it, its
+device slot and pins, and when each tier last used it. An entry holding nothing is dropped. `snapshot()` gives a
+typed, frozen view. The cache never calls into the engine: it parses with an `AdapterParser` object and sets the
+engine's `wake` event when a load finished or failed; counting hits and misses is the observer's job.
+
+Versions: `invalidate(id)` bumps the generation: host copies go at once, unpinned slots are freed, pinned slots
+stay for the running sequences that use them and are freed when released; later requests resolve the id again
+(new version, or AdapterNotFound).
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
-from .adapter_files import AdapterSource, ParsedAdapter
+from .adapter_files import AdapterParser, AdapterSource, ParsedAdapter
 from .errors import AdapterNotFound, EngineError
 from .lora_layers import LoRASlotBank
 from .observer import EngineObserver
@@ -34,48 +40,56 @@ class AdapterKey(NamedTuple):
     generation: int
 
 
-@dataclass
-class _HostEntry:
-    parsed: ParsedAdapter
-    nbytes: int
+HostState = Literal["absent", "queued", "loading", "ready", "failed"]
 
 
-@dataclass
-class _SlotEntry:
+@dataclass(eq=False)
+class _Entry:
+    """Everything the cache knows of one adapter version."""
+
     key: AdapterKey
-    refcount: int = 0
+    host: HostState = "absent"
+    parsed: ParsedAdapter | None = None  # host tensors when host == "ready"
+    error: EngineError | None = None  # the load error when host == "failed"
+    wanted: int = 0  # waiting requests that need it in host memory
+    slot: int = 0  # device slot holding it; 0 = none (slot 0 is the permanent zeros of the base rows)
+    pins: int = 0  # running sequences using its slot
+    host_used: int = 0  # tick of the last host use (LRU) or of queueing (FIFO loads)
+    slot_used: int = 0  # tick of the last unpin (slot LRU)
+
+    @property
+    def holds_nothing(self) -> bool:
+        return self.host == "absent" and self.wanted == 0 and self.slot == 0
 
 
-@dataclass
-class TierCounters:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    loads: int = 0
-    load_seconds: list[float] = field(default_factory=list)  # last 1,000 loads
+@dataclass(frozen=True)
+class SlotView:
+    adapter_id: str
+    pins: int  # running sequences using the slot (0 = evictable)
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    slots: tuple[SlotView | None, ...]  # per device slot 1..max_loras
+    host_adapter_ids: tuple[str, ...]  # host-memory tier, least recently used first
+    host_bytes: int
+    pending_loads: int  # queued or loading disk -> host
 
 
 class AdapterCache:
-    def __init__(self, source: AdapterSource, bank: LoRASlotBank, max_cpu_adapters: int,
-                 parse: Callable[[Path], ParsedAdapter], observer: EngineObserver, pin_memory: bool = False,
-                 on_change: Callable[[], None] = lambda: None):
+    def __init__(self, source: AdapterSource, bank: LoRASlotBank, max_cpu_adapters: int, parser: AdapterParser,
+                 observer: EngineObserver, wake: threading.Event, pin_memory: bool = False):
         self.source = source
         self.bank = bank
         self.max_cpu_adapters = max_cpu_adapters
-        self._parse = parse
+        self.parser = parser
         self._observer = observer
+        self._wake = wake  # set when a load finished or failed: the engine loop waits on it
         self._pin_memory = pin_memory
-        self._on_change = on_change  # wakes the engine loop (a load finished or failed)
         self._lock = threading.Condition()
-        self._generation: dict[str, int] = {}
-        self._host: OrderedDict[AdapterKey, _HostEntry] = OrderedDict()  # LRU: oldest first
-        self._wanted: dict[AdapterKey, int] = {}  # key -> number of waiting requests needing it
-        self._failed: dict[AdapterKey, EngineError] = {}
-        self._pending: deque[AdapterKey] = deque()
-        self._loading: AdapterKey | None = None
-        self._slots: list[_SlotEntry | None] = [None] * (bank.n_slots + 1)  # index 0 unused (permanent zeros)
-        self._slot_lru: OrderedDict[int, None] = OrderedDict()  # unpinned occupied slots, oldest first
-        self.counters = {"device": TierCounters(), "host": TierCounters()}
+        self._generation: dict[str, int] = {}  # adapter id -> current version number
+        self._entries: dict[AdapterKey, _Entry] = {}
+        self._ticks = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._stop = False
         self._copy_stream = None  # CUDA side stream for slot loads (created on first use)
@@ -98,6 +112,26 @@ class AdapterCache:
         if thread is not None:
             thread.join(timeout=30)
 
+    # ---- entries (lock held) -----------------------------------------------------------------------------
+    def _entry(self, key: AdapterKey) -> _Entry:
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _Entry(key)
+        return entry
+
+    def _prune(self, entry: _Entry) -> None:
+        if entry.holds_nothing:
+            self._entries.pop(entry.key, None)
+
+    def _is_current(self, key: AdapterKey) -> bool:
+        return self._generation.get(key.adapter_id, 0) == key.generation
+
+    def _in_host(self) -> list[_Entry]:
+        return [e for e in self._entries.values() if e.host == "ready"]
+
+    def _touch_host(self, entry: _Entry) -> None:
+        entry.host_used = next(self._ticks)
+
     # ---- resolving and wanting (any thread) --------------------------------------------------------------
     def resolve(self, adapter_id: str) -> AdapterKey:
         """The current version of `adapter_id`; raises AdapterNotFound, or the cached load error of this version."""
@@ -106,91 +140,91 @@ class AdapterCache:
             raise AdapterNotFound(f"adapter {adapter_id!r} not found")
         with self._lock:
             key = AdapterKey(adapter_id, str(path), self._generation.get(adapter_id, 0))
-            if key in self._failed:
-                raise self._failed[key]
+            entry = self._entries.get(key)
+            if entry is not None and entry.host == "failed":
+                raise entry.error
         return key
 
     def is_current(self, key: AdapterKey) -> bool:
         with self._lock:
-            return self._generation.get(key.adapter_id, 0) == key.generation
+            return self._is_current(key)
 
     def want(self, key: AdapterKey) -> None:
         """A waiting request needs `key` in host memory: keep it there, or queue its load."""
         with self._lock:
-            self._wanted[key] = self._wanted.get(key, 0) + 1
-            if key in self._host:
-                self._host.move_to_end(key)
-            elif key != self._loading and key not in self._pending:
-                self._pending.append(key)
+            entry = self._entry(key)
+            entry.wanted += 1
+            if entry.host == "ready":
+                self._touch_host(entry)
+            elif entry.host == "absent":
+                entry.host = "queued"
+                self._touch_host(entry)
                 self._lock.notify_all()
 
     def unwant(self, key: AdapterKey) -> None:
         with self._lock:
-            left = self._wanted.get(key, 0) - 1
-            if left > 0:
-                self._wanted[key] = left
-            else:
-                self._wanted.pop(key, None)
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.wanted = max(0, entry.wanted - 1)
+                self._prune(entry)
             self._lock.notify_all()
 
     def status(self, key: AdapterKey) -> str | EngineError:
         """"host" (ready for a slot), "device" (already in a slot), "loading", or the load error."""
         with self._lock:
-            if key in self._failed:
-                return self._failed[key]
-            if any(e is not None and e.key == key for e in self._slots):
+            entry = self._entries.get(key)
+            if entry is None:
+                return "loading"
+            if entry.host == "failed":
+                return entry.error
+            if entry.slot:
                 return "device"
-            return "host" if key in self._host else "loading"
+            return "host" if entry.host == "ready" else "loading"
 
     def invalidate(self, adapter_id: str, current_path: str | None = None) -> None:
         """Drop what is cached of `adapter_id`; later requests resolve it again. With `current_path` (the store's
         current version, as a store watcher sees it) nothing happens when every key this cache holds or waits
         for is already that version: e.g. an adapter this process has just uploaded and loaded."""
         with self._lock:
-            if current_path is not None:
-                held = [*self._host, *self._wanted, *self._pending, *self._failed,
-                        *(e.key for e in self._slots if e is not None), *([self._loading] if self._loading else [])]
-                if all(k.path == current_path for k in held if k.adapter_id == adapter_id):
-                    return
+            mine = [e for e in self._entries.values() if e.key.adapter_id == adapter_id]
+            if current_path is not None and all(e.key.path == current_path for e in mine):
+                return
             self._generation[adapter_id] = self._generation.get(adapter_id, 0) + 1
-            for key in [k for k in self._host if k.adapter_id == adapter_id]:
-                del self._host[key]
-            for key in [k for k in self._failed if k.adapter_id == adapter_id]:
-                del self._failed[key]
-            for slot, entry in enumerate(self._slots):
-                if entry is not None and entry.key.adapter_id == adapter_id and entry.refcount == 0:
-                    self._free_slot(slot)
+            for entry in mine:
+                if entry.host in ("ready", "failed"):  # a queued/loading one is dropped by the loader
+                    entry.host, entry.parsed, entry.error = "absent", None, None
+                if entry.slot and entry.pins == 0:
+                    entry.slot = 0
+                self._prune(entry)
         self._observer.on_cache_event("host", "invalidate", adapter_id)
 
     # ---- device slots (engine thread only) ---------------------------------------------------------------
     def acquire_slot(self, key: AdapterKey) -> int | None:
         """Pin a slot holding `key`, copying it from host memory if needed; None if it must wait."""
+        evicted = None
         with self._lock:
-            for slot, entry in enumerate(self._slots):
-                if entry is not None and entry.key == key:
-                    entry.refcount += 1
-                    self._slot_lru.pop(slot, None)
-                    self.counters["device"].hits += 1
-                    event = "hit"
-                    break
+            entry = self._entries.get(key)
+            if entry is not None and entry.slot:
+                entry.pins += 1
+                slot, hit = entry.slot, True
+            elif entry is None or entry.host != "ready":
+                return None
             else:
-                host = self._host.get(key)
-                if host is None:
-                    return None
-                slot = next((s for s in range(1, len(self._slots)) if self._slots[s] is None), None)
-                evicted = None
+                hit = False
+                used = {e.slot for e in self._entries.values() if e.slot}
+                slot = next((s for s in range(1, self.bank.n_slots + 1) if s not in used), None)
                 if slot is None:
-                    if not self._slot_lru:
+                    unpinned = [e for e in self._entries.values() if e.slot and e.pins == 0]
+                    if not unpinned:
                         return None  # every slot is pinned: wait for a running sequence to finish
-                    slot, _ = self._slot_lru.popitem(last=False)
-                    evicted = self._slots[slot].key.adapter_id
-                    self.counters["device"].evictions += 1
-                self._slots[slot] = _SlotEntry(key, refcount=1)  # reserved: only this thread fills slots
-                self._host.move_to_end(key)
-                self.counters["device"].misses += 1
-                self.counters["host"].hits += 1
-                parsed, event = host.parsed, "miss"
-        if event == "hit":
+                    victim = min(unpinned, key=lambda e: e.slot_used)
+                    slot, victim.slot = victim.slot, 0
+                    evicted = victim.key.adapter_id
+                    self._prune(victim)
+                entry.slot, entry.pins = slot, 1  # reserved: only this thread fills slots
+                self._touch_host(entry)
+                parsed = entry.parsed
+        if hit:
             self._observer.on_cache_event("device", "hit", key.adapter_id)
             return slot
         if evicted is not None:
@@ -202,7 +236,7 @@ class AdapterCache:
             self._load_on_side_stream(slot, parsed)
         else:
             self.bank.load(slot, parsed)
-        self._record_load("device", key.adapter_id, time.perf_counter() - start)
+        self._record_load("device", time.perf_counter() - start, key.adapter_id)
         return slot
 
     def _load_on_side_stream(self, slot: int, parsed: ParsedAdapter) -> None:
@@ -225,52 +259,50 @@ class AdapterCache:
         if slot == 0:
             return
         with self._lock:
-            entry = self._slots[slot]
-            entry.refcount -= 1
-            if entry.refcount == 0:
-                if self._generation.get(entry.key.adapter_id, 0) != entry.key.generation:
-                    self._free_slot(slot)
+            entry = next(e for e in self._entries.values() if e.slot == slot)
+            entry.pins -= 1
+            if entry.pins == 0:
+                if self._is_current(entry.key):
+                    entry.slot_used = next(self._ticks)
                 else:
-                    self._slot_lru[slot] = None
+                    entry.slot = 0
+                    self._prune(entry)
             self._lock.notify_all()
 
-    def _free_slot(self, slot: int) -> None:  # lock held
-        self._slots[slot] = None
-        self._slot_lru.pop(slot, None)
-
     # ---- loader thread -----------------------------------------------------------------------------------
-    def _evictable(self) -> AdapterKey | None:  # lock held; least recently used entry nobody waits for
-        return next((k for k in self._host if self._wanted.get(k, 0) == 0), None)
+    def _evictable(self) -> _Entry | None:  # lock held; least recently used host entry nobody waits for
+        idle = [e for e in self._in_host() if e.wanted == 0]
+        return min(idle, key=lambda e: e.host_used) if idle else None
 
     def _loader_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stop and not self._next_loadable():
+                while not self._stop and (entry := self._next_loadable()) is None:
                     self._lock.wait(timeout=1.0)
                 if self._stop:
                     return
-                key = self._pending.popleft()
-                self._loading = key
-            self._load(key)
+                entry.host = "loading"
+            self._load(entry)
 
-    def _next_loadable(self) -> bool:  # lock held: drop stale/unwanted keys, check host capacity
-        while self._pending:
-            key = self._pending[0]
-            if (self._generation.get(key.adapter_id, 0) != key.generation or key in self._host
-                    or self._wanted.get(key, 0) == 0):
-                self._pending.popleft()
+    def _next_loadable(self) -> _Entry | None:  # lock held: drop stale/unwanted loads, check host capacity
+        while queued := [e for e in self._entries.values() if e.host == "queued"]:
+            entry = min(queued, key=lambda e: e.host_used)  # FIFO: queued longest ago
+            if not self._is_current(entry.key) or entry.wanted == 0:
+                entry.host = "absent"
+                self._prune(entry)
                 continue
-            return len(self._host) < self.max_cpu_adapters or self._evictable() is not None
-        return False
+            room = len(self._in_host()) < self.max_cpu_adapters or self._evictable() is not None
+            return entry if room else None
+        return None
 
-    def _load(self, key: AdapterKey) -> None:
-        self.counters["host"].misses += 1
+    def _load(self, entry: _Entry) -> None:
+        key = entry.key
         self._observer.on_cache_event("host", "miss", key.adapter_id)
         start = time.perf_counter()
         error: EngineError | None = None
         parsed = None
         try:
-            parsed = self._parse(Path(key.path))
+            parsed = self.parser.parse(Path(key.path))
             if self._pin_memory:
                 parsed.modules = {n: (a.pin_memory(), b.pin_memory()) for n, (a, b) in parsed.modules.items()}
         except EngineError as exc:
@@ -280,43 +312,43 @@ class AdapterCache:
         seconds = time.perf_counter() - start
         evicted = []
         with self._lock:
-            self._loading = None
-            if self._generation.get(key.adapter_id, 0) != key.generation:
+            entry.host = "absent"
+            if not self._is_current(key):
                 pass  # invalidated while loading: drop; waiting requests resolve the id again
             elif error is not None:
-                self._failed[key] = error
+                entry.host, entry.error = "failed", error
             else:
-                while len(self._host) >= self.max_cpu_adapters:
+                while len(self._in_host()) >= self.max_cpu_adapters:
                     victim = self._evictable()
                     if victim is None:
                         break
-                    del self._host[victim]
-                    evicted.append(victim.adapter_id)
-                    self.counters["host"].evictions += 1
-                self._host[key] = _HostEntry(parsed, parsed.nbytes)
+                    victim.host, victim.parsed = "absent", None
+                    evicted.append(victim.key.adapter_id)
+                    self._prune(victim)
+                entry.host, entry.parsed = "ready", parsed
+                self._touch_host(entry)
+            self._prune(entry)
             self._lock.notify_all()
         for adapter_id in evicted:
             self._observer.on_cache_event("host", "eviction", adapter_id)
         if error is not None:
             self._observer.on_cache_event("host", "load_error", key.adapter_id)
         else:
-            self._record_load("host", key.adapter_id, seconds)
-        self._on_change()
+            self._record_load("host", seconds, key.adapter_id)
+        self._wake.set()
 
-    def _record_load(self, tier: str, adapter_id: str, seconds: float) -> None:
-        counters = self.counters[tier]
-        counters.loads += 1
-        counters.load_seconds.append(seconds)
-        del counters.load_seconds[:-1000]
+    def _record_load(self, tier: str, seconds: float, adapter_id: str) -> None:
         self._observer.on_cache_event(tier, "load", adapter_id)
         self._observer.on_adapter_load(tier, seconds)
 
     # ---- introspection -----------------------------------------------------------------------------------
-    def snapshot(self) -> dict:
+    def snapshot(self) -> CacheSnapshot:
         with self._lock:
-            return {
-                "slots": [None if e is None else (e.key.adapter_id, e.refcount) for e in self._slots[1:]],
-                "host_adapters": [k.adapter_id for k in self._host],
-                "host_bytes": sum(e.nbytes for e in self._host.values()),
-                "pending_loads": len(self._pending) + (self._loading is not None),
-            }
+            by_slot = {e.slot: e for e in self._entries.values() if e.slot}
+            host = sorted(self._in_host(), key=lambda e: e.host_used)
+            return CacheSnapshot(
+                slots=tuple(SlotView(by_slot[s].key.adapter_id, by_slot[s].pins) if s in by_slot else None
+                            for s in range(1, self.bank.n_slots + 1)),
+                host_adapter_ids=tuple(e.key.adapter_id for e in host),
+                host_bytes=sum(e.parsed.nbytes for e in host),
+                pending_loads=sum(e.host in ("queued", "loading") for e in self._entries.values()))

@@ -150,12 +150,26 @@ def base_weight_norms(model: torch.nn.Module, names, model_path: Path | None = N
     return norms
 
 
+@dataclass(frozen=True)
+class AdapterParser:
+    """What an adapter directory is checked against, and the one way the engine reads one (`parse`)."""
+
+    targets: Mapping[str, tuple[int, int]]  # served module name -> (in_features, out_features)
+    max_rank: int
+    dtype: torch.dtype  # slot dtype
+    base_fingerprint: str | None = None  # refuses adapters bound (metadata.json) to another base
+    base_norms: Mapping[str, float] | None = None  # ||W||_F per served module, for the scaled-delta check
+
+    def parse(self, path: Path) -> ParsedAdapter:
+        return parse_adapter(path, self.targets, self.max_rank, self.dtype, self.base_fingerprint, self.base_norms)
+
+
 def parse_adapter(path: Path, targets: Mapping[str, tuple[int, int]], max_rank: int, dtype: torch.dtype,
-                  base_fingerprint: str | None = None, load_tensors: bool = True,
+                  base_fingerprint: str | None = None,
                   base_norms: Mapping[str, float] | None = None) -> ParsedAdapter:
-    """Check an adapter directory against the served modules `targets` (name -> (in, out)) and, if
-    `load_tensors`, read it into host tensors (A, B*scaling), checking the scaled delta of every module against
-    `base_norms` (finite, at most MAX_DELTA_RATIO × ||W||). Only the safetensors header is read otherwise."""
+    """Check an adapter directory against the served modules `targets` (name -> (in, out)) and read it into host
+    tensors (A, B*scaling), checking the scaled delta of every module against `base_norms` (finite, at most
+    MAX_DELTA_RATIO × ||W||)."""
     path = Path(path)
     config = read_adapter_config(path)
     _check_binding(path, base_fingerprint)
@@ -210,16 +224,15 @@ def parse_adapter(path: Path, targets: Mapping[str, tuple[int, int]], max_rank: 
                     raise AdapterRankTooLarge(f"{where}: module {module!r} has rank {r} > max_rank {max_rank}")
                 max_r = max(max_r, r)
                 n_params += r * (in_f + out_f)
-                if load_tensors:
-                    scaling = layer_scaling(config, module)
-                    a, b = f.get_tensor(key_a), f.get_tensor(key_b)  # (r, in), (out, r)
-                    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                        raise InvalidAdapterFiles(f"{where}: module {module!r} has non-finite values")
-                    check_scaled_delta(module, a, b, scaling, (base_norms or {}).get(module), where)
-                    a_slot, b_slot = a.to(dtype).contiguous(), (b.float() * scaling).to(dtype).contiguous()
-                    if not (torch.isfinite(a_slot).all() and torch.isfinite(b_slot).all()):
-                        raise InvalidAdapterFiles(f"{where}: module {module!r}: the scaled weights overflow {dtype}")
-                    modules[module] = (a_slot, b_slot)
+                scaling = layer_scaling(config, module)
+                a, b = f.get_tensor(key_a), f.get_tensor(key_b)  # (r, in), (out, r)
+                if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                    raise InvalidAdapterFiles(f"{where}: module {module!r} has non-finite values")
+                check_scaled_delta(module, a, b, scaling, (base_norms or {}).get(module), where)
+                a_slot, b_slot = a.to(dtype).contiguous(), (b.float() * scaling).to(dtype).contiguous()
+                if not (torch.isfinite(a_slot).all() and torch.isfinite(b_slot).all()):
+                    raise InvalidAdapterFiles(f"{where}: module {module!r}: the scaled weights overflow {dtype}")
+                modules[module] = (a_slot, b_slot)
     except AdapterRejected:
         raise
     except OLoRAError as exc:  # the scaled-delta check

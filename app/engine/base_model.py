@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from olora_core.bnb_load import QUANTIZATIONS, avoid_unsupported_cpu_4bit_packing, bnb_quantization_config
+from olora_core.bnb_load import avoid_unsupported_cpu_4bit_packing, bnb_quantization_config
+from olora_core.dtypes import QUANTIZATIONS, dtype_names
+from olora_core.dtypes import torch_dtype as named_dtype
 
 from .errors import BaseModelError
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
 _CHUNK = 8 << 20
 
 
@@ -75,9 +75,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    if dtype not in DTYPES:
-        raise BaseModelError(f"invalid dtype {dtype!r}: expected auto, {', '.join(sorted(DTYPES))}")
-    return DTYPES[dtype]
+    resolved = named_dtype(dtype)
+    if resolved is None:
+        raise BaseModelError(f"invalid dtype {dtype!r}: expected auto, {', '.join(dtype_names())}")
+    return resolved
 
 
 def resolve_model_dir(model: str | None) -> tuple[str, Path]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -20,55 +21,23 @@ from pathlib import Path
 import torch
 
 from .adapter_cache import AdapterCache
-from .adapter_files import (AdapterInfo, AdapterSource, ParsedAdapter, base_weight_norms, parse_adapter,
-                            read_adapter_config)
+from .adapter_files import AdapterInfo, AdapterParser, AdapterSource, base_weight_norms, read_adapter_config
 from .base_model import load_base_model
-from .errors import BaseModelError, EngineError, EngineNotRunning, InputTooLong, InvalidRequest
+from .config import EngineConfig
+from .errors import BaseModelError, EngineError, EngineNotRunning, InvalidRequest
 from .faults import (MAX_CONSECUTIVE_STEP_FAILURES, finite_rows, non_finite_error, report_loop_death,
                      step_failed)
 from .handle import RequestHandle, TokenEvent
-from .lora_layers import KERNELS, LoRASlotBank, find_target_modules
+from .lora_layers import LoRASlotBank, find_target_modules
 from .observer import EngineObserver, RequestStats, SafeObserver
 from .runner import ModelRunner
 from .sampling import RowSampler, SamplingParams, choose_tokens, prompt_logprobs
-from .scheduler import Limits, Scheduler, Sequence
+from .scheduler import Scheduler, Sequence
 from .slot_budget import choose_max_loras, device_memory_bytes, slot_bytes
 from .text import IncrementalDetokenizer, find_stop
 
 log = logging.getLogger("olora.engine")
-
-
-@dataclass
-class EngineConfig:
-    model: str | None = None  # HF id or local directory; None = the embedded default model
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
-    quantize: str = "none"  # none | nf4 | fp4 | int8 (bitsandbytes)
-    device: str = "auto"  # auto (CUDA if present) | cpu | cuda | cuda:N
-    max_loras: int = 0  # device slots; 0 = auto (max_batch_size where memory allows: slot_budget.py)
-    max_cpu_adapters: int = 64  # host-memory LRU entries
-    max_rank: int = 64  # slot rank r_max; adapters above it are refused
-    max_batch_size: int = 16  # running rows
-    max_batch_tokens: int = 2048  # padded prompt tokens prefilled per iteration
-    max_input_tokens: int = 1024
-    max_total_tokens: int = 1536  # prompt + max_new_tokens; also the KV row length
-    target_modules: tuple[str, ...] | None = None  # e.g. ("q_proj", "v_proj"); None = every Linear of the blocks
-    max_waiting: int = 256  # bounded waiting queue (QueueFull beyond)
-    kernel: str = "auto"  # LoRA kernel: auto | rows | bgmv | grouped | reference (tests)
-
-    def validate(self) -> None:
-        if int(self.max_loras) < 0:
-            raise InvalidRequest(f"EngineConfig.max_loras must be >= 0 (0 = auto), got {self.max_loras}")
-        positive = ("max_cpu_adapters", "max_rank", "max_batch_size", "max_batch_tokens",
-                    "max_input_tokens", "max_total_tokens", "max_waiting")
-        for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise InvalidRequest(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_input_tokens >= self.max_total_tokens:
-            raise InvalidRequest("EngineConfig.max_input_tokens must be < max_total_tokens")
-        if self.max_input_tokens > self.max_batch_tokens:
-            raise InvalidRequest("EngineConfig.max_input_tokens must be <= max_batch_tokens")
-        if self.kernel not in KERNELS:
-            raise InvalidRequest(f"EngineConfig.kernel must be one of {KERNELS}")
+__all__ = ["Engine", "EngineConfig", "EngineStats"]  # EngineConfig lives in config.py
 
 
 @dataclass(frozen=True)
@@ -119,13 +88,14 @@ class Engine:
         self.config = config = replace(config, max_loras=choice.max_loras)  # resolved, as stats() reports it
         self.bank = LoRASlotBank(base.model, targets, config.max_loras, config.max_rank, base.dtype, base.device,
                                  kernel=config.kernel, max_rows=config.max_batch_size)
-        self.base_norms = base_weight_norms(base.model, targets, base.path)  # ||W||_F per served module
+        self.parser = AdapterParser(self.bank.targets, config.max_rank, self.bank.dtype, base.fingerprint,
+                                    base_weight_norms(base.model, targets, base.path))  # ||W||_F per module
         self.runner = ModelRunner(base.model, self.bank, config.max_batch_size, config.max_total_tokens)
-        self._wake = threading.Condition()
-        self.cache = AdapterCache(adapters, self.bank, config.max_cpu_adapters, self._parse, self.observer,
-                                  pin_memory=base.device.type == "cuda", on_change=self._notify)
-        self.scheduler = Scheduler(Limits(config.max_batch_size, config.max_batch_tokens, config.max_waiting),
-                                   self.cache, self.runner.kv)
+        self._lifecycle = threading.Lock()  # start/shutdown
+        self._wake = threading.Event()  # set by submit/cancel/invalidate and the cache's loader; the loop waits
+        self.cache = AdapterCache(adapters, self.bank, config.max_cpu_adapters, self.parser, self.observer,
+                                  self._wake, pin_memory=base.device.type == "cuda")
+        self.scheduler = Scheduler(config, self.cache, self.runner.kv)
         self._eos_ids = self._find_eos_ids()
         self._special_ids = set(getattr(self.tokenizer, "all_special_ids", ())) | self._eos_ids
         self._ids = itertools.count()
@@ -138,7 +108,7 @@ class Engine:
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
-        with self._wake:
+        with self._lifecycle:
             if self._thread is not None:
                 return
             self._stop = False
@@ -148,9 +118,9 @@ class Engine:
 
     def shutdown(self) -> None:
         """Stop the threads; unfinished requests end with finish_reason "cancelled". Idempotent."""
-        with self._wake:
+        with self._lifecycle:
             self._stop = True
-            self._wake.notify_all()
+            self._wake.set()
             thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout=60)
@@ -166,25 +136,16 @@ class Engine:
         if self._thread is None or self._fatal is not None:
             died = f" (the engine loop died: {type(self._fatal).__name__})" if self._fatal is not None else ""
             raise EngineNotRunning(f"engine is not running{died}")
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequest("params must be a SamplingParams")
-        vocab = self.runner.vocab_size
-        if not prompt_ids or not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
-            raise InvalidRequest(f"prompt_ids must be a non-empty list of token ids in [0, {vocab})")
-        cfg = self.config
-        if len(prompt_ids) > cfg.max_input_tokens:
-            raise InputTooLong(f"prompt has {len(prompt_ids)} tokens, max_input_tokens is {cfg.max_input_tokens}")
-        if len(prompt_ids) + params.max_new_tokens > cfg.max_total_tokens:
-            raise InputTooLong(f"prompt tokens ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) "
-                               f"must be <= max_total_tokens ({cfg.max_total_tokens})")
+        self.config.check_request(prompt_ids, params, self.runner.vocab_size)
         key = self.cache.resolve(adapter_id) if adapter_id is not None else None
         if key is not None and self.cache.status(key) == "loading":
             read_adapter_config(Path(key.path))  # cheap early refusal of unsupported configs
         request_id = f"req-{next(self._ids)}"
-        handle = RequestHandle(request_id, self.cancel)
+        sampler = RowSampler(params, self.device, len(prompt_ids))  # draws the seed of an unseeded sampled request
+        handle = RequestHandle(request_id, self.cancel, seed=sampler.seed)
         seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), adapter_id=adapter_id, key=key,
-                       params=params, sampler=RowSampler(params, self.device, len(prompt_ids)),
-                       detok=IncrementalDetokenizer(self.tokenizer, prompt_ids), handle=handle)
+                       params=params, sampler=sampler, detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+                       handle=handle)
         self._by_id[request_id] = seq
         try:
             self.scheduler.enqueue(seq)
@@ -206,11 +167,10 @@ class Engine:
         self.cache.invalidate(adapter_id, current_path)
         self._notify()
 
-
     def validate_adapter(self, path: str | Path) -> AdapterInfo:
         """Check an adapter directory against this base (targets, shapes, rank, finite floats, binding) without
         putting it in a slot. Raises the typed AdapterRejected subclasses."""
-        return self._parse(Path(path)).info
+        return self.parser.parse(Path(path)).info
 
     def stats(self) -> EngineStats:
         snap = self.cache.snapshot()
@@ -220,19 +180,15 @@ class Engine:
             waiting=len(waiting), running=len(running),
             running_adapters=tuple(sorted({s.adapter_id for s in running if s.adapter_id})),
             waiting_adapters=tuple(sorted({s.adapter_id for s in waiting if s.adapter_id})),
-            max_loras=self.config.max_loras, slots_used=sum(e is not None for e in snap["slots"]),
-            slots_pinned=sum(e is not None and e[1] > 0 for e in snap["slots"]),
-            slot_adapters=tuple(None if e is None else e[0] for e in snap["slots"]),
-            host_adapters=len(snap["host_adapters"]), host_adapter_ids=tuple(snap["host_adapters"]),
-            host_bytes=snap["host_bytes"],
-            max_cpu_adapters=self.config.max_cpu_adapters, pending_loads=snap["pending_loads"], steps=self.steps,
+            max_loras=self.config.max_loras, slots_used=sum(s is not None for s in snap.slots),
+            slots_pinned=sum(s is not None and s.pins > 0 for s in snap.slots),
+            slot_adapters=tuple(None if s is None else s.adapter_id for s in snap.slots),
+            host_adapters=len(snap.host_adapter_ids), host_adapter_ids=snap.host_adapter_ids,
+            host_bytes=snap.host_bytes,
+            max_cpu_adapters=self.config.max_cpu_adapters, pending_loads=snap.pending_loads, steps=self.steps,
             alive=self._thread is not None and self._thread.is_alive() and self._fatal is None)
 
     # ---- internals ---------------------------------------------------------------------------------------
-    def _parse(self, path: Path) -> ParsedAdapter:
-        return parse_adapter(path, self.bank.targets, self.config.max_rank, self.bank.dtype, self.base_fingerprint,
-                             base_norms=self.base_norms)
-
     def _find_eos_ids(self) -> set[int]:
         ids: set[int] = set()
         gen = getattr(self.model, "generation_config", None)
@@ -244,14 +200,14 @@ class Engine:
         return ids
 
     def _notify(self) -> None:
-        with self._wake:
-            self._wake.notify_all()
+        self._wake.set()
 
     def _loop(self) -> None:
         failures = 0  # consecutive failed steps: a fault that outlives the rows it hit means the engine is broken
         try:
             with torch.inference_mode():
                 while not self._stop:
+                    self._wake.clear()  # a wake-up during the step makes the wait below return at once
                     try:
                         worked = self._step()
                         if worked:
@@ -263,9 +219,7 @@ class Engine:
                         self._fail_step(exc)
                         continue
                     if not worked:
-                        with self._wake:
-                            if not self._stop:
-                                self._wake.wait(timeout=0.05)
+                        self._wake.wait(timeout=0.05)
         except BaseException as exc:  # persistent fault (device lost, OOM every step) or interpreter exit
             self._fatal = exc
             report_loop_death(exc)
@@ -273,8 +227,7 @@ class Engine:
             # every live request, including newcomers taken off the queue by the step that failed
             for seq in list(self._by_id.values()):
                 if not seq.handle.done:
-                    seq.error = error
-                    self._finish(seq, "error")
+                    self._finish(seq, "error", error)
 
     def _fail_step(self, exc: Exception) -> None:
         """End the rows of the step that raised (running rows and the newcomers it took off the queue) with a
@@ -282,8 +235,7 @@ class Engine:
         error = step_failed(exc, len(self._step_rows))
         for seq in self._step_rows:
             if not seq.handle.done:
-                seq.error = error
-                self._finish(seq, "error")
+                self._finish(seq, "error", error)
         self._step_rows = []
 
     def _step(self) -> bool:
@@ -294,8 +246,8 @@ class Engine:
                 self._finish(seq, "cancelled")
         sched.compact()
         newcomers, dropped = sched.admit()
-        for seq in dropped:
-            self._finish(seq, seq.finish_reason or "cancelled")
+        for seq, error in dropped:
+            self._finish(seq, "cancelled" if error is None else "error", error)
         old = list(sched.running)
         self._step_rows = old + newcomers  # who fails if this step raises
         if not old and not newcomers:
@@ -346,8 +298,7 @@ class Engine:
             if ok:
                 kept.append(seq)
                 continue
-            seq.error = non_finite_error(seq.adapter_id, len(seq.generated))
-            self._finish(seq, "error")
+            self._finish(seq, "error", non_finite_error(seq.adapter_id, len(seq.generated)))
         return kept, logits[finite]
 
     def _history(self, seq: Sequence) -> torch.Tensor | None:
@@ -368,28 +319,30 @@ class Engine:
         if reason is not None:
             text += seq.detok.flush()
         prompt_lp = seq.prompt_logprobs if len(seq.generated) == 1 and seq.params.prompt_logprobs else None
-        seq.handle._push(TokenEvent(token, text, logprob, reason, special=token in self._special_ids,
-                                    top_tokens=top, prompt_logprobs=prompt_lp))
+        finite = logprob if math.isfinite(logprob) else None  # JSON has no NaN/Infinity
+        seq.handle.push(TokenEvent(token, text, finite, reason, special=token in self._special_ids,
+                                   top_tokens=top, prompt_logprobs=prompt_lp))
         if reason is not None:
             self._finish(seq, reason)
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        """End a request: free its slot pin now; its row is compacted at the next iteration."""
+    def _finish(self, seq: Sequence, reason: str, error: EngineError | None = None) -> None:
+        """End a request (its handle records the outcome): free its slot pin now; its row is compacted at the
+        next iteration."""
         if seq.handle.done:
             return
-        seq.finish_reason = reason
         if seq.admitted_at is not None and seq.slot:
             self.cache.release_slot(seq.slot)
             seq.slot = 0
-        seq.handle._push(None, finish_reason=reason, error=seq.error)
+        seq.handle.finish(reason, error)
         self._by_id.pop(seq.request_id, None)
         now = time.perf_counter()
+        submitted_at = seq.handle.submitted_at
         self.observer.on_request_done(RequestStats(
             request_id=seq.request_id, adapter_id=seq.adapter_id, finish_reason=reason,
             prompt_tokens=len(seq.prompt_ids), generated_tokens=len(seq.generated),
-            queue_seconds=(seq.admitted_at or now) - seq.submitted_at,
-            time_to_first_token=seq.handle.time_to_first_token, total_seconds=now - seq.submitted_at,
-            error=None if seq.error is None else str(seq.error)))
+            queue_seconds=(seq.admitted_at or now) - submitted_at,
+            time_to_first_token=seq.handle.time_to_first_token, total_seconds=now - submitted_at,
+            error=None if error is None else str(error)))
 
 
 def _padding_groups(seqs: list[Sequence], max_waste: float = 0.2) -> list[list[Sequence]]:

@@ -2,6 +2,10 @@
 
 The engine thread pushes events; an asyncio consumer is woken with `loop.call_soon_threadsafe`, a blocking one
 through a condition variable. Consume a handle one way only (`async for` or `result()`).
+
+The handle owns the request's outcome (`finish_reason`, `error`, `done`, timings); the engine's `Sequence`
+reads it. `TokenEvent` is the one token type from the engine to a response (the HTTP layer renders its pydantic
+models from it), and `GenerationResult.add` the one accumulator of a generation's tokens.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Callable
 class TokenEvent:
     token_id: int
     text: str  # new text this token completes ("" while a multi-byte character is incomplete, or for EOS)
-    logprob: float  # log-probability of the token under the distribution it was drawn from
+    logprob: float | None  # log-probability under the distribution it was drawn from; None if not finite
     finish_reason: str | None = None  # set on the last token: "length" | "eos_token" | "stop_sequence"
     special: bool = False  # the tokenizer's special token (EOS, ...): TGI's `special`
     top_tokens: tuple[tuple[int, float], ...] = ()  # (id, logprob) of the most likely tokens, if asked
@@ -26,13 +30,36 @@ class TokenEvent:
 
 @dataclass
 class GenerationResult:
+    """The tokens and text of one generation, accumulated with `add` (by `RequestHandle.result()` and by the
+    HTTP layer's streaming alike)."""
+
     request_id: str
-    token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None  # the seed a sampled request ran with (drawn by the engine if none was given)
+    tokens: list[TokenEvent] = field(default_factory=list)
     text: str = ""
-    logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: tuple[float, ...] | None = None  # prompt tokens 1..n-1, when asked
     time_to_first_token: float | None = None  # seconds from submit
     total_seconds: float = 0.0
+
+    def add(self, event: TokenEvent) -> None:
+        self.tokens.append(event)
+        self.text += event.text
+        self.finish_reason = event.finish_reason
+        if event.prompt_logprobs is not None:
+            self.prompt_logprobs = event.prompt_logprobs
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t.token_id for t in self.tokens]
+
+    @property
+    def logprobs(self) -> list[float | None]:
+        return [t.logprob for t in self.tokens]
+
+    @property
+    def logprob_sum(self) -> float:
+        return sum(t.logprob or 0.0 for t in self.tokens)
 
 
 class RequestHandle:
@@ -40,8 +67,9 @@ class RequestHandle:
     ("cancelled" ends it without a final token). Errors found after submit (e.g. the adapter failed to load)
     are raised by the iteration / `result()` as the engine's typed exceptions."""
 
-    def __init__(self, request_id: str, cancel: Callable[[str], None]):
+    def __init__(self, request_id: str, cancel: Callable[[str], None], seed: int | None = None):
         self.request_id = request_id
+        self.seed = seed  # the seed of a sampled request (given, or drawn by its RowSampler)
         self.submitted_at = time.perf_counter()
         self.finish_reason: str | None = None
         self.error: Exception | None = None
@@ -59,8 +87,15 @@ class RequestHandle:
         self._cancel_cb(self.request_id)
 
     # ---- engine side -------------------------------------------------------------------------------------
-    def _push(self, event: TokenEvent | None, finish_reason: str | None = None,
-              error: Exception | None = None) -> None:
+    def push(self, event: TokenEvent) -> None:
+        """Engine thread: hand the consumer one token (ignored once the request is finished)."""
+        self._update(event, None, None)
+
+    def finish(self, reason: str, error: Exception | None = None) -> None:
+        """Engine thread: end the stream; `reason` "error" comes with the typed `error` the consumer raises."""
+        self._update(None, reason, error)
+
+    def _update(self, event: TokenEvent | None, finish_reason: str | None, error: Exception | None) -> None:
         with self._cond:
             if self._closed:
                 return
@@ -69,8 +104,8 @@ class RequestHandle:
                 self._events.append(event)
                 if self._first_token_at is None:
                     self._first_token_at = now
-            if finish_reason is not None or error is not None:
-                self.finish_reason = finish_reason or "error"
+            if finish_reason is not None:
+                self.finish_reason = finish_reason
                 self.error = error
                 self._finished_at = now
                 self._closed = True
@@ -112,15 +147,12 @@ class RequestHandle:
     # ---- blocking consumer -------------------------------------------------------------------------------
     def result(self, timeout: float | None = None) -> GenerationResult:
         """Block until the request finishes; return all its tokens and text. Raises its error, if any."""
-        out = GenerationResult(request_id=self.request_id)
+        out = GenerationResult(request_id=self.request_id, seed=self.seed)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
                 while self._events:
-                    event = self._events.popleft()
-                    out.token_ids.append(event.token_id)
-                    out.logprobs.append(event.logprob)
-                    out.text += event.text
+                    out.add(self._events.popleft())
                 if self._closed:
                     break
                 left = None if deadline is None else deadline - time.monotonic()

@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .adapter_cache import AdapterCache, AdapterKey
+from .config import EngineConfig
 from .errors import AdapterNotFound, EngineError, QueueFull
 from .handle import RequestHandle
 from .kv_cache import RowKVCache
@@ -23,7 +24,8 @@ from .text import IncrementalDetokenizer
 
 @dataclass(eq=False)
 class Sequence:
-    """One request's state, owned by the engine thread once submitted (only `cancelled` is set elsewhere)."""
+    """One request's state, owned by the engine thread once submitted (only `cancelled` is set elsewhere).
+    Its outcome (finish reason, error, done, submit time) is the handle's: read through `handle`."""
 
     request_id: str
     prompt_ids: list[int]
@@ -33,13 +35,10 @@ class Sequence:
     sampler: RowSampler
     detok: IncrementalDetokenizer
     handle: RequestHandle
-    submitted_at: float = field(default_factory=time.perf_counter)
     generated: list[int] = field(default_factory=list)
     slot: int = 0
     admitted_at: float | None = None
     cancelled: bool = False
-    finish_reason: str | None = None
-    error: EngineError | None = None
     prompt_logprobs: tuple[float, ...] | None = None  # set by the prefill when params.prompt_logprobs
 
     @property
@@ -49,19 +48,15 @@ class Sequence:
 
     @property
     def done(self) -> bool:
-        return self.finish_reason is not None
+        return self.handle.done
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_batch_size: int
-    max_batch_tokens: int
-    max_waiting: int
+Dropped = tuple[Sequence, EngineError | None]  # a request that leaves the queue unrun: cancelled (None) or failed
 
 
 class Scheduler:
-    def __init__(self, limits: Limits, cache: AdapterCache, kv: RowKVCache):
-        self.limits = limits
+    def __init__(self, config: EngineConfig, cache: AdapterCache, kv: RowKVCache):
+        self.config = config  # max_batch_size, max_batch_tokens, max_waiting
         self.cache = cache
         self.kv = kv
         self.running: list[Sequence] = []  # engine thread only; index == KV row
@@ -71,8 +66,8 @@ class Scheduler:
     # ---- any thread --------------------------------------------------------------------------------------
     def enqueue(self, seq: Sequence) -> None:
         with self._lock:
-            if len(self._waiting) >= self.limits.max_waiting:
-                raise QueueFull(f"waiting queue is full ({self.limits.max_waiting} requests)")
+            if len(self._waiting) >= self.config.max_waiting:
+                raise QueueFull(f"waiting queue is full ({self.config.max_waiting} requests)")
             self._waiting.append(seq)
         if seq.key is not None:
             self.cache.want(seq.key)
@@ -86,34 +81,33 @@ class Scheduler:
         return len(self._waiting)
 
     # ---- engine thread -----------------------------------------------------------------------------------
-    def admit(self) -> tuple[list[Sequence], list[Sequence]]:
-        """Pick newcomers for this iteration. Returns (admitted, dropped); dropped sequences were cancelled or
-        failed while waiting (their `finish_reason`/`error` is set) and must be finished by the caller."""
+    def admit(self) -> tuple[list[Sequence], list[Dropped]]:
+        """Pick newcomers for this iteration. Returns (admitted, dropped); dropped sequences were cancelled
+        (error None) or failed while waiting (with their error) and must be finished by the caller."""
         admitted: list[Sequence] = []
-        dropped: list[Sequence] = []
-        free_rows = self.limits.max_batch_size - len(self.running)
+        dropped: list[Dropped] = []
+        free_rows = self.config.max_batch_size - len(self.running)
         longest = 0
         with self._lock:
             candidates = list(self._waiting)
         for seq in candidates:
             if seq.cancelled:
-                seq.finish_reason = "cancelled"
-                dropped.append(seq)
+                dropped.append((seq, None))
                 continue
             if free_rows <= len(admitted):
                 continue
-            if seq.key is not None and not self._refresh_key(seq):
-                dropped.append(seq)
+            error = self._refresh_key(seq) if seq.key is not None else None
+            if error is not None:
+                dropped.append((seq, error))
                 continue
             longest_after = max(longest, len(seq.prompt_ids))
-            if admitted and (len(admitted) + 1) * longest_after > self.limits.max_batch_tokens:
+            if admitted and (len(admitted) + 1) * longest_after > self.config.max_batch_tokens:
                 break  # padded prefill budget used up; FIFO order resumes next iteration
             slot = 0
             if seq.key is not None:
                 status = self.cache.status(seq.key)
                 if isinstance(status, EngineError):
-                    seq.finish_reason, seq.error = "error", status
-                    dropped.append(seq)
+                    dropped.append((seq, status))
                     continue
                 if status == "loading":
                     continue
@@ -124,7 +118,7 @@ class Scheduler:
             seq.admitted_at = time.perf_counter()
             longest = longest_after
             admitted.append(seq)
-        gone = admitted + dropped
+        gone = admitted + [seq for seq, _ in dropped]
         if gone:
             with self._lock:
                 ids = {id(s) for s in gone}
@@ -134,22 +128,21 @@ class Scheduler:
                     self.cache.unwant(seq.key)
         return admitted, dropped
 
-    def _refresh_key(self, seq: Sequence) -> bool:
-        """The adapter was invalidated while this request waited: move it to the current version."""
+    def _refresh_key(self, seq: Sequence) -> EngineError | None:
+        """The adapter was invalidated while this request waited: move it to the current version. Returns the
+        error that ends the request if there is none (admit() then unwants the key it wanted)."""
         if self.cache.is_current(seq.key):
-            return True
+            return None
         old = seq.key
         try:
             seq.key = self.cache.resolve(seq.adapter_id)
+        except AdapterNotFound:
+            return AdapterNotFound(f"adapter {seq.adapter_id!r} was deleted while the request waited")
         except EngineError as exc:
-            seq.finish_reason, seq.error = "error", exc
-            if isinstance(exc, AdapterNotFound):
-                seq.error = AdapterNotFound(f"adapter {seq.adapter_id!r} was deleted while the request waited")
-            seq.key = old  # admit() unwants the key it wanted
-            return False
+            return exc
         self.cache.want(seq.key)
         self.cache.unwant(old)
-        return True
+        return None
 
     def start_running(self, newcomers: list[Sequence]) -> None:
         self.running.extend(newcomers)

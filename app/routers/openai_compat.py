@@ -17,9 +17,9 @@ from sse_starlette.sse import EventSourceResponse
 from app import openai_render as oai
 from app.deps import ApiKey, AppState, State
 from app.errors import stream_error
+from app.engine.handle import TokenEvent
 from app.engine.sampling import SamplingParams
-from app.generation import (Generation, TokenOut, adapter_with_header, merged_tokens, sampling_params,
-                            start_many)
+from app.generation import Generation, adapter_with_header, merged_tokens, sampling_params, start_many
 from app.openai_schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey])
@@ -32,7 +32,7 @@ _SEED_LIMIT = 2**63
 
 # chunk(choice index, new text, the tokens since the last chunk, finish reason or None, where those tokens' text
 # starts in the choice's generated text) -> one SSE object
-Chunk = Callable[[int, str, list[TokenOut], str | None, int], dict]
+Chunk = Callable[[int, str, list[TokenEvent], str | None, int], dict]
 
 
 def _adapter_for_model(state: AppState, model: str) -> str | None:
@@ -71,7 +71,7 @@ def _sse(state: AppState, request: Request, runs: list[tuple[object, Generation]
     async def events():
         sent = [0] * len(runs)  # characters of choice i's text sent so far
         texts = [""] * len(runs)  # choice i's text so far, as this loop has seen it
-        pending: list[list[TokenOut]] = [[] for _ in runs]  # tokens not yet sent in a chunk
+        pending: list[list[TokenEvent]] = [[] for _ in runs]  # tokens not yet sent in a chunk
         try:
             async for i, token in merged_tokens(runs, timeout_s=state.settings.request_timeout_s,
                                                 disconnected=request.is_disconnected):
@@ -114,7 +114,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
     head = _envelope("text_completion", f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model)
     prompt_tokens = sum(g.prompt_tokens for _, g in runs[::per_prompt])
 
-    def choice(index: int, g: Generation, text: str, tokens: list[TokenOut], finish: str | None,
+    def choice(index: int, g: Generation, text: str, tokens: list[TokenEvent], finish: str | None,
                offset: int, echo: bool) -> dict:
         """`offset`: where `tokens`' text starts in the generated text; `echo`: the prompt is part of `text`."""
         lp = None
@@ -126,7 +126,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
     if body.stream:  # per_prompt == n here: best_of > n is refused with stream
         echoed = [False] * len(runs)
 
-        def chunk(i: int, text: str, tokens: list[TokenOut], finish: str | None, offset: int) -> dict:
+        def chunk(i: int, text: str, tokens: list[TokenEvent], finish: str | None, offset: int) -> dict:
             echo_now = bool(body.echo) and not echoed[i]  # the choice's first chunk carries the prompt
             echoed[i] = True
             prefix = prompt_texts[i // n] if echo_now else ""
@@ -176,7 +176,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         head = _envelope("chat.completion.chunk", f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model)
         started = [False] * len(runs)
 
-        def chunk(i: int, text: str, tokens: list[TokenOut], finish: str | None, offset: int) -> dict:
+        def chunk(i: int, text: str, tokens: list[TokenEvent], finish: str | None, offset: int) -> dict:
             delta = {"content": text}
             if not started[i]:
                 delta["role"], started[i] = "assistant", True

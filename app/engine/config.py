@@ -1,0 +1,54 @@
+"""What an engine serves and how much it takes: `EngineConfig` (the `OLORA_*` settings' engine half, field names
+stable for `Settings.engine_config()`), and the limits every submitted request is checked against."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InputTooLong, InvalidRequest
+from .lora_layers import KERNELS
+from .sampling import SamplingParams
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF id or local directory; None = the embedded default model
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    quantize: str = "none"  # none | nf4 | fp4 | int8 (bitsandbytes)
+    device: str = "auto"  # auto (CUDA if present) | cpu | cuda | cuda:N
+    max_loras: int = 0  # device slots; 0 = auto (max_batch_size where memory allows: slot_budget.py)
+    max_cpu_adapters: int = 64  # host-memory LRU entries
+    max_rank: int = 64  # slot rank r_max; adapters above it are refused
+    max_batch_size: int = 16  # running rows
+    max_batch_tokens: int = 2048  # padded prompt tokens prefilled per iteration
+    max_input_tokens: int = 1024
+    max_total_tokens: int = 1536  # prompt + max_new_tokens; also the KV row length
+    target_modules: tuple[str, ...] | None = None  # e.g. ("q_proj", "v_proj"); None = every Linear of the blocks
+    max_waiting: int = 256  # bounded waiting queue (QueueFull beyond)
+    kernel: str = "auto"  # LoRA kernel: auto | rows | bgmv | grouped | reference (tests)
+
+    def validate(self) -> None:
+        if int(self.max_loras) < 0:
+            raise InvalidRequest(f"EngineConfig.max_loras must be >= 0 (0 = auto), got {self.max_loras}")
+        positive = ("max_cpu_adapters", "max_rank", "max_batch_size", "max_batch_tokens",
+                    "max_input_tokens", "max_total_tokens", "max_waiting")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise InvalidRequest(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise InvalidRequest("EngineConfig.max_input_tokens must be < max_total_tokens")
+        if self.max_input_tokens > self.max_batch_tokens:
+            raise InvalidRequest("EngineConfig.max_input_tokens must be <= max_batch_tokens")
+        if self.kernel not in KERNELS:
+            raise InvalidRequest(f"EngineConfig.kernel must be one of {KERNELS}")
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None:
+        """Raise InvalidRequest / InputTooLong unless the request fits this engine."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequest("params must be a SamplingParams")
+        if not prompt_ids or not all(isinstance(t, int) and 0 <= t < vocab_size for t in prompt_ids):
+            raise InvalidRequest(f"prompt_ids must be a non-empty list of token ids in [0, {vocab_size})")
+        if len(prompt_ids) > self.max_input_tokens:
+            raise InputTooLong(f"prompt has {len(prompt_ids)} tokens, max_input_tokens is {self.max_input_tokens}")
+        if len(prompt_ids) + params.max_new_tokens > self.max_total_tokens:
+            raise InputTooLong(f"prompt tokens ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) "
+                               f"must be <= max_total_tokens ({self.max_total_tokens})")
