@@ -24,8 +24,7 @@ from .adapter_files import (AdapterInfo, AdapterSource, ParsedAdapter, base_weig
                             read_adapter_config)
 from .base_model import load_base_model
 from .errors import BaseModelError, EngineError, EngineNotRunning, InputTooLong, InvalidRequest
-from .faults import (MAX_CONSECUTIVE_STEP_FAILURES, finite_rows, non_finite_error, report_loop_death,
-                     step_failed)
+from .faults import MAX_CONSECUTIVE_STEP_FAILURES, report_loop_death, row_fault_error, step_failed
 from .handle import RequestHandle, TokenEvent
 from .lora_layers import KERNELS, LoRASlotBank, find_target_modules
 from .observer import EngineObserver, RequestStats, SafeObserver
@@ -324,31 +323,18 @@ class Engine:
             rows += newcomers
             sched.start_running(newcomers)
         batch_logits = torch.cat(logits) if len(logits) > 1 else logits[0]  # (B, V)
-        rows, batch_logits = self._drop_non_finite(rows, batch_logits)
-        histories = [self._history(s) for s in rows]
-        tokens, logprobs, tops = (choose_tokens(batch_logits, [s.sampler for s in rows], histories) if rows
-                                  else ([], [], []))
-        for seq, token, logprob, top in zip(rows, tokens, logprobs, tops):
-            self._emit(seq, token, logprob, top)
+        choices = choose_tokens(batch_logits, [s.sampler for s in rows], [self._history(s) for s in rows])
+        for seq, token, logprob, top, fault in zip(rows, choices.tokens, choices.logprobs, choices.tops,
+                                                   choices.faults):
+            if fault is None:
+                self._emit(seq, token, logprob, top)
+            else:  # this row's logits are not usable: it ends alone (faults.py)
+                seq.error = row_fault_error(fault, seq.adapter_id, len(seq.generated))
+                self._finish(seq, "error")
         self._step_rows = []
         self.steps += 1
         self.observer.on_step(len(old) + len(newcomers), sched.n_waiting, prefill_tokens, len(old))
         return True
-
-    def _drop_non_finite(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
-        """End the rows whose logits are not finite (faults.finite_rows); the others are sampled as usual.
-        logits: (B, V) -> (B', V) of the rows kept."""
-        finite = finite_rows(logits)  # (B,)
-        if bool(finite.all()):
-            return rows, logits
-        kept = []
-        for seq, ok in zip(rows, finite.tolist()):
-            if ok:
-                kept.append(seq)
-                continue
-            seq.error = non_finite_error(seq.adapter_id, len(seq.generated))
-            self._finish(seq, "error")
-        return kept, logits[finite]
 
     def _history(self, seq: Sequence) -> torch.Tensor | None:
         if not seq.sampler.needs_history:
