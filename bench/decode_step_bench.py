@@ -6,7 +6,9 @@ Model and adapters as in engine_bench.py (29.4M-parameter random Llama, rank-16 
 prefilled once (prompt lengths 32..128, so decode needs a mask: the real load), each row with its own adapter
 (B distinct adapters in B slots); then every variant times `--steps` decode forwards of the same B rows at the same
 positions, the variants taking turns step by step for `--rounds` x `--steps` steps (so the shared machine's drift hits all of them).
-Variants: base (no adapter: slot 0 everywhere), auto / rows / bgmv / grouped (the LoRA kernel forced on the bank).
+Variants: base (no adapter: slot 0 everywhere), auto / rows / bgmv / grouped (the LoRA kernel forced on the bank),
+and with `--compile` also compiled-base / compiled-auto: the same forward through `torch.compile(model,
+dynamic=True)` (inductor; needs a C++ compiler; compile time is reported apart and not in the step times).
 Prints the median step time per variant and its ratio to base; writes bench/out/decode_step_bench.json.
 """
 from __future__ import annotations
@@ -31,6 +33,8 @@ from engine_bench import build_model_dir, write_adapter  # noqa: E402
 from app.engine import DirectoryAdapterSource, Engine, EngineConfig  # noqa: E402
 
 KERNEL_VARIANTS = ("auto", "rows", "bgmv", "grouped")
+ADVANCE = False  # --advance
+COMPILED: dict = {}  # eager model -> its torch.compile'd wrapper (--compile)
 
 
 def prepare_rows(engine: Engine, adapters: Path, batch: int, rng: random.Random) -> tuple[list[int], list[int]]:
@@ -49,6 +53,10 @@ def prepare_rows(engine: Engine, adapters: Path, batch: int, rng: random.Random)
 def time_variant(engine: Engine, variant: str, tokens: list[int], positions: list[int], steps: int) -> list[float]:
     """Seconds per decode forward of the B prepared rows under `variant`."""
     batch = len(tokens)
+    if variant.startswith("compiled-"):
+        engine.runner.model, variant = COMPILED[engine.model], variant.removeprefix("compiled-")
+    else:
+        engine.runner.model = engine.model
     slots = [0] * batch if variant == "base" else list(range(1, batch + 1))
     if variant in KERNEL_VARIANTS:
         engine.bank.kernel = variant
@@ -57,6 +65,8 @@ def time_variant(engine: Engine, variant: str, tokens: list[int], positions: lis
         start = time.perf_counter()
         engine.runner.decode(tokens, positions, slots)
         times.append(time.perf_counter() - start)
+        if ADVANCE:  # the next step one position further, as real decoding goes (L changes every step)
+            positions[:] = [p + 1 for p in positions]
     return times
 
 
@@ -67,8 +77,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="decode forwards per variant and round")
     p.add_argument("--rounds", type=int, default=5, help="rounds; within a round the variants alternate per step")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--advance", action="store_true", help="positions advance every step (else they stay fixed)")
+    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd forward")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = p.parse_args()
+    global ADVANCE
+    ADVANCE = args.advance
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = args.variants.split(",")
@@ -81,14 +95,26 @@ def main() -> None:
         engine = Engine(EngineConfig(model=str(tmp / "model"), max_loras=args.batch, max_batch_size=args.batch),
                         DirectoryAdapterSource(tmp / "adapters"))
         tokens, positions = prepare_rows(engine, tmp / "adapters", args.batch, rng)
+        compile_seconds = {}
+        if args.compile:
+            COMPILED[engine.model] = torch.compile(engine.model, dynamic=True)
+            variants += ["compiled-base", "compiled-auto"]
         times: dict[str, list[float]] = {v: [] for v in variants}
-        for v in variants:  # warm-up (allocations, row bindings)
+        for v in variants:  # warm-up (allocations, row bindings, compilation)
+            start = time.perf_counter()
             time_variant(engine, v, tokens, positions, 2)
+            if v.startswith("compiled-"):
+                compile_seconds[v] = round(time.perf_counter() - start, 1)
         for _ in range(args.rounds * args.steps):  # one step of each variant in turn
             for v in variants:
                 times[v] += time_variant(engine, v, tokens, positions, 1)
-        result = {"batch": args.batch, "row_buffer_rank": engine.bank.row_buffer_rank,
+        from torch._dynamo.utils import counters
+
+        result = {"batch": args.batch, "advance": args.advance,
+                  "dynamo_unique_graphs": counters["stats"]["unique_graphs"],
+                  "dynamo_graph_breaks": sum(counters["graph_break"].values()), "row_buffer_rank": engine.bank.row_buffer_rank,
                   "torch_threads": torch.get_num_threads(), "steps_per_variant": args.steps * args.rounds,
+                  "compile_and_first_steps_s": compile_seconds,
                   "median_ms": {v: round(1e3 * statistics.median(t), 2) for v, t in times.items()}}
     if "base" in variants:
         base = result["median_ms"]["base"]

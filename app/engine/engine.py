@@ -53,6 +53,7 @@ class EngineConfig:
     target_modules: tuple[str, ...] | None = None  # e.g. ("q_proj", "v_proj"); None = every Linear of the blocks
     max_waiting: int = 256  # bounded waiting queue (QueueFull beyond)
     kernel: str = "auto"  # LoRA kernel: auto | rows | bgmv | grouped | reference (tests)
+    compile: str = "off"  # on = torch.compile the decode forward (faster steps after ~1 min/graph; benchmarks.md)
 
     def validate(self) -> None:
         if int(self.max_loras) < 0:
@@ -68,6 +69,8 @@ class EngineConfig:
             raise InvalidRequest("EngineConfig.max_input_tokens must be <= max_batch_tokens")
         if self.kernel not in KERNELS:
             raise InvalidRequest(f"EngineConfig.kernel must be one of {KERNELS}")
+        if self.compile not in ("off", "on"):
+            raise InvalidRequest("EngineConfig.compile must be 'off' or 'on'")
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,8 @@ class Engine:
         self.bank = LoRASlotBank(base.model, targets, config.max_loras, config.max_rank, base.dtype, base.device,
                                  kernel=config.kernel, max_rows=config.max_batch_size)
         self.base_norms = base_weight_norms(base.model, targets, base.path)  # ||W||_F per served module
-        self.runner = ModelRunner(base.model, self.bank, config.max_batch_size, config.max_total_tokens)
+        self.runner = ModelRunner(base.model, self.bank, config.max_batch_size, config.max_total_tokens,
+                                  compile_decode=config.compile == "on")
         self._wake = threading.Condition()
         self.cache = AdapterCache(adapters, self.bank, config.max_cpu_adapters, self._parse, self.observer,
                                   pin_memory=base.device.type == "cuda", on_change=self._notify)

@@ -14,7 +14,8 @@ from .lora_layers import LoRASlotBank
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, bank: LoRASlotBank, max_batch: int, max_tokens: int):
+    def __init__(self, model: nn.Module, bank: LoRASlotBank, max_batch: int, max_tokens: int,
+                 compile_decode: bool = False):
         cfg = model.config
         embeddings = model.get_input_embeddings().weight
         self.model = model
@@ -36,11 +37,16 @@ class ModelRunner:
         # With SDPA, a batch that needs no padding mask goes without one: transformers then lets SDPA apply the
         # causal rule itself (`is_causal`, or nothing for one query), which can use its flash/GQA kernels.
         self.mask_free = getattr(cfg, "_attn_implementation", None) == "sdpa"
+        # EngineConfig.compile="on": decode forwards go through torch.compile (inductor, dynamic shapes: B and L
+        # change every step); prefill stays eager. One graph per (LoRA mode, rank bucket, mask or not), each
+        # compiled on first use (~1 min on 2 CPU cores): see docs/benchmarks.md "torch.compile".
+        self.decode_model = torch.compile(model, dynamic=True) if compile_decode else model
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor,
-                 logits_to_keep: int | torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                         logits_to_keep=logits_to_keep, **{self._cache_kwarg: self.kv})
+                 logits_to_keep: int | torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        model = self.model if model is None else model
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                    logits_to_keep=logits_to_keep, **{self._cache_kwarg: self.kv})
         return out.logits if isinstance(logits_to_keep, int) and logits_to_keep == 0 else out.logits[:, -1, :]
 
     @torch.inference_mode()
@@ -86,6 +92,6 @@ class ModelRunner:
         self.kv.plan_decode(pos, length)
         self.bank.prepare(0, slots)
         try:
-            return self._forward(ids, mask, pos[:, None], 1)
+            return self._forward(ids, mask, pos[:, None], 1, self.decode_model)
         finally:
             self.bank.meta.clear()
