@@ -54,6 +54,7 @@ class EngineConfig:
     max_waiting: int = 256  # bounded waiting queue (QueueFull beyond)
     kernel: str = "auto"  # LoRA kernel: auto | rows | bgmv | grouped | reference (tests)
     compile: str = "off"  # on = torch.compile the decode forward (faster steps after ~1 min/graph; benchmarks.md)
+    decode_graph: str = "off"  # off | buckets (decode padded to static shapes) | cuda (buckets + CUDA graphs)
 
     def validate(self) -> None:
         if int(self.max_loras) < 0:
@@ -69,8 +70,8 @@ class EngineConfig:
             raise InvalidRequest("EngineConfig.max_input_tokens must be <= max_batch_tokens")
         if self.kernel not in KERNELS:
             raise InvalidRequest(f"EngineConfig.kernel must be one of {KERNELS}")
-        if self.compile not in ("off", "on"):
-            raise InvalidRequest("EngineConfig.compile must be 'off' or 'on'")
+        if self.compile not in ("off", "on") or self.decode_graph not in ("off", "buckets", "cuda"):
+            raise InvalidRequest("EngineConfig.compile must be off|on and decode_graph off|buckets|cuda")
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ class Engine:
                                  kernel=config.kernel, max_rows=config.max_batch_size)
         self.base_norms = base_weight_norms(base.model, targets, base.path)  # ||W||_F per served module
         self.runner = ModelRunner(base.model, self.bank, config.max_batch_size, config.max_total_tokens,
-                                  compile_decode=config.compile == "on")
+                                  compile_decode=config.compile == "on", decode_graph=config.decode_graph)
         self._wake = threading.Condition()
         self.cache = AdapterCache(adapters, self.bank, config.max_cpu_adapters, self._parse, self.observer,
                                   pin_memory=base.device.type == "cuda", on_change=self._notify)
