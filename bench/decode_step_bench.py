@@ -8,7 +8,8 @@ prefilled once (prompt lengths 32..128, so decode needs a mask: the real load), 
 positions, the variants taking turns step by step for `--rounds` x `--steps` steps (so the shared machine's drift hits all of them).
 Variants: base (no adapter: slot 0 everywhere), auto / rows / bgmv / grouped (the LoRA kernel forced on the bank),
 and with `--compile` also compiled-base / compiled-auto: the same forward through `torch.compile(model,
-dynamic=True)` (inductor; needs a C++ compiler; compile time is reported apart and not in the step times).
+dynamic=True)` (inductor; needs a C++ compiler; compile time is reported apart and not in the step times);
+buckets-<kernel>: the step padded to its shape bucket (EngineConfig.decode_graph="buckets").
 Prints the median step time per variant and its ratio to base; writes bench/out/decode_step_bench.json.
 """
 from __future__ import annotations
@@ -53,10 +54,9 @@ def prepare_rows(engine: Engine, adapters: Path, batch: int, rng: random.Random)
 def time_variant(engine: Engine, variant: str, tokens: list[int], positions: list[int], steps: int) -> list[float]:
     """Seconds per decode forward of the B prepared rows under `variant`."""
     batch = len(tokens)
-    if variant.startswith("compiled-"):
-        engine.runner.model, variant = COMPILED[engine.model], variant.removeprefix("compiled-")
-    else:
-        engine.runner.model = engine.model
+    engine.runner.decode_model = COMPILED[engine.model] if variant.startswith("compiled-") else engine.model
+    engine.runner.bucketed = variant.startswith("buckets-")
+    variant = variant.removeprefix("compiled-").removeprefix("buckets-")
     slots = [0] * batch if variant == "base" else list(range(1, batch + 1))
     if variant in KERNEL_VARIANTS:
         engine.bank.kernel = variant
