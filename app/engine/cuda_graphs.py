@@ -8,7 +8,8 @@ Semantics: for each decode step with key k = (B', L', lora mode, rank):
 What the capture bakes in: the addresses of the KV tensors (so graphs are dropped when the cache grows), of the
 row buffers and slot tensors (loads write into them in place, so replays see new adapters), of the plan's
 positions (a static buffer) and of BGMV's slot index (copied into the captured one before each replay). The
-grouped kernel (a Python loop per adapter) is never captured; on CUDA `auto` never picks it.
+grouped and reference kernels (Python loops over the batch's adapters/rows, which a graph would freeze) are never
+captured; on CUDA `auto` never picks them.
 Not yet run on a GPU (none was lent when this was written): tests/test_decode_buckets.py has the GPU check.
 """
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+CAPTURABLE_MODES = ("none", "rows", "bgmv")  # LoRA modes whose forward has no per-batch Python control flow
 
 
 @dataclass

@@ -9,7 +9,7 @@ import inspect
 import torch
 from torch import nn
 
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import CAPTURABLE_MODES, DecodeGraphs
 from .decode_buckets import batch_bucket, kv_bucket, pad_rows
 from .kv_cache import RowKVCache
 from .lora_layers import LoRASlotBank
@@ -122,7 +122,7 @@ class ModelRunner:
         self.bank.prepare(0, slots)
         meta = self.bank.meta
         try:
-            if self.graphs is not None and meta.mode != "grouped":
+            if self.graphs is not None and meta.mode in CAPTURABLE_MODES:
                 return self.graphs.run((rows, length, meta.mode, meta.rank), ids, mask, pos, meta, self.kv.capacity)
             return self._forward(ids, mask, pos[:, None], 1, self.decode_model)
         finally:
