@@ -113,6 +113,8 @@ def main() -> None:
     p.add_argument("--concurrency", default="16,32,64")
     p.add_argument("--seconds", type=float, default=60.0, help="traffic per phase (base, then adapters)")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--kernel", default="auto", choices=("auto", "rows", "bgmv", "grouped"),
+                   help="LoRA kernel (the server's default is auto)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = p.parse_args()
     from app.settings import Settings
@@ -131,7 +133,7 @@ def main() -> None:
             rec = Recorder()
             config = EngineConfig(model=str(tmp / "model"), max_loras=s.max_loras, max_rank=s.max_rank,
                                   max_cpu_adapters=s.max_cpu_adapters, max_batch_size=max(c, s.max_batch_size),
-                                  max_batch_tokens=s.max_batch_tokens, max_waiting=4 * c)
+                                  max_batch_tokens=s.max_batch_tokens, max_waiting=4 * c, kernel=args.kernel)
             engine = Engine(config, DirectoryAdapterSource(tmp / "adapters"), observer=rec)
             engine.start()
             try:
@@ -141,7 +143,8 @@ def main() -> None:
                 adapted = closed_loop(engine, c, args.seconds, names, args.new_tokens, rng)
                 waits = slot_waits(rec)
                 row = {"concurrency": c, "max_batch_size": config.max_batch_size,
-                       "max_loras": engine.config.max_loras, "base": base, "adapters": adapted,
+                       "max_loras": engine.config.max_loras, "kernel": args.kernel,
+                       "row_buffer_rank": engine.bank.row_buffer_rank, "base": base, "adapters": adapted,
                        "ratio": round(adapted["tokens_per_s"] / base["tokens_per_s"], 3), **rec.events,
                        "adapter_requests": len(waits), "slot_wait_steps_max": max(waits, default=0),
                        "requests_waiting_over_1_step": sum(w > 1 for w in waits)}

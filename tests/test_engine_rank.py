@@ -94,14 +94,20 @@ def test_rank_sliced_batch_matches_peft_per_row(files):
     rows, _ = BATCHES["all four"]
     ours, seqs, _ = run_rows(make_engine(base, adapters, "auto"), adapters, rows, steps=3)
     for b, (name, seq) in enumerate(zip(rows, seqs)):
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-        if name is not None:
-            model = PeftModel.from_pretrained(model, str(adapters / name)).eval()
-        with torch.no_grad():
-            full = model(torch.tensor([seq[:-1]])).logits[0]
-        prompt = PROMPTS[b]
-        theirs = full[len(prompt) - 1:len(prompt) + 3]
+        theirs = peft_row_logits(base, adapters, name, seq, len(PROMPTS[b]), 3)
         assert (ours[b] - theirs).abs().max().item() <= 1e-4, f"row {b} ({name})"
+
+
+def peft_row_logits(base, adapters, name: str | None, seq: list[int], prompt_len: int, steps: int,
+                    quantization_config=None) -> torch.Tensor:
+    """PEFT alone on one row's tokens: the logits (1 + steps, V) at the positions the engine predicted."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=quantization_config,
+                                                 device_map="cpu").eval()
+    if name is not None:
+        model = PeftModel.from_pretrained(model, str(adapters / name)).eval()
+    with torch.no_grad():
+        full = model(torch.tensor([seq[:-1]])).logits[0]  # (len - 1, V)
+    return full[prompt_len - 1:prompt_len + steps]
 
 
 def test_lower_rank_reload_leaves_no_stale_columns(files):

@@ -200,6 +200,8 @@ def test_sampling_parameters_property(temperature, top_p, top_k, repetition_pena
     logits = logits / logits.abs().amax() * scale  # the largest logit the engine lets through is LOGIT_BOUND
     history = torch.tensor([[1, 2, 3, 4]])  # (1, n)
     samplers = [RowSampler(params, torch.device("cpu")), RowSampler(SamplingParams(), torch.device("cpu"))]
-    tokens, logprobs, _ = choose_tokens(logits, samplers, [history, None])
+    choices = choose_tokens(logits, samplers, [history, None])
+    tokens, logprobs = choices.tokens, choices.logprobs
+    assert choices.faults == [None, None]
     assert all(0 <= t < 50 for t in tokens) and all(math.isfinite(lp) for lp in logprobs)
     assert tokens[1] == int(torch.argmax(logits[1]))

@@ -25,6 +25,8 @@ class EngineConfig:
     target_modules: tuple[str, ...] | None = None  # e.g. ("q_proj", "v_proj"); None = every Linear of the blocks
     max_waiting: int = 256  # bounded waiting queue (QueueFull beyond)
     kernel: str = "auto"  # LoRA kernel: auto | rows | bgmv | grouped | reference (tests)
+    compile: str = "off"  # on = torch.compile the decode forward (faster steps after ~1 min/graph; benchmarks.md)
+    decode_graph: str = "off"  # off | buckets (decode padded to static shapes) | cuda (buckets + CUDA graphs)
 
     def validate(self) -> None:
         if int(self.max_loras) < 0:
@@ -40,6 +42,8 @@ class EngineConfig:
             raise InvalidRequest("EngineConfig.max_input_tokens must be <= max_batch_tokens")
         if self.kernel not in KERNELS:
             raise InvalidRequest(f"EngineConfig.kernel must be one of {KERNELS}")
+        if self.compile not in ("off", "on") or self.decode_graph not in ("off", "buckets", "cuda"):
+            raise InvalidRequest("EngineConfig.compile must be off|on and decode_graph off|buckets|cuda")
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None:
         """Raise InvalidRequest / InputTooLong unless the request fits this engine."""

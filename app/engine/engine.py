@@ -25,8 +25,7 @@ from .adapter_files import AdapterInfo, AdapterParser, AdapterSource, base_weigh
 from .base_model import load_base_model
 from .config import EngineConfig
 from .errors import BaseModelError, EngineError, EngineNotRunning, InvalidRequest
-from .faults import (MAX_CONSECUTIVE_STEP_FAILURES, finite_rows, non_finite_error, report_loop_death,
-                     step_failed)
+from .faults import MAX_CONSECUTIVE_STEP_FAILURES, report_loop_death, row_fault_error, step_failed
 from .handle import RequestHandle, TokenEvent
 from .lora_layers import LoRASlotBank, find_target_modules
 from .observer import EngineObserver, RequestStats, SafeObserver
@@ -90,7 +89,8 @@ class Engine:
                                  kernel=config.kernel, max_rows=config.max_batch_size)
         self.parser = AdapterParser(self.bank.targets, config.max_rank, self.bank.dtype, base.fingerprint,
                                     base_weight_norms(base.model, targets, base.path))  # ||W||_F per module
-        self.runner = ModelRunner(base.model, self.bank, config.max_batch_size, config.max_total_tokens)
+        self.runner = ModelRunner(base.model, self.bank, config.max_batch_size, config.max_total_tokens,
+                                  compile_decode=config.compile == "on", decode_graph=config.decode_graph)
         self._lifecycle = threading.Lock()  # start/shutdown
         self._wake = threading.Event()  # set by submit/cancel/invalidate and the cache's loader; the loop waits
         self.cache = AdapterCache(adapters, self.bank, config.max_cpu_adapters, self.parser, self.observer,
@@ -276,30 +276,17 @@ class Engine:
             rows += newcomers
             sched.start_running(newcomers)
         batch_logits = torch.cat(logits) if len(logits) > 1 else logits[0]  # (B, V)
-        rows, batch_logits = self._drop_non_finite(rows, batch_logits)
-        histories = [self._history(s) for s in rows]
-        tokens, logprobs, tops = (choose_tokens(batch_logits, [s.sampler for s in rows], histories) if rows
-                                  else ([], [], []))
-        for seq, token, logprob, top in zip(rows, tokens, logprobs, tops):
-            self._emit(seq, token, logprob, top)
+        choices = choose_tokens(batch_logits, [s.sampler for s in rows], [self._history(s) for s in rows])
+        for seq, token, logprob, top, fault in zip(rows, choices.tokens, choices.logprobs, choices.tops,
+                                                   choices.faults):
+            if fault is None:
+                self._emit(seq, token, logprob, top)
+            else:  # this row's logits are not usable: it ends alone (faults.py)
+                self._finish(seq, "error", row_fault_error(fault, seq.adapter_id, len(seq.generated)))
         self._step_rows = []
         self.steps += 1
         self.observer.on_step(len(old) + len(newcomers), sched.n_waiting, prefill_tokens, len(old))
         return True
-
-    def _drop_non_finite(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
-        """End the rows whose logits are not finite (faults.finite_rows); the others are sampled as usual.
-        logits: (B, V) -> (B', V) of the rows kept."""
-        finite = finite_rows(logits)  # (B,)
-        if bool(finite.all()):
-            return rows, logits
-        kept = []
-        for seq, ok in zip(rows, finite.tolist()):
-            if ok:
-                kept.append(seq)
-                continue
-            self._finish(seq, "error", non_finite_error(seq.adapter_id, len(seq.generated)))
-        return kept, logits[finite]
 
     def _history(self, seq: Sequence) -> torch.Tensor | None:
         if not seq.sampler.needs_history:

@@ -6,8 +6,10 @@ Semantics (one loop iteration):
         failures += 1
         if failures >= MAX_CONSECUTIVE_STEP_FAILURES: the loop dies (a persistent fault: /health 503, restart)
         else: every row of that step ends with StepFailed; waiting requests and the loop go on
-    inside step(): rows whose logits are NaN/Inf or beyond ±LOGIT_BOUND end with NonFiniteLogits,
-    the others are sampled as usual (sampling never sees a non-finite value).
+    inside step(): rows whose logits are NaN/Inf or beyond ±LOGIT_BOUND end with NonFiniteLogits, and so do
+    rows whose sampling processors leave nothing finite; the others are sampled as usual (sampling never sees a
+    non-finite value: such rows are sampled from zeros and the result is discarded). The flags come back with
+    the sampled tokens in the step's one device->host transfer (sampling.choose_tokens).
 """
 from __future__ import annotations
 
@@ -31,6 +33,14 @@ def non_finite_error(adapter_id: str | None, generated: int) -> NonFiniteLogits:
     return NonFiniteLogits(
         f"the model's logits for this request are not finite (NaN/Inf or beyond {LOGIT_BOUND:g}) after "
         f"{generated} tokens: adapter {adapter_id!r} overflows on this input; the request was ended")
+
+
+def row_fault_error(fault: str, adapter_id: str | None, generated: int) -> NonFiniteLogits:
+    """The error a row ends with for a `Choices.faults` entry ("logits" | "processors")."""
+    if fault == "logits":
+        return non_finite_error(adapter_id, generated)
+    return NonFiniteLogits("the logits became non-finite after the repetition penalty/temperature/top-k/top-p "
+                           "processors")
 
 
 def step_failed(exc: Exception, n_rows: int) -> StepFailed:

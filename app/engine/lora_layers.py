@@ -9,6 +9,10 @@ Rank: a slot is zero-padded from its adapter's rank to r_max, so any leading sli
 largest rank of the batch's adapters gives the same delta. Each forward computes at `meta.rank` = that largest rank
 rounded up to a bucket (`rank_bucket`: 8, 16, 32, ... up to r_max; a few fixed shapes), so `max_rank` 64 costs
 nothing for rank-16 traffic.
+
+Row buffers (the `rows` kernel) hold `row_buffer_rank` columns, the largest rank bucket whose copies for `max_rows` rows fit
+in `ROW_BUFFER_BUDGET` (`choose_row_rank`), not necessarily r_max: 64 rows of rank-16 adapters keep the fast path
+where 64 rows at r_max 64 would not fit. A batch whose bucket is above `row_buffer_rank` uses BGMV for that forward.
 """
 from __future__ import annotations
 
@@ -33,6 +37,16 @@ def rank_bucket(rank: int, max_rank: int) -> int:
     while bucket < rank:
         bucket *= 2
     return min(bucket, max_rank)
+
+
+def choose_row_rank(max_rows: int, max_rank: int, bytes_per_rank_row: int, budget: int) -> int:
+    """Columns of the per-row buffers: the largest rank bucket (<= max_rank) whose `max_rows` copies take at most
+    `budget` bytes; 0 when not even the smallest bucket fits (no row buffers, BGMV instead).
+
+    bytes_per_rank_row: itemsize * sum(in + out) over the served modules (one row, one rank column).
+    """
+    buckets = sorted({rank_bucket(r, max_rank) for r in range(1, max_rank + 1)}, reverse=True)
+    return next((b for b in buckets if max_rows * b * bytes_per_rank_row <= budget), 0) if max_rows else 0
 
 
 def bgmv_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:
@@ -118,7 +132,7 @@ class MultiLoRALinear(nn.Module):
     bitsandbytes Linear4bit/Linear8bitLt, which only see `base_layer(x)`)."""
 
     def __init__(self, base_layer: nn.Module, n_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device, meta: LoRABatchMeta, row_capacity: int = 0):
+                 device: torch.device, meta: LoRABatchMeta, row_capacity: int = 0, row_rank: int = 0):
         super().__init__()
         self.base_layer = base_layer
         self.in_features = int(base_layer.in_features)
@@ -129,10 +143,10 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("lora_B", torch.zeros(n_slots + 1, self.out_features, max_rank, dtype=dtype,
                                                    device=device), persistent=False)  # (S+1, out, r)
         # Per-row copies of the slot each batch row uses (rows mode); empty when not affordable.
-        self.register_buffer("row_A", torch.zeros(row_capacity, max_rank, self.in_features, dtype=dtype,
-                                                  device=device), persistent=False)  # (max_batch, r, in)
-        self.register_buffer("row_B", torch.zeros(row_capacity, self.out_features, max_rank, dtype=dtype,
-                                                  device=device), persistent=False)  # (max_batch, out, r)
+        self.register_buffer("row_A", torch.zeros(row_capacity, row_rank, self.in_features, dtype=dtype,
+                                                  device=device), persistent=False)  # (max_batch, r_row, in)
+        self.register_buffer("row_B", torch.zeros(row_capacity, self.out_features, row_rank, dtype=dtype,
+                                                  device=device), persistent=False)  # (max_batch, out, r_row)
 
     def load_slot(self, slot: int, weights: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """Copy (A (r, in), B*scaling (out, r)) into `slot`, zero-padding to r_max; None = zeros (not targeted)."""
@@ -187,7 +201,8 @@ class LoRASlotBank:
     """All served LoRA layers of one model, their shared batch metadata, and the per-row bindings."""
 
     def __init__(self, model: nn.Module, target_names: list[str], n_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device, kernel: str = "auto", max_rows: int = 0):
+                 device: torch.device, kernel: str = "auto", max_rows: int = 0,
+                 row_budget: int | None = None):
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.n_slots = n_slots
@@ -197,9 +212,12 @@ class LoRASlotBank:
         self.meta = LoRABatchMeta(device=device)
         modules = {name: model.get_submodule(name) for name in target_names}
         itemsize = torch.empty((), dtype=dtype).element_size()
-        row_bytes = max_rows * max_rank * itemsize * sum(m.in_features + m.out_features for m in modules.values())
-        use_rows = kernel == "rows" or (kernel == "auto" and row_bytes <= ROW_BUFFER_BUDGET)
-        self.row_capacity = max_rows if use_rows else 0
+        per_rank_row = itemsize * sum(m.in_features + m.out_features for m in modules.values())
+        budget = ROW_BUFFER_BUDGET if row_budget is None else row_budget
+        # kernel "rows" always gets full-rank row buffers; "auto" the largest rank bucket the budget holds
+        self.row_buffer_rank = {"rows": max_rank,
+                                "auto": choose_row_rank(max_rows, max_rank, per_rank_row, budget)}.get(kernel, 0)
+        self.row_capacity = max_rows if self.row_buffer_rank else 0
         self.row_slot = [-1] * self.row_capacity  # slot whose weights each row buffer holds (-1: none)
         self.row_rank = [0] * self.row_capacity  # columns [row_rank:] of each row buffer are zero
         self.slot_rank = [0] * (n_slots + 1)  # largest module rank of the adapter in each slot (0: empty)
@@ -208,7 +226,8 @@ class LoRASlotBank:
             parent_name, _, child = name.rpartition(".")
             if isinstance(base, MultiLoRALinear):
                 raise ValueError(f"{name} is already wrapped")
-            wrapped = MultiLoRALinear(base, n_slots, max_rank, dtype, device, self.meta, self.row_capacity)
+            wrapped = MultiLoRALinear(base, n_slots, max_rank, dtype, device, self.meta, self.row_capacity,
+                                      self.row_buffer_rank)
             setattr(model.get_submodule(parent_name), child, wrapped)
             self.layers[name] = wrapped
 
@@ -242,19 +261,18 @@ class LoRASlotBank:
             self.meta.set("none", slots, row_start)
             return
         mode = self.kernel
+        rank = rank_bucket(max(self.slot_rank[s] for s in distinct), self.max_rank)
         if mode == "auto":
             # Few adapters over many rows: one matmul pair per adapter, nothing copied (grouped). Otherwise the
-            # row-aligned copies (no per-step gather), or BGMV when they would not fit in memory. On CUDA never
-            # grouped: its Python loop over adapters launches kernels per adapter and layer (host-bound there).
+            # row-aligned copies (no per-step gather), or BGMV when the batch's rank is above the row buffers'.
+            # On CUDA never grouped: its Python loop over adapters launches kernels per adapter and layer.
             if self.meta.device.type != "cuda" and (len(distinct) == 1 or len(distinct) * 4 <= len(slots)):
                 mode = "grouped"
             else:
-                mode = "rows" if self.row_capacity else "bgmv"
+                mode = "rows" if rank <= self.row_buffer_rank else "bgmv"
         if mode == "rows":
             self._bind(row_start, slots)
-        rank = self.max_rank if mode == "reference" else rank_bucket(max(self.slot_rank[s] for s in distinct),
-                                                                     self.max_rank)
-        self.meta.set(mode, slots, row_start, rank)
+        self.meta.set(mode, slots, row_start, self.max_rank if mode == "reference" else rank)
 
     def _bind(self, row_start: int, slots: list[int]) -> None:
         """Copy each row's slot into its row buffer unless it holds it already (rows that joined or moved): the

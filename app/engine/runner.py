@@ -9,12 +9,15 @@ import inspect
 import torch
 from torch import nn
 
+from .cuda_graphs import CAPTURABLE_MODES, DecodeGraphs
+from .decode_buckets import batch_bucket, kv_bucket, pad_rows
 from .kv_cache import RowKVCache
 from .lora_layers import LoRASlotBank
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, bank: LoRASlotBank, max_batch: int, max_tokens: int):
+    def __init__(self, model: nn.Module, bank: LoRASlotBank, max_batch: int, max_tokens: int,
+                 compile_decode: bool = False, decode_graph: str = "off"):
         cfg = model.config
         embeddings = model.get_input_embeddings().weight
         self.model = model
@@ -36,11 +39,21 @@ class ModelRunner:
         # With SDPA, a batch that needs no padding mask goes without one: transformers then lets SDPA apply the
         # causal rule itself (`is_causal`, or nothing for one query), which can use its flash/GQA kernels.
         self.mask_free = getattr(cfg, "_attn_implementation", None) == "sdpa"
+        # EngineConfig.compile="on": decode forwards go through torch.compile (inductor, dynamic shapes: B and L
+        # change every step); prefill stays eager. One graph per (LoRA mode, rank bucket, mask or not), each
+        # compiled on first use (~1 min on 2 CPU cores): see docs/benchmarks.md "torch.compile".
+        self.decode_model = torch.compile(model, dynamic=True) if compile_decode else model
+        # EngineConfig.decode_graph: "buckets" pads decode steps to fixed shapes (decode_buckets.py); "cuda" also
+        # captures one CUDA graph per bucket and replays it (cuda_graphs.py; CUDA devices only).
+        self.bucketed = decode_graph in ("buckets", "cuda")
+        use_graphs = decode_graph == "cuda" and self.device.type == "cuda"
+        self.graphs = DecodeGraphs(self._graph_forward) if use_graphs else None
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor,
-                 logits_to_keep: int | torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                         logits_to_keep=logits_to_keep, **{self._cache_kwarg: self.kv})
+                 logits_to_keep: int | torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        model = self.model if model is None else model
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                    logits_to_keep=logits_to_keep, **{self._cache_kwarg: self.kv})
         return out.logits if isinstance(logits_to_keep, int) and logits_to_keep == 0 else out.logits[:, -1, :]
 
     @torch.inference_mode()
@@ -71,21 +84,51 @@ class ModelRunner:
         finally:
             self.bank.meta.clear()
 
+    def _decode_mask(self, pos: torch.Tensor, length: int) -> torch.Tensor:
+        """Row b sees its cached tokens 0..pos[b]-1 and the new one at pos[b]; longer rows' tail is masked.
+        pos: (B,) -> (B, 1, 1, L) additive."""
+        mask = torch.zeros(pos.shape[0], 1, 1, length, dtype=self.dtype, device=self.device)  # (B, 1, 1, L)
+        mask.masked_fill_((self._positions[None, :length] > pos[:, None])[:, None, None, :], self._masked)
+        return mask
+
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         """Rows 0..B-1 each feed one token at their own position; returns logits (B, V)."""
         b = len(tokens)
+        if self.bucketed:
+            return self._decode_bucketed(tokens, positions, slots)[:b]
         length = max(positions) + 1
         ids = torch.tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)[:, None]  # (B, 1)
         pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)  # (B,)
         mask = None  # every row is at position L-1: it sees all L keys
         if not (self.mask_free and min(positions) == length - 1):
-            # row b sees its cached tokens 0..pos[b]-1 and the new one at pos[b]; longer rows' tail is masked.
-            mask = torch.zeros(b, 1, 1, length, dtype=self.dtype, device=self.device)  # (B, 1, 1, L)
-            mask.masked_fill_((self._positions[None, :length] > pos[:, None])[:, None, None, :], self._masked)
+            mask = self._decode_mask(pos, length)
         self.kv.plan_decode(pos, length)
         self.bank.prepare(0, slots)
         try:
-            return self._forward(ids, mask, pos[:, None], 1)
+            return self._forward(ids, mask, pos[:, None], 1, self.decode_model)
         finally:
             self.bank.meta.clear()
+
+    def _decode_bucketed(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        """The decode step padded to its shape bucket (decode_buckets.py): logits (B', V), rows >= B are padding."""
+        rows = batch_bucket(len(tokens), self.max_batch)
+        length = kv_bucket(max(positions) + 1, self.max_tokens)
+        tokens, positions, slots = pad_rows(tokens, positions, slots, rows)
+        ids = torch.tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)[:, None]  # (B', 1)
+        pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)  # (B',)
+        mask = self._decode_mask(pos, length)  # (B', 1, 1, L')
+        self.kv.plan_decode(pos, length)
+        self.bank.prepare(0, slots)
+        meta = self.bank.meta
+        try:
+            if self.graphs is not None and meta.mode in CAPTURABLE_MODES:
+                return self.graphs.run((rows, length, meta.mode, meta.rank), ids, mask, pos, meta, self.kv.capacity)
+            return self._forward(ids, mask, pos[:, None], 1, self.decode_model)
+        finally:
+            meta.clear()
+
+    def _graph_forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The decode forward as CUDA graphs capture it: the KV plan points at the graph's static positions."""
+        self.kv.plan_decode(pos, mask.shape[-1])
+        return self._forward(ids, mask, pos[:, None], 1)

@@ -3,7 +3,8 @@
 Greedy rows without a penalty or top-n request are chosen in one batched `argmax` (no Python loop); the other rows
 go through transformers' own logits processors/warpers (same order as `generate`: repetition penalty, then
 temperature, top-k, top-p, typical-p), with OpenAI's frequency/presence penalty before the warpers, and draw with
-the request's own `torch.Generator`, so a seeded request gives the same tokens alone or in any batch.
+the request's own `torch.Generator`, so a seeded request gives the same tokens alone or in any batch. Nothing
+here reads a tensor back until the end of `choose_tokens`: one transfer per step (tokens, logprobs, top-n, flags).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from transformers import (
     TypicalLogitsWarper,
 )
 
-from .errors import InvalidRequest, NonFiniteLogits
+from .errors import InvalidRequest
+from .faults import finite_rows
 
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_CHARS = 256
@@ -148,50 +150,90 @@ class RowSampler:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(self.seed)
 
-    def choose(self, scores: torch.Tensor, history: torch.Tensor | None) -> tuple[int, float, TopTokens]:
-        """scores: (1, V) float32 logits of this row; history: (1, n) prompt + generated ids (None when no
-        processor reads it). -> (token, logprob, top-n (id, logprob) pairs of the same distribution)."""
+    def choose(self, scores: torch.Tensor, history: torch.Tensor | None) -> RowChoice:
+        """scores: (1, V) float32 finite logits of this row; history: (1, n) prompt + generated ids (None when no
+        processor reads it). Everything stays on the device (no host sync): the caller reads all rows at once."""
         scores = self.processors(history, scores)  # (1, V)
-        if torch.isnan(scores).any() or not torch.isfinite(scores).any():  # nothing a draw could use
-            raise NonFiniteLogits("the logits became non-finite after the repetition penalty/temperature/top-k/"
-                                  "top-p processors")
-        logprobs = torch.log_softmax(scores, dim=-1)  # (1, V)
+        usable = ~torch.isnan(scores).any() & torch.isfinite(scores).any()  # () bool: something a draw can use
+        scores = torch.where(usable, scores, torch.zeros_like(scores))  # an unusable row's draw is discarded
+        logprobs = torch.log_softmax(scores, dim=-1)[0]  # (V,)
         if self.sampling:
-            token = torch.multinomial(logprobs.exp(), num_samples=1, generator=self.generator)  # (1, 1)
-            token_id = int(token.item())
+            token = torch.multinomial(logprobs.exp(), num_samples=1, generator=self.generator)[0]  # ()
         else:
-            token_id = int(torch.argmax(scores, dim=-1).item())
-        top: TopTokens = ()
-        if self.params.top_n_tokens:
-            values, ids = torch.topk(logprobs[0], self.params.top_n_tokens)  # (n,), (n,)
-            top = tuple(zip(ids.tolist(), values.tolist()))
-        return token_id, float(logprobs[0, token_id].item()), top
+            token = torch.argmax(logprobs)  # () same argmax as the scores
+        top = torch.topk(logprobs, self.params.top_n_tokens) if self.params.top_n_tokens else None
+        return RowChoice(token, logprobs[token], usable, top)
+
+
+@dataclass
+class RowChoice:
+    """One row's choice, still on the device: token (), logprob (), usable () bool, top-n (values, ids) or None."""
+
+    token: torch.Tensor
+    logprob: torch.Tensor
+    usable: torch.Tensor
+    top: tuple[torch.Tensor, torch.Tensor] | None
+
+
+@dataclass
+class Choices:
+    """The host copy of a step's choices, per row. fault: None, "logits" (the model's logits were NaN/Inf or past
+    faults.LOGIT_BOUND) or "processors" (the penalty/temperature/top-k/top-p processors left nothing finite)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    tops: list[TopTokens]
+    faults: list[str | None]
 
 
 def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler],
-                  histories: list[torch.Tensor | None]) -> tuple[list[int], list[float], list[TopTokens]]:
-    """Pick one token per row.
+                  histories: list[torch.Tensor | None]) -> Choices:
+    """Pick one token per row, with one device->host transfer for the whole step.
 
-    Semantics: for b in range(B): tokens[b], logprobs[b], tops[b] = samplers[b].choose(logits[b:b+1], histories[b])
-    (rows whose sampler is plain greedy are done together: argmax + log_softmax over those rows at once).
+    Semantics: for b in range(B):
+        if not finite_rows(logits)[b]: faults[b] = "logits"        # the row is ended; nothing is sampled from it
+        else: tokens[b], logprobs[b], tops[b] = samplers[b].choose(logits[b:b+1], histories[b])
+    Rows whose sampler is plain greedy are done together (argmax + log_softmax over those rows at once); every
+    result (tokens, logprobs, top-n, finite flags) is written into one (B, 4 + 2n) float64 tensor on the device and
+    read back with a single `tolist()` (token ids are exact in float64).
     logits: (B, V) last-position logits of the batch (any float dtype; computed in float32).
     """
-    logits = logits.float()
-    tokens: list[int] = [0] * len(samplers)
-    logprobs: list[float] = [0.0] * len(samplers)
-    tops: list[TopTokens] = [()] * len(samplers)
+    logits = logits.float()  # (B, V)
+    batch = len(samplers)
+    finite = finite_rows(logits)  # (B,) bool
+    safe = torch.where(finite[:, None], logits, torch.zeros_like(logits))  # samplers never see a non-finite value
+    n_top = max(s.params.top_n_tokens for s in samplers)
+    # columns: token, logprob, finite, usable, top ids (n_top), top logprobs (n_top)
+    packed = torch.zeros(batch, 4 + 2 * n_top, dtype=torch.float64, device=logits.device)  # (B, 4 + 2n)
+    packed[:, 2] = finite.double()
+    packed[:, 3] = 1.0
     greedy_rows = [b for b, s in enumerate(samplers) if s.batched_greedy]
     if greedy_rows:
-        sub = logits if len(greedy_rows) == len(samplers) else logits[greedy_rows]  # (G, V)
+        every = len(greedy_rows) == batch
+        sub = safe if every else safe[greedy_rows]  # (G, V)
         best = torch.argmax(sub, dim=-1)  # (G,)
         best_lp = torch.log_softmax(sub, dim=-1).gather(1, best[:, None])[:, 0]  # (G,)
-        # one device->host transfer for tokens and logprobs (token ids are exact in float64)
-        for b, (tok, lp) in zip(greedy_rows, torch.stack((best.double(), best_lp.double()), 1).tolist()):
-            tokens[b], logprobs[b] = int(tok), lp
+        target = slice(None) if every else torch.tensor(greedy_rows, device=logits.device)
+        packed[target, 0] = best.double()
+        packed[target, 1] = best_lp.double()
     for b, sampler in enumerate(samplers):
-        if not sampler.batched_greedy:
-            tokens[b], logprobs[b], tops[b] = sampler.choose(logits[b:b + 1], histories[b])
-    return tokens, logprobs, tops
+        if sampler.batched_greedy:
+            continue
+        choice = sampler.choose(safe[b:b + 1], histories[b])
+        packed[b, 0], packed[b, 1], packed[b, 3] = choice.token, choice.logprob, choice.usable
+        if choice.top is not None:
+            values, ids = choice.top  # (n,), (n,)
+            n = values.shape[0]
+            packed[b, 4:4 + n], packed[b, 4 + n_top:4 + n_top + n] = ids.double(), values.double()
+    host = packed.tolist()  # the step's one device -> host transfer
+    out = Choices([], [], [], [])
+    for row, sampler in zip(host, samplers):
+        n = sampler.params.top_n_tokens
+        out.tokens.append(int(row[0]))
+        out.logprobs.append(row[1])
+        out.tops.append(tuple(zip(map(int, row[4:4 + n]), row[4 + n_top:4 + n_top + n])))
+        out.faults.append(None if row[2] and row[3] else "logits" if not row[2] else "processors")
+    return out
 
 
 def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int]) -> list[float]:
