@@ -115,7 +115,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = p.parse_args()
-    from app.settings import Settings
+    from app.server.settings import Settings
 
     s = Settings()
     rng = random.Random(0)

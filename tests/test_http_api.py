@@ -9,9 +9,9 @@ import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.main import create_app
-from app.settings import Settings
-from app.store.adapter_store import AdapterStore
+from app.server.main import create_app
+from app.server.settings import Settings
+from app.adapters.store.adapter_store import AdapterStore
 from helpers import save_random_lora, save_tiny_checkpoint
 from http_helpers import peft_greedy_text, tar_gz, upload
 

@@ -10,8 +10,8 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from app.main import create_app
-from app.schemas import GenerateParameters
+from app.server.main import create_app
+from app.server.schemas import GenerateParameters
 from helpers import save_random_lora, save_tiny_checkpoint
 from http_helpers import peft_greedy_text, tar_gz, upload
 from test_http_api import make_settings

@@ -27,8 +27,8 @@ from typing import Any
 from olora_core.adapter_io import MUTATED_INIT_KINDS, adapter_kind, load_adapter_dir, save_adapter_dir
 from olora_core.convert import convert
 
-from app.store.adapter_store import AdapterMissing, AdapterStore, StoredAdapter, check_adapter_id
-from app.store.archive import ArchiveLimits, extract_archive
+from app.adapters.store.adapter_store import AdapterMissing, AdapterStore, StoredAdapter, check_adapter_id
+from app.adapters.store.archive import ArchiveLimits, extract_archive
 
 
 class UploadRefused(ValueError):

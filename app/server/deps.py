@@ -1,4 +1,4 @@
-"""FastAPI dependencies: the per-app state and API-key checks (the rules and comparison live in app/auth.py)."""
+"""FastAPI dependencies: the per-app state and API-key checks (the rules and comparison live in app/server/auth.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.adapter_service import AdapterService
-from app.auth import role_of
-from app.metrics import ServerMetrics
-from app.settings import Settings
+from app.adapters.service import AdapterService
+from app.server.auth import role_of
+from app.server.metrics import ServerMetrics
+from app.server.settings import Settings
 
 
 @dataclass
@@ -21,7 +21,7 @@ class AppState:
     engine: object  # app.engine.engine.Engine
     adapters: AdapterService
     metrics: ServerMetrics
-    ephemeral: object  # app.ephemeral.EphemeralAdapters (per-request merges)
+    ephemeral: object  # app.adapters.ephemeral.EphemeralAdapters (per-request merges)
 
 
 def get_state(request: Request) -> AppState:
@@ -44,7 +44,7 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
 
 
 def _require(state: AppState, credentials: HTTPAuthorizationCredentials | None, need: str) -> None:
-    """The rules of app.auth once more (the middleware already applied them before the body was read)."""
+    """The rules of app.server.auth once more (the middleware already applied them before the body was read)."""
     if not state.settings.auth_enabled:
         return
     role = role_of(state.settings, _token(credentials))

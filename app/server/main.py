@@ -16,18 +16,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from olora_core.errors import OLoRAError
 
-from app import __version__, errors
-from app.adapter_service import AdapterService, UploadRefused
-from app.deps import AppState
+from app import __version__
+from app.server import errors
+from app.adapters.service import AdapterService, UploadRefused
+from app.server.deps import AppState
 from app.engine.errors import EngineError
-from app.ephemeral import EphemeralAdapters, ServedAdapters
-from app.generation import GenerationError
-from app.metrics import ServerMetrics
-from app.auth import AuthMiddleware
-from app.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, UploadLimitMiddleware
-from app.settings import Settings
-from app.store.adapter_store import AdapterStore, StoreError
-from app.store.archive import ArchiveError, ArchiveLimits
+from app.adapters.ephemeral import EphemeralAdapters
+from app.adapters.served import ServedAdapters
+from app.server.generation import GenerationError
+from app.server.metrics import ServerMetrics
+from app.server.auth import AuthMiddleware
+from app.server.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, UploadLimitMiddleware
+from app.server.settings import Settings
+from app.adapters.store.adapter_store import AdapterStore, StoreError
+from app.adapters.store.archive import ArchiveError, ArchiveLimits
 
 log = logging.getLogger("olora.server")
 
@@ -41,7 +43,7 @@ def _error_response(request: Request, kind: errors.ErrorKind, message: str, para
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    """Every error goes through the one table in app/errors.py (status, error_type, body shape)."""
+    """Every error goes through the one table in app/server/errors.py (status, error_type, body shape)."""
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         kind, message, param = errors.validation_kind(exc.errors())
@@ -116,8 +118,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = AppState(settings=settings, engine=engine, adapters=AdapterService(store, engine, limits),
                          metrics=metrics, ephemeral=ephemeral)
         if settings.demo_adapters:
-            from app.demo import register_demo_adapters
-            await asyncio.to_thread(register_demo_adapters, state)
+            from app.adapters.demo import register_demo_adapters
+            await asyncio.to_thread(register_demo_adapters, state.adapters, settings.model)
         metrics.adapters_registered.set(len(store.versions()))
         app.state.olora = state
         watcher = asyncio.create_task(_watch_store(state, store))
@@ -143,7 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AuthMiddleware, settings=settings)
     app.add_middleware(AccessLogMiddleware, metrics=metrics)
 
-    from app.routers import adapters, generate, ops, openai_compat
+    from app.server.routers import adapters, generate, ops, openai_compat
     for router in (generate.router, openai_compat.router, adapters.router, ops.router):
         app.include_router(router, responses=errors.openapi_error_responses())
     return app

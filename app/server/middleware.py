@@ -1,5 +1,5 @@
 """ASGI middleware: request ids, structured JSON access logs, request metrics, request body size limits,
-the bound on concurrent uploads (auth before body: app/auth.py)."""
+the bound on concurrent uploads (auth before body: app/server/auth.py)."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ import logging
 import time
 import uuid
 
-from app.auth import send_error
-from app.metrics import ServerMetrics
+from app.server.auth import send_error
+from app.server.metrics import ServerMetrics
 
 access_log = logging.getLogger("olora.access")
 

@@ -6,7 +6,7 @@ penalties; the model's own for greedy decoding), as TGI reports them. No web fra
 """
 from __future__ import annotations
 
-from app.generation import Generation, TokenOut
+from app.server.generation import Generation, TokenOut
 
 FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop", "cancelled": "stop"}
 

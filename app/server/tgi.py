@@ -6,8 +6,8 @@ No web framework types: routers call these and return what they build.
 from __future__ import annotations
 
 from app.engine.sampling import SamplingParams
-from app.generation import Generation, TokenOut, UnsupportedOption, sampling_params
-from app.schemas import (
+from app.server.generation import Generation, TokenOut, UnsupportedOption, sampling_params
+from app.server.schemas import (
     AlternativeToken,
     BestOfSequence,
     Details,

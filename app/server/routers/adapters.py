@@ -10,9 +10,9 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from app.adapter_service import AdapterSummary
-from app.deps import AdminKey, ApiKey, State
-from app.store.adapter_store import AdapterMissing
+from app.adapters.service import AdapterSummary
+from app.server.deps import AdminKey, ApiKey, State
+from app.adapters.store.adapter_store import AdapterMissing
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 

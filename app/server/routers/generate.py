@@ -9,11 +9,11 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from app import tgi
-from app.deps import ApiKey, AppState, State
-from app.errors import stream_error
-from app.generation import Generation, adapter_with_header, collect, start_many, stream_tokens
-from app.schemas import GenerateRequest, GenerateResponse
+from app.server import tgi
+from app.server.deps import ApiKey, AppState, State
+from app.server.errors import stream_error
+from app.server.generation import Generation, adapter_with_header, collect, start_many, stream_tokens
+from app.server.schemas import GenerateRequest, GenerateResponse
 
 router = APIRouter(tags=["generation"], dependencies=[ApiKey])
 

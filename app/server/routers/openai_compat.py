@@ -14,13 +14,13 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from app import openai_render as oai
-from app.deps import ApiKey, AppState, State
-from app.errors import stream_error
+from app.server import openai_render as oai
+from app.server.deps import ApiKey, AppState, State
+from app.server.errors import stream_error
 from app.engine.sampling import SamplingParams
-from app.generation import (Generation, TokenOut, adapter_with_header, merged_tokens, sampling_params,
+from app.server.generation import (Generation, TokenOut, adapter_with_header, merged_tokens, sampling_params,
                             start_many)
-from app.openai_schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIRequest
+from app.server.openai_schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey])
 

@@ -7,9 +7,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import __version__
-from app.deps import ApiKey, State
+from app.server.deps import ApiKey, State
 from app.engine.sampling import MAX_STOP_SEQUENCES
-from app.schemas import MAX_BEST_OF
+from app.server.schemas import MAX_BEST_OF
 
 router = APIRouter(tags=["operations"])
 
