@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.adapters.ephemeral import EphemeralAdapters
 from app.adapters.service import AdapterService
 from app.server.auth import role_of
 from app.server.metrics import ServerMetrics
 from app.server.settings import Settings
+
+if TYPE_CHECKING:  # the engine module imports torch: the lifespan imports it, not the app's import
+    from app.engine.engine import Engine
 
 
 @dataclass
@@ -18,10 +22,10 @@ class AppState:
     """Everything the lifespan builds; routers reach it through `get_state`."""
 
     settings: Settings
-    engine: object  # app.engine.engine.Engine
+    engine: Engine
     adapters: AdapterService
     metrics: ServerMetrics
-    ephemeral: object  # app.adapters.ephemeral.EphemeralAdapters (per-request merges)
+    ephemeral: EphemeralAdapters  # per-request merges
 
 
 def get_state(request: Request) -> AppState:

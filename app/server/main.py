@@ -98,18 +98,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from app.engine.engine import Engine, EngineConfig
+        from app.engine.engine import Engine
 
         store = AdapterStore(settings.adapter_dir)  # removes crashed writers' staging folders
         await asyncio.to_thread(store.sweep)
         ephemeral = EphemeralAdapters(store)
-        config = EngineConfig(
-            model=settings.model, dtype=settings.dtype, quantize=settings.quantize, device=settings.device,
-            max_loras=settings.max_loras, max_cpu_adapters=settings.max_cpu_adapters, max_rank=settings.max_rank,
-            max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
-            max_input_tokens=settings.max_input_tokens, max_total_tokens=settings.max_total_tokens,
-            max_waiting=settings.max_waiting)
-        engine = await asyncio.to_thread(Engine, config, ServedAdapters(store, ephemeral), metrics)
+        engine = await asyncio.to_thread(Engine, settings.engine_config(), ServedAdapters(store, ephemeral), metrics)
         metrics.set_max_loras(engine.config.max_loras)
         engine.start()
         ephemeral.validate = engine.validate_adapter  # a merge's scaled weights are checked before it is served
