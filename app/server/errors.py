@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from olora_core.errors import MergeError, NonFiniteError, OLoRAError
 
-from app.adapters.service import UploadRefused
+from app.adapters.upload_plan import UploadRefused
 from app.engine.errors import (AdapterNotFound, AdapterRejected, EngineError, EngineNotRunning, InputTooLong,
                                InvalidRequest, NonFiniteLogits, QueueFull, StepFailed)
 from app.server.generation import AdapterHeaderMismatch, GenerationTimeout, UnsupportedOption

@@ -18,7 +18,8 @@ from olora_core.errors import OLoRAError
 
 from app import __version__
 from app.server import errors
-from app.adapters.service import AdapterService, UploadRefused
+from app.adapters.service import AdapterService
+from app.adapters.upload_plan import UploadRefused
 from app.server.deps import AppState
 from app.engine.errors import EngineError
 from app.adapters.ephemeral import EphemeralAdapters
