@@ -80,10 +80,10 @@ class AdapterService:
     # ---- reading ---------------------------------------------------------------------------------------
     def summary(self, stored: StoredAdapter) -> AdapterSummary:
         meta = stored.metadata
-        bound = meta.get("base_fingerprint", "")
-        servable = bound == self.engine.base.fingerprint
+        bound, served = meta.get("base_fingerprint", ""), self.engine.base.fingerprint
+        servable = bound == served
         problem = None if servable else (
-            f"adapter {stored.adapter_id!r} is bound to base {bound}, this server serves {self.engine.base.fingerprint}")
+            f"adapter {stored.adapter_id!r} is bound to base {bound}, this server serves {served}")
         stats = self.engine.stats()
         tier = ("device" if stored.adapter_id in stats.slot_adapters else
                 "host" if stored.adapter_id in stats.host_adapter_ids else "disk")

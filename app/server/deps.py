@@ -1,6 +1,7 @@
 """FastAPI dependencies: the per-app state and API-key checks (the rules and comparison live in app/server/auth.py)."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
@@ -26,6 +27,10 @@ class AppState:
     adapters: AdapterService
     metrics: ServerMetrics
     ephemeral: EphemeralAdapters  # per-request merges
+
+    async def recount_adapters(self) -> int:
+        """After a change to the store: the registered-adapters gauge, read off the event loop."""
+        return self.metrics.count_registered(await asyncio.to_thread(self.adapters.store.versions))
 
 
 def get_state(request: Request) -> AppState:

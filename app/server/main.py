@@ -72,7 +72,7 @@ SWEEP_EVERY_S = 30.0  # retired adapter versions are removed this often (after t
 
 async def _watch_store(state: AppState, store: AdapterStore) -> None:
     """Pick up adapters changed or deleted by other replicas sharing the store directory; sweep retired versions."""
-    known = store.versions()
+    known = await asyncio.to_thread(store.versions)
     last_sweep = time.monotonic()
     while True:
         await asyncio.sleep(state.settings.store_poll_s)
@@ -90,7 +90,7 @@ async def _watch_store(state: AppState, store: AdapterStore) -> None:
                 path = None if version is None else str(store.root / adapter_id / version)
                 state.engine.invalidate(adapter_id, current_path=path)  # an up-to-date cache is left alone
         known = current
-        state.metrics.adapters_registered.set(len(current))
+        state.metrics.count_registered(current)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -115,11 +115,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.demo_adapters:
             from app.adapters.demo import register_demo_adapters
             await asyncio.to_thread(register_demo_adapters, state.adapters, settings.model)
-        metrics.adapters_registered.set(len(store.versions()))
+        registered = await state.recount_adapters()
         app.state.olora = state
         watcher = asyncio.create_task(_watch_store(state, store))
-        log.info("serving %s (fingerprint %s) with %d adapters", engine.model_name, engine.base_fingerprint,
-                 len(store.versions()))
+        log.info("serving %s (fingerprint %s) with %d adapters", engine.base.name, engine.base.fingerprint,
+                 registered)
         try:
             yield
         finally:

@@ -68,10 +68,5 @@ async def cache(state: State) -> dict:
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(state: State) -> Response:
-    stats = state.engine.stats()
-    state.metrics.set_lora_info(list(stats.running_adapters), list(stats.waiting_adapters))
-    state.metrics.queue_length.set(stats.waiting)
-    state.metrics.running.set(stats.running)
-    state.metrics.adapters_resident.labels(tier="device").set(stats.slots_used)
-    state.metrics.adapters_resident.labels(tier="host").set(stats.host_adapters)
+    state.metrics.refresh(state.engine.stats())
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
