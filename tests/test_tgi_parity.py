@@ -106,6 +106,14 @@ def test_unhonoured_options_are_refused_by_name(client, option, value):
     assert r.status_code == 422 and option in r.json()["error"]
 
 
+@pytest.mark.parametrize("path, stream", [("/generate_stream", None), ("/", True)])
+def test_decoder_input_details_is_refused_when_streaming(client, path, stream):
+    """TGI's validation refuses it (PrefillDetailsStream): its stream details carry no prefill tokens."""
+    r = post(client, path, stream=stream, decoder_input_details=True)
+    assert r.status_code == 422 and "decoder_input_details" in r.json()["error"], r.text
+    assert post(client, path, stream=stream, decoder_input_details=False).status_code == 200
+
+
 def test_truncate_keeps_the_last_tokens(client, hf):
     model, tok = hf
     ids = tok(PROMPT)["input_ids"]

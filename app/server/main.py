@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from olora_core.errors import OLoRAError
 
@@ -133,14 +134,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPIOffline(title="olora-serve", version=__version__, lifespan=lifespan,
                          description="Many OLoRA/LoRA adapters on one base model: TGI/LoRAX- and OpenAI-compatible.")
     _install_error_handlers(app)
+    from app.server.routers import adapters, generate, ops, openai_compat
+    routers = (generate.router, openai_compat.router, adapters.router, ops.router)
+    for router in routers:
+        app.include_router(router, responses=errors.openapi_error_responses())
+    # the routes a request refused before routing is counted under (docs' routes, then the API's)
+    routes = [r for r in app.routes if isinstance(r, Route)] + [r for router in routers for r in router.routes]
     # outermost last: access log -> keys (headers only) -> upload bound -> body size -> routes
     app.add_middleware(BodySizeLimitMiddleware, max_json_bytes=settings.max_request_bytes,
                        max_upload_bytes=settings.max_upload_bytes)
     app.add_middleware(UploadLimitMiddleware, max_uploads=settings.max_concurrent_uploads)
     app.add_middleware(AuthMiddleware, settings=settings)
-    app.add_middleware(AccessLogMiddleware, metrics=metrics)
-
-    from app.server.routers import adapters, generate, ops, openai_compat
-    for router in (generate.router, openai_compat.router, adapters.router, ops.router):
-        app.include_router(router, responses=errors.openapi_error_responses())
+    app.add_middleware(AccessLogMiddleware, metrics=metrics, routes=routes)
     return app
