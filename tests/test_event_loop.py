@@ -101,3 +101,42 @@ def test_health_answers_while_a_route_waits_on_the_store(slow_server, slowed, me
     assert store_still_busy, (f"/health waited {answered_in:.2f} s: {method} {path} blocked the event loop in "
                               f"AdapterStore.{slowed}")
     assert responses and responses[0].status_code == status, responses and responses[0].text[:300]
+
+
+def test_a_request_cancelled_during_its_start_cancels_what_the_start_began():
+    """start_off_loop: the route's task is cancelled (client gone) while the worker thread is still starting;
+    the generations the thread then starts must not run on unobserved."""
+    import asyncio
+
+    from app.server.generation import start_off_loop
+
+    class Handle:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    started = [(Handle(), None), (Handle(), None)]
+    in_thread = threading.Event()
+
+    def slow_start():
+        in_thread.set()
+        time.sleep(0.5)
+        return started
+
+    async def scenario():
+        task = asyncio.create_task(start_off_loop(slow_start))
+        while not in_thread.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not any(h.cancelled for h, _ in started)  # the thread has not returned yet
+        for _ in range(200):
+            if all(h.cancelled for h, _ in started):
+                return
+            await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    assert all(h.cancelled for h, _ in started)
+    assert asyncio.run(start_off_loop(lambda: [(Handle(), None)]))[0][0].cancelled is False  # not cancelled: kept
