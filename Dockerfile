@@ -50,7 +50,7 @@ COPY pyproject.toml README.md ./
 COPY olora_core ./olora_core
 COPY app ./app
 RUN pip install --no-cache-dir . \
-    && python -c "import torch, app.main, olora_core; print('torch', torch.__version__)"
+    && python -c "import torch, app.server.main, olora_core; print('torch', torch.__version__)"
 
 # ---- runtime ---------------------------------------------------------------------------------------------
 FROM os AS runtime

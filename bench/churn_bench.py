@@ -117,7 +117,7 @@ def main() -> None:
                    help="LoRA kernel (the server's default is auto)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = p.parse_args()
-    from app.settings import Settings
+    from app.server.settings import Settings
 
     s = Settings()
     rng = random.Random(0)

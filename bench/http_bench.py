@@ -86,7 +86,7 @@ def workload(tokenizer, n: int, k: int, seed: int = 0) -> list[tuple[str, str]]:
 async def run_in_process(base: Path, store_dir: Path, jobs, concurrency: int, settings: dict) -> dict:
     from app.engine.engine import Engine, EngineConfig
     from app.engine.sampling import SamplingParams
-    from app.store.adapter_store import AdapterStore
+    from app.adapters.store.adapter_store import AdapterStore
 
     engine = Engine(EngineConfig(model=str(base), **settings), AdapterStore(store_dir))
     engine.start()
@@ -161,7 +161,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from app.store.adapter_store import AdapterStore
+    from app.adapters.store.adapter_store import AdapterStore
 
     work = Path(tempfile.mkdtemp(prefix="olora-http-bench-"))
     try:

@@ -136,8 +136,8 @@ async def engine_target(base: Path, store_dir: Path, args):
     """The server's engine in-process with the server's default settings; returns (run(jobs), engine)."""
     from app.engine.engine import Engine, EngineConfig
     from app.engine.sampling import SamplingParams
-    from app.settings import Settings
-    from app.store.adapter_store import AdapterStore
+    from app.server.settings import Settings
+    from app.adapters.store.adapter_store import AdapterStore
 
     s = Settings()
     config = EngineConfig(model=str(base), max_loras=s.max_loras, max_cpu_adapters=s.max_cpu_adapters,
@@ -220,7 +220,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from app.engine.engine import Engine, EngineConfig
-    from app.store.adapter_store import AdapterStore
+    from app.adapters.store.adapter_store import AdapterStore
 
     args.out.mkdir(parents=True, exist_ok=True)
     vllm_python = None if args.skip_vllm else ensure_vllm(args.vllm_venv)

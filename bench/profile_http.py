@@ -60,7 +60,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from app.engine.engine import Engine, EngineConfig
-    from app.store.adapter_store import AdapterStore
+    from app.adapters.store.adapter_store import AdapterStore
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="olora-profile-"))

@@ -118,7 +118,7 @@ ct_run_checks() {
         || ct_die "/tmp or a volume is not writable by uid $uid"
     ct_pass "runs as uid $uid, read-only root, /tmp and the volumes writable"
 
-    tar -czf "$CT_WORK/shout.tgz" -C "$REPO/app/demo_adapters" shout
+    tar -czf "$CT_WORK/shout.tgz" -C "$REPO/app/adapters/demo_adapters" shout
     CT_PATH=/adapters ct_expect 401 "upload without a key" -- -F adapter_id=ct-shout -F "archive=@$CT_WORK/shout.tgz"
     CT_PATH=/adapters ct_expect 403 "upload with a generation key" -- -H "Authorization: Bearer $OLORA_API_KEYS" \
         -F adapter_id=ct-shout -F "archive=@$CT_WORK/shout.tgz"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from app.store.archive import ArchiveError, ArchiveLimits, extract_archive
+from app.adapters.store.archive import ArchiveError, ArchiveLimits, extract_archive
 
 
 def _adapter_files(d: Path) -> Path:

@@ -70,9 +70,9 @@ def test_serve_hands_over_the_rest_of_argv(monkeypatch):
     import types
 
     seen = []
-    fake = types.ModuleType("app.cli_serve")
+    fake = types.ModuleType("app.server.cli_serve")
     fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "app.cli_serve", fake)
+    monkeypatch.setitem(sys.modules, "app.server.cli_serve", fake)
     import app
 
     monkeypatch.setattr(app, "cli_serve", fake, raising=False)

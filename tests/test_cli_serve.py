@@ -10,9 +10,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.cli_serve import build_parser, main
-from app.main import create_app
-from app.settings import Settings
+from app.server.cli_serve import build_parser, main
+from app.server.main import create_app
+from app.server.settings import Settings
 from helpers import save_tiny_checkpoint
 from server_process import Replica
 

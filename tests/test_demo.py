@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from app.demo import demo_adapter_dirs
-from app.main import create_app
-from app.settings import Settings
+from app.adapters.demo import demo_adapter_dirs
+from app.server.main import create_app
+from app.server.settings import Settings
 
 SHOUT_PROMPT = "text: Return the list of items.\nshout:"
 PIRATE_PROMPT = "text: Return the list of items.\npirate:"

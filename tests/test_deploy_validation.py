@@ -8,7 +8,7 @@
   nginx.conf with `nginx -t` (upstream hosts rewritten to 127.0.0.1: the compose service names do not resolve
   here); prometheus.yml with `promtool check config`, the alert rules with `promtool check rules` and
   `promtool test rules` (unit tests of the alerts); the Grafana dashboard and datasource provisioning;
-- every metric name used by alerts and dashboards is one app/metrics.py exposes;
+- every metric name used by alerts and dashboards is one app/server/metrics.py exposes;
 - deploy/k8s: see tests/test_deploy_k8s.py.
 
 nginx and promtool come from Debian packages (scripts/install_system_deps.sh, run by `make`): when missing,
@@ -284,10 +284,10 @@ def test_alert_rules_fire_as_intended():
 
 # ---- metric names: alerts and dashboards use what the server exposes -------------------------------------
 def exposed_metrics() -> dict[str, set[str]]:
-    """Sample name -> label names, for every series app/metrics.py can expose."""
+    """Sample name -> label names, for every series app/server/metrics.py can expose."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from app.metrics import ServerMetrics
+    from app.server.metrics import ServerMetrics
 
     out = {}
     for metric in vars(ServerMetrics(max_adapter_labels=4, max_loras=2)).values():
@@ -320,7 +320,7 @@ def test_alerts_and_dashboard_use_real_metric_names_and_labels():
     used = set()
     for where, expr in promql_expressions():
         for name in re.findall(r"(?<![\w:])olora_[A-Za-z0-9_]+(?![\w:])", expr):
-            assert name in exposed, f"{where}: {name} is not a metric app/metrics.py exposes"
+            assert name in exposed, f"{where}: {name} is not a metric app/server/metrics.py exposes"
             used.add(name)
         for name, matchers in re.findall(r"(?<![\w:])(olora_[A-Za-z0-9_]+)\{([^}]*)\}", expr):
             for label in re.findall(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)", matchers):

@@ -1,8 +1,8 @@
 """The README documents every setting and every endpoint (a guard against drift)."""
 from pathlib import Path
 
-from app.main import create_app
-from app.settings import Settings
+from app.server.main import create_app
+from app.server.settings import Settings
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.main import create_app
+from app.server.main import create_app
 from helpers import save_random_lora
 from http_helpers import peft_greedy_text, upload
 from test_http_api import base_dir, make_settings  # noqa: F401 - base_dir is a fixture

@@ -12,8 +12,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import content_type_conformance, not_a_server_error, status_code_conformance
 
-from app.main import create_app
-from app.settings import Settings
+from app.server.main import create_app
+from app.server.settings import Settings
 from http_helpers import peft_greedy_text
 from server_process import Replica
 from test_http_api import base_dir  # noqa: F401 - fixture

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
-from app.main import create_app
+from app.server.main import create_app
 from http_helpers import peft_greedy_text, tar_gz, upload
 from test_http_api import PROMPT, gen, make_settings
 from test_http_uploads import base_dir, good_lora  # noqa: F401  (module-scoped fixtures: the tiny base, a LoRA)

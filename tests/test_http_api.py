@@ -9,9 +9,9 @@ import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.main import create_app
-from app.settings import Settings
-from app.store.adapter_store import AdapterStore
+from app.server.main import create_app
+from app.server.settings import Settings
+from app.adapters.store.adapter_store import AdapterStore
 from helpers import save_random_lora, save_tiny_checkpoint
 from http_helpers import peft_greedy_text, tar_gz, upload
 
@@ -248,6 +248,21 @@ def test_auth(tmp_path, base_dir, lora_dirs):
         assert c.delete("/adapters/a", headers=user).status_code == 403
         assert c.get("/health").status_code == 200  # probes stay open
         assert c.get("/metrics").status_code == 200
+
+
+def test_requests_refused_before_routing_are_counted_under_their_route(tmp_path, base_dir):
+    settings = make_settings(tmp_path, base_dir, api_keys="user-key", metrics_require_key=True)
+    key = {"Authorization": "Bearer user-key"}
+    with TestClient(create_app(settings)) as c:
+        assert gen(c).status_code == 401  # refused by the auth middleware, before the router
+        assert c.delete("/adapters/some-id").status_code == 401
+        assert c.get("/no/such/path", headers=key).status_code == 404
+        text = c.get("/metrics", headers=key).text
+    requests = {(s.labels["route"], s.labels["status"]): s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name == "olora_requests_total"}
+    assert requests.get(("/generate", "401")) == 1, requests
+    assert requests[("/adapters/{adapter_id}", "401")] == 1  # the template, not the path
+    assert requests[("unmatched", "404")] == 1
 
 
 def test_queue_full_is_429(tmp_path, base_dir, monkeypatch):

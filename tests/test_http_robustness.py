@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
 from app.engine.errors import QueueFull
-from app.errors import ERROR_TABLE
-from app.main import create_app
+from app.server.errors import ERROR_TABLE
+from app.server.main import create_app
 from helpers import save_random_lora
 from http_helpers import peft_greedy_text, tar_gz, upload
 from test_http_api import base_dir, make_settings  # noqa: F401 - base_dir is a fixture
@@ -204,7 +204,7 @@ def _failing(error: int):
 @pytest.mark.parametrize("error,status,kind", [(errno.ENOSPC, 507, "insufficient_storage"),
                                                (errno.EROFS, 503, "store_read_only")])
 def test_store_errors_are_json(client, lora_dirs, monkeypatch, error, status, kind):
-    from app.store import adapter_store
+    from app.adapters.store import adapter_store
 
     monkeypatch.setattr(adapter_store.shutil, "copyfile", _failing(error))
     r = upload(client, "later", tar_gz(lora_dirs["good"]))

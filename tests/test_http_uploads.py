@@ -12,7 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
-from app.main import create_app
+from app.server.main import create_app
 from helpers import save_random_lora, save_tiny_checkpoint
 from http_helpers import tar_gz, upload, zip_bytes
 from test_http_api import PROMPT, gen, make_settings

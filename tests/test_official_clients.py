@@ -15,7 +15,7 @@ from huggingface_hub import InferenceClient
 from huggingface_hub import constants as hf_constants
 from transformers import AutoTokenizer
 
-from app.routers.openai_compat import chat_prompt
+from app.server.routers.openai_compat import chat_prompt
 from helpers import save_random_lora, save_tiny_checkpoint
 from http_helpers import peft_greedy_text, tar_gz
 from server_process import Replica

@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from openai.types import completion_create_params as completion_params
 from openai.types.chat import completion_create_params as chat_params
 
-from app.main import create_app
-from app.openai_schemas import ChatCompletionRequest, CompletionRequest
+from app.server.main import create_app
+from app.server.openai_schemas import ChatCompletionRequest, CompletionRequest
 from test_http_api import make_settings
 from test_tgi_parity import base_dir, hf, logits_of, reference_loop  # noqa: F401 - fixtures
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.main import create_app
+from app.server.main import create_app
 from helpers import save_random_lora, save_tiny_checkpoint
 from http_helpers import tar_gz, upload
 from olora_core.adapter_io import load_adapter_dir

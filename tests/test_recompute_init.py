@@ -11,7 +11,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
-from app.main import create_app
+from app.server.main import create_app
 from helpers import quantized_tiny_llama, save_tiny_checkpoint
 from http_helpers import tar_gz
 from olora_core.adapter_io import load_adapter_dir

@@ -2,9 +2,9 @@
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.cli_serve import settings_from_args
-from app.metrics import OTHER_ADAPTERS, ServerMetrics
-from app.settings import Settings
+from app.server.cli_serve import settings_from_args
+from app.server.metrics import OTHER_ADAPTERS, ServerMetrics
+from app.server.settings import Settings
 
 
 class _Stats:

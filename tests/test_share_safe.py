@@ -17,7 +17,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from app.main import create_app
+from app.server.main import create_app
 from helpers import save_tiny_checkpoint
 from http_helpers import tar_gz, upload
 from olora_core.bnb_load import bnb_quantization_config

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from app.store import adapter_store
-from app.store.adapter_store import AdapterExists, AdapterMissing, AdapterStore, InvalidAdapterId
+from app.adapters.store import adapter_store
+from app.adapters.store.adapter_store import AdapterExists, AdapterMissing, AdapterStore, InvalidAdapterId
 
 
 def _src(tmp_path: Path, payload: bytes = b"weights") -> Path:
@@ -153,7 +153,7 @@ def test_lock_files_are_bounded(tmp_path):
 def test_replicas_keep_their_own_per_request_merges(tmp_path):
     """Replicas share the store: a second process starting must not wipe the first one's merges (it did: one shared
     `.ephemeral` was removed at every start); what a dead process left is removed."""
-    from app.ephemeral import EphemeralAdapters
+    from app.adapters.ephemeral import EphemeralAdapters
 
     store = AdapterStore(tmp_path)
     dead = tmp_path / ".ephemeral" / f"{store._host}-999999999-deadbeef"  # no such pid

@@ -10,8 +10,8 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from app.main import create_app
-from app.schemas import GenerateParameters
+from app.server.main import create_app
+from app.server.schemas import GenerateParameters
 from helpers import save_random_lora, save_tiny_checkpoint
 from http_helpers import peft_greedy_text, tar_gz, upload
 from test_http_api import make_settings
@@ -104,6 +104,14 @@ def test_every_parameter_at_its_default_is_accepted(client):
 def test_unhonoured_options_are_refused_by_name(client, option, value):
     r = post(client, **{option: value})
     assert r.status_code == 422 and option in r.json()["error"]
+
+
+@pytest.mark.parametrize("path, stream", [("/generate_stream", None), ("/", True)])
+def test_decoder_input_details_is_refused_when_streaming(client, path, stream):
+    """TGI's validation refuses it (PrefillDetailsStream): its stream details carry no prefill tokens."""
+    r = post(client, path, stream=stream, decoder_input_details=True)
+    assert r.status_code == 422 and "decoder_input_details" in r.json()["error"], r.text
+    assert post(client, path, stream=stream, decoder_input_details=False).status_code == 200
 
 
 def test_truncate_keeps_the_last_tokens(client, hf):

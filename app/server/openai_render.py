@@ -7,7 +7,7 @@ penalties; the model's own for greedy decoding), as TGI reports them. No web fra
 from __future__ import annotations
 
 from app.engine.handle import TokenEvent
-from app.generation import Generation
+from app.server.generation import Generation
 
 FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop", "cancelled": "stop"}
 

@@ -5,9 +5,11 @@ Order of an upload, each step before anything is written to the store:
   1. the id is checked, the archive is extracted into a private staging dir (links, `..`, bombs refused);
   2. olora_core reads it: safetensors only (pickles refused unopened), a LoRA config without code keys,
      float finite tensors;
-  3. OLoRA/PiSSA adapters are converted to plain LoRA with their initial checkpoint (required: without it
-     the base would have to be mutated, which a shared base cannot be), after checking that the checkpoint is
-     the init of *this* base (olora_core.provenance: 422 naming the layer and the distance otherwise);
+  3. the upload plan is chosen once (app/adapters/upload_plan.py: plain, PEFT conversion, quantization-aware,
+     recomputed init) from the request, the adapter's kind and the served base (`engine.base`); OLoRA/PiSSA
+     adapters are converted to plain LoRA with their initial checkpoint (without it the base would have to be
+     mutated, which a shared base cannot be), after checking that the checkpoint is the init of *this* base
+     (olora_core.provenance: 422 naming the layer and the distance otherwise), or with their init recomputed;
   4. the engine checks it against the served base (targets exist, shapes, rank <= max_rank);
   5. the store commits it atomically, bound to the base fingerprint; the engine forgets an older version.
 Warnings (a config naming another base model, an init whose provenance cannot be checked, recompute_init's notes)
@@ -22,20 +24,17 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from olora_core.adapter_io import MUTATED_INIT_KINDS, adapter_kind, load_adapter_dir, save_adapter_dir
 from olora_core.convert import convert
-from olora_core.dtypes import torch_dtype
 
-from app.store.adapter_store import AdapterMissing, AdapterStore, StoredAdapter, check_adapter_id
-from app.store.archive import ArchiveLimits, extract_archive
+from app.adapters.store.adapter_store import AdapterMissing, AdapterStore, StoredAdapter, check_adapter_id
+from app.adapters.store.archive import ArchiveLimits, extract_archive
+from app.adapters.upload_plan import UploadPath, UploadPlan, UploadRefused, UploadRequest, choose_plan
 
-
-class UploadRefused(ValueError):
-    """A well-formed upload that cannot be served as it is (the message says what to send instead)."""
-
-    status_code = 422
+if TYPE_CHECKING:
+    from app.engine.engine import Engine
 
 
 @dataclass
@@ -73,7 +72,7 @@ def _sha256(path: Path) -> str:
 
 
 class AdapterService:
-    def __init__(self, store: AdapterStore, engine, archive_limits: ArchiveLimits):
+    def __init__(self, store: AdapterStore, engine: Engine, archive_limits: ArchiveLimits):
         self.store = store
         self.engine = engine
         self.archive_limits = archive_limits
@@ -81,10 +80,10 @@ class AdapterService:
     # ---- reading ---------------------------------------------------------------------------------------
     def summary(self, stored: StoredAdapter) -> AdapterSummary:
         meta = stored.metadata
-        bound = meta.get("base_fingerprint", "")
-        servable = bound == self.engine.base_fingerprint
+        bound, served = meta.get("base_fingerprint", ""), self.engine.base.fingerprint
+        servable = bound == served
         problem = None if servable else (
-            f"adapter {stored.adapter_id!r} is bound to base {bound}, this server serves {self.engine.base_fingerprint}")
+            f"adapter {stored.adapter_id!r} is bound to base {bound}, this server serves {served}")
         stats = self.engine.stats()
         tier = ("device" if stored.adapter_id in stats.slot_adapters else
                 "host" if stored.adapter_id in stats.host_adapter_ids else "disk")
@@ -109,49 +108,64 @@ class AdapterService:
                overwrite: bool = False, recompute_init: bool = False, init_dtype: str | None = None,
                quant_aware: bool | None = None) -> AdapterSummary:
         check_adapter_id(adapter_id)
+        request = UploadRequest(adapter_id, initial_archive is not None, recompute_init, init_dtype, quant_aware)
         work = self.store.staging_dir()
         try:
             (work / "trained").mkdir()
             trained_dir = extract_archive(archive, work / "trained", self.archive_limits)
             files = load_adapter_dir(trained_dir)
             kind = adapter_kind(files.config, files.tensors)
-            if kind in MUTATED_INIT_KINDS and (recompute_init or self._quant_aware(kind, quant_aware)):
-                # --- Beyond PEFT: init recomputation / quantization-aware conversion (docs/beyond-peft.md)
-                extra = self._convert_beyond_peft(adapter_id, kind, trained_dir, initial_archive, work, recompute_init,
-                                                  init_dtype, quant_aware)
-                return self._commit(adapter_id, work / "converted", f"{kind}-converted", overwrite, extra)
-            if recompute_init:
-                raise UploadRefused(f"adapter {adapter_id!r} is a plain {kind} adapter: recompute_init is only for "
-                                    "OLoRA/PiSSA adapters")
-            if kind in MUTATED_INIT_KINDS:
-                if initial_archive is None:
-                    raise UploadRefused(
-                        f"adapter {adapter_id!r} is an unconverted {kind.upper()} adapter (init_lora_weights="
-                        f"{files.config.get('init_lora_weights')!r}): it was trained on a base from which "
-                        f"s*B0*A0 was subtracted, so it cannot be served on the shared base as it is. Send its "
-                        f"untrained initial checkpoint as 'initial_archive' and the server converts it to a plain "
-                        f"LoRA (rank 2r), or set recompute_init=true if it was initialised on exactly this base.")
+            plan = choose_plan(request, kind, files.config.get("init_lora_weights"), self.engine.base.quantization)
+            initial_dir = None
+            if initial_archive is not None:  # the plan has refused it unless it needs it
                 (work / "initial").mkdir()
                 initial_dir = extract_archive(initial_archive, work / "initial", self.archive_limits)
-                notes = self._check_provenance(initial_dir, init_dtype)
-                convert(initial_dir, trained_dir, work / "converted")
-                return self._commit(adapter_id, work / "converted", f"{kind}-converted", overwrite,
-                                    {"warnings": notes + self._base_name_warnings(files.config)})
-            if initial_archive is not None:
-                raise UploadRefused(f"adapter {adapter_id!r} is a plain {kind} adapter: 'initial_archive' is only "
-                                    "for OLoRA/PiSSA adapters; send the adapter alone")
-            return self._commit(adapter_id, trained_dir, kind, overwrite,
-                                {"warnings": self._base_name_warnings(files.config)})
+            if plan.path is UploadPath.PLAIN:
+                adapter_dir, extra = trained_dir, {"warnings": self._base_name_warnings(files.config)}
+            else:
+                adapter_dir, extra = work / "converted", self._convert(plan, work, trained_dir, initial_dir,
+                                                                    files.config)
+            return self._commit(adapter_id, adapter_dir, plan.stored_kind, overwrite, extra)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _convert(self, plan: UploadPlan, work: Path, trained_dir: Path, initial_dir: Path | None,
+                 config: dict) -> dict[str, Any]:
+        """Run the plan's conversion into `work / "converted"`; returns the metadata it adds."""
+        out = work / "converted"
+        base_dir = self.engine.base.path  # always a local directory (resolved when the engine loaded it)
+        if plan.path is UploadPath.PEFT_CONVERSION:
+            notes = self._check_provenance(initial_dir, plan.init_dtype)
+            convert(initial_dir, trained_dir, out)
+            return {"warnings": notes + self._base_name_warnings(config)}
+        # quantization-aware conversion / init recomputation (docs/beyond-peft.md)
+        from olora_core.quant_convert import convert_quant_aware
+        from olora_core.recompute_init import convert_recomputed
+
+        spec = plan.quantization
+        extra: dict[str, Any] = {"conversion": f"quant_aware:{spec.kind}" if spec is not None else "peft"}
+        if plan.path is UploadPath.RECOMPUTED_INIT:
+            dtype = plan.init_dtype or (str(spec.dtype).removeprefix("torch.") if spec is not None else "float32")
+            report = convert_recomputed(trained_dir, Path(base_dir), out, init_dtype=dtype,
+                                        quantization=spec if spec is not None else "none", emit_warnings=False,
+                                        local_paths=False)
+            extra.update(init="recomputed", init_dtype=dtype, warnings=report.warnings)
+            conversion = report.conversion
+        else:  # UploadPath.QUANT_AWARE
+            extra["warnings"] = self._check_provenance(initial_dir, plan.init_dtype)
+            conversion = convert_quant_aware(initial_dir, trained_dir, out, Path(base_dir), spec)
+        if hasattr(conversion, "max_rel_error"):
+            extra.update(max_rel_error=conversion.max_rel_error, max_peft_rel_error=conversion.max_peft_rel_error)
+        return extra
 
     # ---- where the adapter comes from (olora_core/provenance.py, recompute_init.check_base_name) ---------------
     def _check_provenance(self, initial_dir: Path, init_dtype: str | None) -> list[str]:
         """Raises ProvenanceError (422) unless the initial checkpoint is OLoRA's/PiSSA's init of this base."""
         from olora_core.provenance import check_initial_provenance
 
-        return check_initial_provenance(load_adapter_dir(initial_dir), self.engine.model_path,
-                                        init_dtype=init_dtype or "float32", quantization=self._served_quantization())
+        base = self.engine.base
+        return check_initial_provenance(load_adapter_dir(initial_dir), base.path,
+                                        init_dtype=init_dtype or "float32", quantization=base.quantization)
 
     def _base_name_warnings(self, config: dict) -> list[str]:
         """A base_model_name_or_path naming another model than the served one: accepted, with a warning. The name
@@ -159,61 +173,12 @@ class AdapterService:
         name = config.get("base_model_name_or_path")
         if not isinstance(name, str) or not name:
             return []
-        served = (self.engine.model_name, str(self.engine.model_path))
+        base = self.engine.base
+        served = (base.name, str(base.path))
         if name in served or _norm_name(name) in {_norm_name(s) for s in served}:
             return []
         return [f"the adapter config names base model {name[:200]!r}, but this server serves "
-                f"{Path(self.engine.model_name).name!r}: an adapter is only right on the base it was trained on"]
-
-    # ---- Beyond PEFT (olora_core/quant_convert.py, olora_core/recompute_init.py) -------------------------------
-    def _served_quantization(self):
-        """The served base's QuantSpec (its bitsandbytes settings), or None when the base is not quantized."""
-        return self.engine.base.quantization
-
-    def _quant_aware(self, kind: str, requested: bool | None) -> bool:
-        """OLoRA on a quantized server: the quantization-aware conversion unless the client said quant_aware=false."""
-        if requested is False or self._served_quantization() is None:
-            return False
-        if kind != "olora":
-            if requested:
-                raise UploadRefused(f"quant_aware=true is for OLoRA adapters only, this one is {kind}")
-            return False
-        return True
-
-    def _convert_beyond_peft(self, adapter_id: str, kind: str, trained_dir: Path, initial_archive: Path | None,
-                             work: Path, recompute_init: bool, init_dtype: str | None,
-                             quant_aware: bool | None) -> dict[str, Any]:
-        from olora_core.quant_convert import convert_quant_aware
-        from olora_core.recompute_init import convert_recomputed
-
-        base_dir = self.engine.model_path  # always a local directory (resolved when the engine loaded it)
-        spec = self._served_quantization() if self._quant_aware(kind, quant_aware) else None
-        if spec is not None and init_dtype is not None:
-            from dataclasses import replace
-
-            spec = replace(spec, dtype=torch_dtype(init_dtype))
-        extra: dict[str, Any] = {"conversion": f"quant_aware:{spec.kind}" if spec is not None else "peft"}
-        if recompute_init:
-            if initial_archive is not None:
-                raise UploadRefused(f"adapter {adapter_id!r}: send either initial_archive or recompute_init=true")
-            dtype = init_dtype or (str(spec.dtype).removeprefix("torch.") if spec is not None else "float32")
-            report = convert_recomputed(trained_dir, Path(base_dir), work / "converted", init_dtype=dtype,
-                                        quantization=spec if spec is not None else "none", emit_warnings=False,
-                                        local_paths=False)
-            extra.update(init="recomputed", init_dtype=dtype, warnings=report.warnings)
-            conversion = report.conversion
-        else:
-            if initial_archive is None:
-                raise UploadRefused(f"adapter {adapter_id!r} is an unconverted {kind.upper()} adapter: send its "
-                                    "initial checkpoint as 'initial_archive', or set recompute_init=true")
-            (work / "initial").mkdir()
-            initial_dir = extract_archive(initial_archive, work / "initial", self.archive_limits)
-            extra["warnings"] = self._check_provenance(initial_dir, init_dtype)
-            conversion = convert_quant_aware(initial_dir, trained_dir, work / "converted", Path(base_dir), spec)
-        if hasattr(conversion, "max_rel_error"):
-            extra.update(max_rel_error=conversion.max_rel_error, max_peft_rel_error=conversion.max_peft_rel_error)
-        return extra
-    # ---- end Beyond PEFT ----------------------------------------------------------------------------------------
+                f"{Path(base.name).name!r}: an adapter is only right on the base it was trained on"]
 
     def register_dir(self, adapter_id: str, adapter_dir: Path, kind: str, *, overwrite: bool = False,
                      extra: dict[str, Any] | None = None) -> AdapterSummary:
@@ -232,7 +197,7 @@ class AdapterService:
         metadata = dict(
             kind=kind, rank=info.rank, alpha=config.get("lora_alpha"), target_modules=list(info.target_kinds),
             use_rslora=info.use_rslora, sha256=_sha256(weights), size_bytes=weights.stat().st_size,
-            base_fingerprint=self.engine.base_fingerprint, created=time.time(), **(extra or {}))
+            base_fingerprint=self.engine.base.fingerprint, created=time.time(), **(extra or {}))
         stored = self.store.put(adapter_id, adapter_dir, metadata, overwrite=overwrite)
         self.engine.invalidate(adapter_id)
         return self.summary(stored)

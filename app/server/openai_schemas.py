@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.schemas import Text
+from app.server.schemas import Text
 
 MAX_CHOICES = 8  # n (and best_of) per prompt
 MAX_PROMPTS = 16  # prompts in one /v1/completions list

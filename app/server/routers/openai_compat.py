@@ -5,6 +5,7 @@ Chat prompts use the tokenizer's chat template, else DEFAULT_CHAT_TEMPLATE.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -14,13 +15,14 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from app import openai_render as oai
-from app.deps import ApiKey, AppState, State
-from app.errors import stream_error
+from app.server import openai_render as oai
+from app.server.deps import ApiKey, AppState, State
+from app.server.errors import stream_error
 from app.engine.handle import TokenEvent
 from app.engine.sampling import SamplingParams
-from app.generation import Generation, adapter_with_header, merged_tokens, sampling_params, start_many
-from app.openai_schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIRequest
+from app.server.generation import (Generation, adapter_with_header, merged_tokens, sampling_params, start_many,
+                                   start_off_loop)
+from app.server.openai_schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey])
 
@@ -36,14 +38,15 @@ Chunk = Callable[[int, str, list[TokenEvent], str | None, int], dict]
 
 
 def _adapter_for_model(state: AppState, model: str) -> str | None:
-    if model in (state.engine.model_name, "base", "__base__"):
+    if model in (state.engine.base.name, "base", "__base__"):
         return None
     return model
 
 
-def _start_choices(state: AppState, request: Request, body: OpenAIRequest, prompts: list, per_prompt: int,
-                   max_tokens: int | None, top_n: int, prompt_logprobs: bool) -> list[tuple[object, Generation]]:
-    """Start `per_prompt` generations of every prompt (choice j of a seeded request uses seed + j)."""
+async def _start_choices(state: AppState, request: Request, body: OpenAIRequest, prompts: list, per_prompt: int,
+                         max_tokens: int | None, top_n: int, prompt_logprobs: bool) -> list[tuple[object, Generation]]:
+    """Start `per_prompt` generations of every prompt (choice j of a seeded request uses seed + j), off the event
+    loop (tokenizing and the engine's store reads block)."""
     adapter_id = adapter_with_header(_adapter_for_model(state, body.model), request.headers.get("x-adapter-id"),
                                      body_names_one=True)
     request.scope["state"]["adapter_id"] = adapter_id
@@ -57,8 +60,8 @@ def _start_choices(state: AppState, request: Request, body: OpenAIRequest, promp
             top_n_tokens=top_n, prompt_logprobs=prompt_logprobs, ignore_eos=body.ignore_eos)
 
     jobs = ((prompt, params(j)) for prompt in prompts for j in range(per_prompt))
-    return start_many(state.engine, request_id=request.scope["state"]["request_id"], adapter_id=adapter_id,
-                      jobs=jobs)
+    return await start_off_loop(lambda: start_many(state.engine, request_id=request.scope["state"]["request_id"],
+                                                   adapter_id=adapter_id, jobs=jobs))
 
 
 def _sse(state: AppState, request: Request, runs: list[tuple[object, Generation]], stop: list[str], chunk: Chunk,
@@ -106,7 +109,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
     prompts = body.prompts()
     n, per_prompt = body.choices_per_prompt, max(body.choices_per_prompt, body.best_of or 1)
     k = body.logprobs
-    runs = _start_choices(state, request, body, prompts, per_prompt, body.max_tokens, top_n=k or 0,
+    runs = await _start_choices(state, request, body, prompts, per_prompt, body.max_tokens, top_n=k or 0,
                           prompt_logprobs=bool(body.echo) and k is not None)
     stop = oai.stop_list(body.stop)
     logprobs = oai.Logprobs(state.engine.tokenizer)
@@ -166,7 +169,7 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
     prompt = chat_prompt(state.engine.tokenizer, [m.for_template() for m in body.messages])
     k = (body.top_logprobs or 0) if body.logprobs else None
-    runs = _start_choices(state, request, body, [prompt], body.choices_per_prompt,
+    runs = await _start_choices(state, request, body, [prompt], body.choices_per_prompt,
                           body.max_completion_tokens or body.max_tokens, top_n=k or 0, prompt_logprobs=False)
     stop = oai.stop_list(body.stop)
     logprobs = oai.Logprobs(state.engine.tokenizer)
@@ -198,19 +201,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 
 def _cards(state: AppState) -> list[ModelCard]:
     now = int(time.time())
-    return [ModelCard(id=state.engine.model_name, created=now)] + [
-        ModelCard(id=a.id, created=int(a.created), parent=state.engine.model_name)
+    return [ModelCard(id=state.engine.base.name, created=now)] + [
+        ModelCard(id=a.id, created=int(a.created), parent=state.engine.base.name)
         for a in state.adapters.list() if a.servable]
 
 
 @router.get("/models", response_model=ModelList)
 async def models(state: State) -> ModelList:
-    return ModelList(data=_cards(state))
+    return ModelList(data=await asyncio.to_thread(_cards, state))
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard)
 async def model(model_id: str, state: State) -> ModelCard:
-    for card in _cards(state):
+    for card in await asyncio.to_thread(_cards, state):
         if card.id == model_id:
             return card
     raise HTTPException(404, f"model {model_id!r} not found: see GET /v1/models")

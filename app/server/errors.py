@@ -16,12 +16,12 @@ from pydantic import ValidationError
 
 from olora_core.errors import MergeError, NonFiniteError, OLoRAError
 
-from app.adapter_service import UploadRefused
+from app.adapters.upload_plan import UploadRefused
 from app.engine.errors import (AdapterNotFound, AdapterRejected, EngineError, EngineNotRunning, InputTooLong,
                                InvalidRequest, NonFiniteLogits, QueueFull, StepFailed)
-from app.generation import AdapterHeaderMismatch, GenerationTimeout, UnsupportedOption
-from app.store.adapter_store import AdapterExists, AdapterMissing, InvalidAdapterId, StoreError
-from app.store.archive import ArchiveError
+from app.server.generation import AdapterHeaderMismatch, GenerationTimeout, UnsupportedOption
+from app.adapters.store.adapter_store import AdapterExists, AdapterMissing, InvalidAdapterId, StoreError
+from app.adapters.store.archive import ArchiveError
 
 log = logging.getLogger("olora.server")
 

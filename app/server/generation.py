@@ -110,6 +110,25 @@ def start_many(engine, *, request_id: str, adapter_id: str | None,
     return runs
 
 
+async def start_off_loop(start_runs: Callable[[], list[tuple[object, Generation]]]
+                         ) -> list[tuple[object, Generation]]:
+    """Run a request's blocking start (tokenizing, a per-request merge written to disk, the engine's store reads in
+    `submit`) in a worker thread, so the event loop keeps serving meanwhile. A request cancelled while the thread
+    runs (client gone) cancels the generations the thread went on to start."""
+    started = asyncio.ensure_future(asyncio.to_thread(start_runs))
+    try:
+        return await asyncio.shield(started)
+    except asyncio.CancelledError:
+        started.add_done_callback(_cancel_runs)
+        raise
+
+
+def _cancel_runs(started: asyncio.Future) -> None:
+    if not started.cancelled() and started.exception() is None:
+        for handle, _ in started.result():
+            handle.cancel()
+
+
 async def _watch_disconnect(disconnected: Disconnected, handle) -> None:
     while True:
         if await disconnected():

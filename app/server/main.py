@@ -13,21 +13,25 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from olora_core.errors import OLoRAError
 
-from app import __version__, errors
-from app.adapter_service import AdapterService, UploadRefused
-from app.deps import AppState
+from app import __version__
+from app.server import errors
+from app.adapters.service import AdapterService
+from app.adapters.upload_plan import UploadRefused
+from app.server.deps import AppState
 from app.engine.errors import EngineError
-from app.ephemeral import EphemeralAdapters, ServedAdapters
-from app.generation import GenerationError
-from app.metrics import ServerMetrics
-from app.auth import AuthMiddleware
-from app.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, UploadLimitMiddleware
-from app.settings import Settings
-from app.store.adapter_store import AdapterStore, StoreError
-from app.store.archive import ArchiveError, ArchiveLimits
+from app.adapters.ephemeral import EphemeralAdapters
+from app.adapters.served import ServedAdapters
+from app.server.generation import GenerationError
+from app.server.metrics import ServerMetrics
+from app.server.auth import AuthMiddleware
+from app.server.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, UploadLimitMiddleware
+from app.server.settings import Settings
+from app.adapters.store.adapter_store import AdapterStore, StoreError
+from app.adapters.store.archive import ArchiveError, ArchiveLimits
 
 log = logging.getLogger("olora.server")
 
@@ -41,7 +45,7 @@ def _error_response(request: Request, kind: errors.ErrorKind, message: str, para
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    """Every error goes through the one table in app/errors.py (status, error_type, body shape)."""
+    """Every error goes through the one table in app/server/errors.py (status, error_type, body shape)."""
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         kind, message, param = errors.validation_kind(exc.errors())
@@ -69,7 +73,7 @@ SWEEP_EVERY_S = 30.0  # retired adapter versions are removed this often (after t
 
 async def _watch_store(state: AppState, store: AdapterStore) -> None:
     """Pick up adapters changed or deleted by other replicas sharing the store directory; sweep retired versions."""
-    known = store.versions()
+    known = await asyncio.to_thread(store.versions)
     last_sweep = time.monotonic()
     while True:
         await asyncio.sleep(state.settings.store_poll_s)
@@ -87,7 +91,7 @@ async def _watch_store(state: AppState, store: AdapterStore) -> None:
                 path = None if version is None else str(store.root / adapter_id / version)
                 state.engine.invalidate(adapter_id, current_path=path)  # an up-to-date cache is left alone
         known = current
-        state.metrics.adapters_registered.set(len(current))
+        state.metrics.count_registered(current)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -96,18 +100,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from app.engine.engine import Engine, EngineConfig
+        from app.engine.engine import Engine
 
         store = AdapterStore(settings.adapter_dir)  # removes crashed writers' staging folders
         await asyncio.to_thread(store.sweep)
         ephemeral = EphemeralAdapters(store)
-        config = EngineConfig(
-            model=settings.model, dtype=settings.dtype, quantize=settings.quantize, device=settings.device,
-            max_loras=settings.max_loras, max_cpu_adapters=settings.max_cpu_adapters, max_rank=settings.max_rank,
-            max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
-            max_input_tokens=settings.max_input_tokens, max_total_tokens=settings.max_total_tokens,
-            max_waiting=settings.max_waiting)
-        engine = await asyncio.to_thread(Engine, config, ServedAdapters(store, ephemeral), metrics)
+        engine = await asyncio.to_thread(Engine, settings.engine_config(), ServedAdapters(store, ephemeral), metrics)
         metrics.set_max_loras(engine.config.max_loras)
         engine.start()
         ephemeral.validate = engine.validate_adapter  # a merge's scaled weights are checked before it is served
@@ -116,13 +114,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = AppState(settings=settings, engine=engine, adapters=AdapterService(store, engine, limits),
                          metrics=metrics, ephemeral=ephemeral)
         if settings.demo_adapters:
-            from app.demo import register_demo_adapters
-            await asyncio.to_thread(register_demo_adapters, state)
-        metrics.adapters_registered.set(len(store.versions()))
+            from app.adapters.demo import register_demo_adapters
+            await asyncio.to_thread(register_demo_adapters, state.adapters, settings.model)
+        registered = await state.recount_adapters()
         app.state.olora = state
         watcher = asyncio.create_task(_watch_store(state, store))
-        log.info("serving %s (fingerprint %s) with %d adapters", engine.model_name, engine.base_fingerprint,
-                 len(store.versions()))
+        log.info("serving %s (fingerprint %s) with %d adapters", engine.base.name, engine.base.fingerprint,
+                 registered)
         try:
             yield
         finally:
@@ -136,14 +134,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPIOffline(title="olora-serve", version=__version__, lifespan=lifespan,
                          description="Many OLoRA/LoRA adapters on one base model: TGI/LoRAX- and OpenAI-compatible.")
     _install_error_handlers(app)
+    from app.server.routers import adapters, generate, ops, openai_compat
+    routers = (generate.router, openai_compat.router, adapters.router, ops.router)
+    for router in routers:
+        app.include_router(router, responses=errors.openapi_error_responses())
+    # the routes a request refused before routing is counted under (docs' routes, then the API's)
+    routes = [r for r in app.routes if isinstance(r, Route)] + [r for router in routers for r in router.routes]
     # outermost last: access log -> keys (headers only) -> upload bound -> body size -> routes
     app.add_middleware(BodySizeLimitMiddleware, max_json_bytes=settings.max_request_bytes,
                        max_upload_bytes=settings.max_upload_bytes)
     app.add_middleware(UploadLimitMiddleware, max_uploads=settings.max_concurrent_uploads)
     app.add_middleware(AuthMiddleware, settings=settings)
-    app.add_middleware(AccessLogMiddleware, metrics=metrics)
-
-    from app.routers import adapters, generate, ops, openai_compat
-    for router in (generate.router, openai_compat.router, adapters.router, ops.router):
-        app.include_router(router, responses=errors.openapi_error_responses())
+    app.add_middleware(AccessLogMiddleware, metrics=metrics, routes=routes)
     return app

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from app.engine.handle import TokenEvent
 from app.engine.sampling import SamplingParams
-from app.generation import Generation, UnsupportedOption, sampling_params
-from app.schemas import (
+from app.server.generation import Generation, UnsupportedOption, sampling_params
+from app.server.schemas import (
     AlternativeToken,
     BestOfSequence,
     Details,
@@ -35,6 +35,9 @@ def check_supported(p: GenerateParameters, *, stream: bool) -> None:
     if p.response_format is not None:
         raise UnsupportedOption("response_format is not supported: this server has no guided generation "
                                 "(send null)")
+    if stream and p.decoder_input_details:  # the stream's details have no prefill field
+        raise UnsupportedOption("decoder_input_details == true is not supported when streaming tokens (TGI's rule);"
+                                " use /generate for the prompt tokens' log-probabilities")
     if p.merged_adapters is not None and p.adapter_id is not None:
         raise UnsupportedOption("give either adapter_id or merged_adapters, not both")
     if (p.best_of or 1) > 1:

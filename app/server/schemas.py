@@ -1,4 +1,4 @@
-"""Request/response bodies of TGI/LoRAX `/generate` (the OpenAI ones are in app/openai_schemas.py)."""
+"""Request/response bodies of TGI/LoRAX `/generate` (the OpenAI ones are in app/server/openai_schemas.py)."""
 from __future__ import annotations
 
 from typing import Annotated, Literal

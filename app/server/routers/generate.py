@@ -9,18 +9,20 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from app import tgi
-from app.deps import ApiKey, AppState, State
-from app.errors import stream_error
-from app.generation import Generation, adapter_with_header, collect, start_many, stream_tokens
-from app.schemas import GenerateRequest, GenerateResponse
+from app.server import tgi
+from app.server.deps import ApiKey, AppState, State
+from app.server.errors import stream_error
+from app.server.generation import (Generation, adapter_with_header, collect, start_many, start_off_loop,
+                                   stream_tokens)
+from app.server.schemas import GenerateRequest, GenerateResponse
 
 router = APIRouter(tags=["generation"], dependencies=[ApiKey])
 
 
 def _start_all(state: AppState, request: Request, body: GenerateRequest, header_adapter: str | None,
                stream: bool) -> list[tuple[object, Generation]]:
-    """Start the request's `best_of` sequences (one unless asked)."""
+    """Start the request's `best_of` sequences (one unless asked). Blocking (a merge on disk, store reads): run it
+    with `start_off_loop`."""
     p = body.parameters
     tgi.check_supported(p, stream=stream)
     named, names_one = tgi.body_adapter(state.ephemeral, p)
@@ -33,7 +35,7 @@ def _start_all(state: AppState, request: Request, body: GenerateRequest, header_
 
 async def _generate(body: GenerateRequest, request: Request, state: AppState,
                     header_adapter: str | None) -> GenerateResponse:
-    runs = _start_all(state, request, body, header_adapter, stream=False)
+    runs = await start_off_loop(lambda: _start_all(state, request, body, header_adapter, stream=False))
     await asyncio.gather(*(collect(h, g, timeout_s=state.settings.request_timeout_s,
                                    disconnected=request.is_disconnected) for h, g in runs))
     best, others = tgi.best_of([g for _, g in runs])
@@ -42,10 +44,10 @@ async def _generate(body: GenerateRequest, request: Request, state: AppState,
     return GenerateResponse(generated_text=render.generated_text(body.inputs, best), details=details)
 
 
-def _generate_stream(body: GenerateRequest, request: Request, state: AppState,
-                     header_adapter: str | None) -> EventSourceResponse:
+async def _generate_stream(body: GenerateRequest, request: Request, state: AppState,
+                           header_adapter: str | None) -> EventSourceResponse:
     """One SSE `data:` line per token (TGI format); the last one also carries generated_text and details."""
-    [(handle, generation)] = _start_all(state, request, body, header_adapter, stream=True)
+    [(handle, generation)] = await start_off_loop(lambda: _start_all(state, request, body, header_adapter, stream=True))
     render = tgi.Renderer(state.engine.tokenizer, body.parameters)
 
     async def events():
@@ -76,7 +78,7 @@ async def generate(body: GenerateRequest, request: Request, state: State,
              responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 async def generate_stream(body: GenerateRequest, request: Request, state: State,
                           x_adapter_id: str | None = Header(None)) -> EventSourceResponse:
-    return _generate_stream(body, request, state, x_adapter_id)
+    return await _generate_stream(body, request, state, x_adapter_id)
 
 
 @router.post("/", summary="TGI's compat route: /generate (as a list of one) or /generate_stream",
@@ -86,6 +88,6 @@ async def generate_stream(body: GenerateRequest, request: Request, state: State,
 async def compat_generate(body: GenerateRequest, request: Request, state: State,
                           x_adapter_id: str | None = Header(None)):
     if body.stream:
-        return _generate_stream(body, request, state, x_adapter_id)
+        return await _generate_stream(body, request, state, x_adapter_id)
     response = await _generate(body, request, state, x_adapter_id)
     return JSONResponse([response.model_dump(exclude_none=True)])

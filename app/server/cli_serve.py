@@ -11,7 +11,7 @@ import urllib.request
 from pydantic import ValidationError
 from pydantic_core import PydanticUndefined
 
-from app.settings import Settings
+from app.server.settings import Settings
 
 _TYPES = {int: int, float: float}
 
@@ -83,7 +83,7 @@ def port_holder(host: str, port: int) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    from app.main import create_app
+    from app.server.main import create_app
 
     try:
         settings, log_level = settings_from_args(argv)

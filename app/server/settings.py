@@ -1,14 +1,24 @@
 """Server settings: environment variables `OLORA_*`, overridden by `olora serve` flags."""
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+if TYPE_CHECKING:  # the engine module imports torch; `olora serve --help` should not
+    from app.engine.engine import EngineConfig
+
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+# EngineConfig fields no setting maps to: the server always runs the engine's default for them.
+ENGINE_ONLY_FIELDS = {
+    "target_modules": "which Linear layers get LoRA slots; None = every Linear of the blocks (adapters say theirs)",
+    "kernel": "LoRA kernel choice; auto picks per device and batch (the others exist for tests and benchmarks)",
+}
 
 
 class Settings(BaseSettings):
@@ -41,6 +51,10 @@ class Settings(BaseSettings):
     max_input_tokens: int = Field(1024, ge=1, description="longest prompt; past it: 422")
     max_total_tokens: int = Field(1536, ge=2, description="prompt + max_new_tokens per request")
     max_waiting: int = Field(256, ge=1, description="queued requests; past it: 429")
+    compile: Literal["off", "on"] = Field("off", description="on: torch.compile the decode step (each new shape "
+                                                            "compiles first, ~1 min on 2 CPU cores)")
+    decode_graph: Literal["off", "buckets", "cuda"] = Field(
+        "off", description="buckets: decode padded to static shapes; cuda: buckets captured as CUDA graphs")
     max_new_tokens_default: int = Field(20, ge=1, description="max_new_tokens when a request gives none")
     request_timeout_s: float = Field(300.0, gt=0, description="a generation running longer is cancelled (504)")
     max_request_bytes: int = Field(1 << 20, description="JSON bodies; past it: 413")
@@ -61,6 +75,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's configuration: every EngineConfig field from the setting of the same name (the one
+        mapping from settings to the engine), except ENGINE_ONLY_FIELDS, which keep the engine's defaults."""
+        from app.engine.engine import EngineConfig
+
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in fields(EngineConfig)
+                               if f.name not in ENGINE_ONLY_FIELDS})
 
     @property
     def auth_enabled(self) -> bool:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from app.deps import AppState
-from app.store.adapter_store import AdapterExists
+from app.adapters.service import AdapterService
+from app.adapters.store.adapter_store import AdapterExists
 
 DEMO_DIR = Path(__file__).parent / "demo_adapters"
 log = logging.getLogger("olora.server")
@@ -18,16 +18,18 @@ def demo_adapter_dirs() -> dict[str, Path]:
     return {d.name: d for d in sorted(DEMO_DIR.iterdir()) if (d / "adapter_config.json").is_file()}
 
 
-def register_demo_adapters(state: AppState) -> list[str]:
-    """Register every demo adapter the store does not have yet; returns the ids registered now."""
-    if state.settings.model is not None:
+def register_demo_adapters(service: AdapterService, base_model: str | None) -> list[str]:
+    """Register every demo adapter the store does not have yet; returns the ids registered now.
+
+    `base_model` is the served model setting: None is the embedded default model the demos were trained on."""
+    if base_model is not None:
         return []  # trained for the embedded model only
     registered = []
     for adapter_id, path in demo_adapter_dirs().items():
-        if state.adapters.store.get(adapter_id) is not None:
+        if service.store.get(adapter_id) is not None:
             continue
         try:
-            state.adapters.register_dir(adapter_id, path, "olora-converted", extra={"demo": True})
+            service.register_dir(adapter_id, path, "olora-converted", extra={"demo": True})
         except AdapterExists:
             continue  # another replica sharing the store registered it first
         registered.append(adapter_id)

@@ -1,16 +1,21 @@
-"""FastAPI dependencies: the per-app state and API-key checks (the rules and comparison live in app/auth.py)."""
+"""FastAPI dependencies: the per-app state and API-key checks (the rules and comparison live in app/server/auth.py)."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.adapter_service import AdapterService
-from app.auth import role_of
-from app.metrics import ServerMetrics
-from app.settings import Settings
+from app.adapters.ephemeral import EphemeralAdapters
+from app.adapters.service import AdapterService
+from app.server.auth import role_of
+from app.server.metrics import ServerMetrics
+from app.server.settings import Settings
+
+if TYPE_CHECKING:  # the engine module imports torch: the lifespan imports it, not the app's import
+    from app.engine.engine import Engine
 
 
 @dataclass
@@ -18,10 +23,14 @@ class AppState:
     """Everything the lifespan builds; routers reach it through `get_state`."""
 
     settings: Settings
-    engine: object  # app.engine.engine.Engine
+    engine: Engine
     adapters: AdapterService
     metrics: ServerMetrics
-    ephemeral: object  # app.ephemeral.EphemeralAdapters (per-request merges)
+    ephemeral: EphemeralAdapters  # per-request merges
+
+    async def recount_adapters(self) -> int:
+        """After a change to the store: the registered-adapters gauge, read off the event loop."""
+        return self.metrics.count_registered(await asyncio.to_thread(self.adapters.store.versions))
 
 
 def get_state(request: Request) -> AppState:
@@ -44,7 +53,7 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
 
 
 def _require(state: AppState, credentials: HTTPAuthorizationCredentials | None, need: str) -> None:
-    """The rules of app.auth once more (the middleware already applied them before the body was read)."""
+    """The rules of app.server.auth once more (the middleware already applied them before the body was read)."""
     if not state.settings.auth_enabled:
         return
     role = role_of(state.settings, _token(credentials))

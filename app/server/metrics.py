@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -82,6 +83,21 @@ class ServerMetrics:
             gauge.clear()  # one series: the current state; its value is the time it was taken (as vLLM does)
             gauge.labels(**labels).set(time.time())
 
+    def refresh(self, stats) -> None:
+        """Set the gauges that describe the engine now from one snapshot (app.engine.engine.EngineStats), at
+        scrape time: the only place they are set, so they agree with each other."""
+        self.set_lora_info(list(stats.running_adapters), list(stats.waiting_adapters))
+        self.queue_length.set(stats.waiting)
+        self.running.set(stats.running)
+        self.adapters_resident.labels(tier="device").set(stats.slots_used)
+        self.adapters_resident.labels(tier="host").set(stats.host_adapters)
+
+    def count_registered(self, versions: Mapping[str, str]) -> int:
+        """Set `olora_adapters_registered` from the store's `versions()` (id -> current version) and return it;
+        the one place it is set (AppState.recount_adapters reads the store for the routes)."""
+        self.adapters_registered.set(len(versions))
+        return len(versions)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -96,8 +112,7 @@ class ServerMetrics:
         self.load_failures.labels(stage=stage).inc()
 
     def on_step(self, running: int, waiting: int, prefill_tokens: int, decode_tokens: int) -> None:
-        self.running.set(running)
-        self.queue_length.set(waiting)
+        return None  # the batch gauges are set from the engine's stats at scrape time (`refresh`)
 
     def on_request_done(self, stats) -> None:
         """One generation finished (app.engine.observer.RequestStats), whatever the reason."""

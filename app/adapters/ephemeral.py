@@ -1,4 +1,4 @@
-"""Per-request merged adapters (LoRAX `parameters.merged_adapters`) and the adapter source the engine reads.
+"""Per-request merged adapters (LoRAX `parameters.merged_adapters`), served through app/adapters/served.py.
 
 A merge request is turned into a plain LoRA once, written under `<store>/.ephemeral/<key>/`, and served like any
 other adapter under the id `~merged-<key>` (a `~` never starts a stored id, so the namespaces cannot collide).
@@ -20,7 +20,7 @@ from typing import Callable
 from olora_core.adapter_io import load_adapter_dir, save_adapter_dir
 from olora_core.errors import OutputExistsError
 
-from app.store.adapter_store import AdapterMissing, AdapterStore
+from app.adapters.store.adapter_store import AdapterMissing, AdapterStore
 
 EPHEMERAL_PREFIX = "~merged-"
 
@@ -84,16 +84,3 @@ class EphemeralAdapters:
             return None
         with self._lock:
             return self._lru.get(adapter_id[len(EPHEMERAL_PREFIX):])
-
-
-class ServedAdapters:
-    """The engine's AdapterSource: the persistent store plus this process's per-request merges."""
-
-    def __init__(self, store: AdapterStore, ephemeral: EphemeralAdapters):
-        self.store = store
-        self.ephemeral = ephemeral
-
-    def path_for(self, adapter_id: str) -> Path | None:
-        if adapter_id.startswith(EPHEMERAL_PREFIX):
-            return self.ephemeral.path_for(adapter_id)
-        return self.store.path_for(adapter_id)

@@ -6,7 +6,7 @@ request passes. Open without a key: the probes (`/health`, `/ready`, `/v2/health
 merge-into-base). Everything else, `/info`, `/docs` and `/openapi.json` included, needs an API key.
 
 Because the check runs before FastAPI parses a multipart body, an upload without a valid key is answered
-401/403 without a byte of it being spooled to disk. The route dependencies in app/deps.py apply the same rules
+401/403 without a byte of it being spooled to disk. The route dependencies in app/server/deps.py apply the same rules
 (`role_of`) once more, and describe the Bearer scheme in the OpenAPI document.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import hmac
 import json
 from typing import Literal
 
-from app import errors
-from app.settings import Settings
+from app.server import errors
+from app.server.settings import Settings
 
 Role = Literal["admin", "api"]
 PROBE_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"})

@@ -7,9 +7,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import __version__
-from app.deps import ApiKey, State
+from app.server.deps import ApiKey, State
 from app.engine.sampling import MAX_STOP_SEQUENCES
-from app.schemas import MAX_BEST_OF
+from app.server.schemas import MAX_BEST_OF
 
 router = APIRouter(tags=["operations"])
 
@@ -20,7 +20,7 @@ async def health(request: Request):
     """Liveness: 200 while starting and serving; 503 once the engine loop died (restart the process)."""
     state = getattr(request.app.state, "olora", None)
     if state is not None and not state.engine.stats().alive:
-        return JSONResponse({"status": "engine stopped", "model": state.engine.model_name}, status_code=503)
+        return JSONResponse({"status": "engine stopped", "model": state.engine.base.name}, status_code=503)
     return {"status": "ok"}
 
 
@@ -31,26 +31,26 @@ async def ready(request: Request):
     if state is None:
         return JSONResponse({"status": "starting"}, status_code=503)
     if not state.engine.stats().alive:  # the engine loop died: take this replica out of rotation
-        return JSONResponse({"status": "engine stopped", "model": state.engine.model_name}, status_code=503)
-    return {"status": "ready", "model": state.engine.model_name}
+        return JSONResponse({"status": "engine stopped", "model": state.engine.base.name}, status_code=503)
+    return {"status": "ready", "model": state.engine.base.name}
 
 
 @router.get("/info")
 async def info(state: State) -> dict:
     """TGI's `Info` fields (docs/openapi.json), then this server's own."""
     s, engine = state.settings, state.engine
-    dtype = str(engine.dtype).removeprefix("torch.")
+    dtype = str(engine.base.dtype).removeprefix("torch.")
     return {
         # TGI's Info
-        "model_id": engine.model_name, "model_sha": None, "model_dtype": f"torch.{dtype}",
-        "model_device_type": engine.device.type, "model_pipeline_tag": "text-generation",
+        "model_id": engine.base.name, "model_sha": None, "model_dtype": f"torch.{dtype}",
+        "model_device_type": engine.base.device.type, "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": s.max_waiting + s.max_batch_size, "max_best_of": MAX_BEST_OF,
         "max_stop_sequences": MAX_STOP_SEQUENCES, "max_input_tokens": s.max_input_tokens,
         "max_total_tokens": s.max_total_tokens, "validation_workers": 1, "max_client_batch_size": 1,
         "router": "olora-serve", "version": __version__, "sha": None, "docker_label": None,
         # olora-serve's own
-        "base_fingerprint": engine.base_fingerprint, "quantize": s.quantize, "dtype": dtype,
-        "device": str(engine.device), "max_loras": engine.config.max_loras, "max_cpu_adapters": s.max_cpu_adapters,
+        "base_fingerprint": engine.base.fingerprint, "quantize": s.quantize, "dtype": dtype,
+        "device": str(engine.base.device), "max_loras": engine.config.max_loras, "max_cpu_adapters": s.max_cpu_adapters,
         "max_rank": s.max_rank, "max_batch_size": s.max_batch_size, "max_batch_tokens": s.max_batch_tokens,
         "max_waiting": s.max_waiting, "auth": s.auth_enabled,
     }
@@ -68,10 +68,5 @@ async def cache(state: State) -> dict:
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(state: State) -> Response:
-    stats = state.engine.stats()
-    state.metrics.set_lora_info(list(stats.running_adapters), list(stats.waiting_adapters))
-    state.metrics.queue_length.set(stats.waiting)
-    state.metrics.running.set(stats.running)
-    state.metrics.adapters_resident.labels(tier="device").set(stats.slots_used)
-    state.metrics.adapters_resident.labels(tier="host").set(stats.host_adapters)
+    state.metrics.refresh(state.engine.stats())
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,5 +1,5 @@
 """ASGI middleware: request ids, structured JSON access logs, request metrics, request body size limits,
-the bound on concurrent uploads (auth before body: app/auth.py)."""
+the bound on concurrent uploads (auth before body: app/server/auth.py)."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,12 @@ import logging
 import time
 import uuid
 
-from app.auth import send_error
-from app.metrics import ServerMetrics
+from typing import Sequence
+
+from starlette.routing import BaseRoute, Match
+
+from app.server.auth import send_error
+from app.server.metrics import ServerMetrics
 
 access_log = logging.getLogger("olora.access")
 
@@ -17,13 +21,29 @@ class BodyTooLarge(Exception):
     pass
 
 
+UNMATCHED = "unmatched"  # the route label of a path no route serves (bounded: never the raw path)
+
+
+def route_template(scope, routes: Sequence[BaseRoute]) -> str:
+    """The route template a request is counted under: the one the router chose, or, for a request a middleware
+    answered before routing (401/403 of the key check, 413, 429 of the upload bound), the one of `routes` it
+    would have reached (a wrong method: the route it names); `unmatched` when none serves its path."""
+    route = scope.get("route")
+    if route is None:
+        matched = [(r.matches(scope)[0], r) for r in routes]
+        route = next((r for m, r in matched if m is Match.FULL), None) or next(
+            (r for m, r in matched if m is Match.PARTIAL), None)
+    return getattr(route, "path", None) or UNMATCHED
+
+
 class AccessLogMiddleware:
     """Gives every request an id (X-Request-Id, taken from the client if it sent a sane one), logs one JSON line
     per request and counts it in the metrics under its route template (bounded label values)."""
 
-    def __init__(self, app, metrics: ServerMetrics):
+    def __init__(self, app, metrics: ServerMetrics, routes: Sequence[BaseRoute] = ()):
         self.app = app
         self.metrics = metrics
+        self.routes = routes  # the app's routes, for requests answered before routing
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -46,8 +66,7 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             seconds = time.perf_counter() - started
-            route = scope.get("route")
-            route_label = getattr(route, "path", None) or "unmatched"
+            route_label = route_template(scope, self.routes)
             self.metrics.observe_request(route_label, status_holder["status"], seconds)
             access_log.info(json.dumps({
                 "ts": time.time(), "request_id": request_id, "method": scope.get("method"),

@@ -10,9 +10,9 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from app.adapter_service import AdapterSummary
-from app.deps import AdminKey, ApiKey, State
-from app.store.adapter_store import AdapterMissing
+from app.adapters.service import AdapterSummary
+from app.server.deps import AdminKey, ApiKey, State
+from app.adapters.store.adapter_store import AdapterMissing
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -39,10 +39,14 @@ class MergeRequest(BaseModel):
 
 
 async def _spool(upload: UploadFile, directory: Path, name: str) -> Path:
+    """Copy the upload to `directory / name`; the disk writes run in a worker thread, not on the event loop."""
     target = directory / name
-    with open(target, "wb") as fh:
+    fh = await asyncio.to_thread(open, target, "wb")
+    try:
         while chunk := await upload.read(1 << 20):
-            fh.write(chunk)
+            await asyncio.to_thread(fh.write, chunk)
+    finally:
+        await asyncio.to_thread(fh.close)
     return target
 
 
@@ -60,7 +64,7 @@ async def upload_adapter(
     init_dtype: Annotated[Literal["float32", "bfloat16", "float16"] | None, Form()] = None,
     quant_aware: Annotated[bool | None, Form()] = None,
 ) -> AdapterSummary:
-    work = state.adapters.store.staging_dir()
+    work = await asyncio.to_thread(state.adapters.store.staging_dir)
     try:
         trained = await _spool(archive, work, "trained.archive")
         initial = await _spool(initial_archive, work, "initial.archive") if initial_archive is not None else None
@@ -68,8 +72,8 @@ async def upload_adapter(
                                           recompute_init=recompute_init or recompute_init_field, init_dtype=init_dtype,
                                           quant_aware=quant_aware)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-    state.metrics.adapters_registered.set(len(state.adapters.store.versions()))
+        await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
+    await state.recount_adapters()
     return summary
 
 
@@ -80,14 +84,14 @@ async def list_adapters(state: State) -> AdapterList:
 
 @router.get("/{adapter_id}", response_model=AdapterSummary, dependencies=[ApiKey])
 async def show_adapter(adapter_id: str, state: State) -> AdapterSummary:
-    return state.adapters.get(adapter_id)
+    return await asyncio.to_thread(state.adapters.get, adapter_id)
 
 
 @router.delete("/{adapter_id}", response_model=AdapterSummary, dependencies=[AdminKey])
 async def delete_adapter(adapter_id: str, state: State) -> AdapterSummary:
     """Running requests of the adapter finish; later ones get 404."""
     summary = await asyncio.to_thread(state.adapters.delete, adapter_id)
-    state.metrics.adapters_registered.set(len(state.adapters.store.versions()))
+    await state.recount_adapters()
     return summary
 
 
@@ -100,7 +104,7 @@ async def merge_adapters(body: MergeRequest, state: State) -> AdapterSummary:
         state.adapters.merge, body.adapter_id, [(s.id, s.weight) for s in body.sources], body.method,
         density=body.density, majority_sign_method=body.majority_sign_method, svd_rank=body.svd_rank,
         seed=body.seed, overwrite=body.overwrite)
-    state.metrics.adapters_registered.set(len(state.adapters.store.versions()))
+    await state.recount_adapters()
     return summary
 
 
@@ -111,14 +115,14 @@ async def merge_into_base(adapter_id: str, state: State) -> StreamingResponse:
     Memory-bounded: the base is read one tensor at a time from its original safetensors files."""
     from olora_core.merge_into_base import iter_merged_model_tar
 
-    stored = state.adapters.store.get(adapter_id)
+    stored = await asyncio.to_thread(state.adapters.store.get, adapter_id)
     if stored is None:
         raise AdapterMissing(f"adapter {adapter_id!r} not found")
     # The store keeps a version this stream reads (`reading`), so an overwrite during the stream does not cut it.
     def held():
         with state.adapters.store.reading(stored) as path:
-            yield from iter_merged_model_tar(state.engine.model_path, path)
+            yield from iter_merged_model_tar(state.engine.base.path, path)
 
-    return StreamingResponse(
+    return StreamingResponse(  # a sync iterator: Starlette runs it in its threadpool
         held(), media_type="application/x-tar",
         headers={"Content-Disposition": f'attachment; filename="{adapter_id}-merged.tar"'})

@@ -1,0 +1,1 @@
+"""The web layer: app factory and lifespan, routers, protocol schemas, middleware, settings, CLI, metrics."""
