@@ -34,6 +34,7 @@ from .sampling import RowSampler, SamplingParams, choose_tokens, prompt_logprobs
 from .scheduler import Scheduler, Sequence
 from .slot_budget import choose_max_loras, device_memory_bytes, slot_bytes
 from .text import IncrementalDetokenizer, find_stop
+from .token_bytes import TokenBytes
 
 log = logging.getLogger("olora.engine")
 __all__ = ["Engine", "EngineConfig", "EngineStats"]  # EngineConfig lives in config.py
@@ -65,6 +66,7 @@ class Engine:
         self.observer = SafeObserver(observer)
         base = load_base_model(config.model, config.dtype, config.quantize, config.device)
         self.tokenizer = base.tokenizer
+        self.token_bytes = TokenBytes(base.tokenizer)  # raw bytes per token id (OpenAI logprob `bytes`)
         self.model_name: str = base.name
         self.base_fingerprint: str = base.fingerprint
         self.model_path: Path = base.path  # local directory of the base checkpoint

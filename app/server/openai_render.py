@@ -35,10 +35,13 @@ def usage(prompt_tokens: int, generations: list[Generation]) -> dict:
 
 
 class Logprobs:
-    """Renders tokens' log-probabilities; token strings are each token decoded alone (as vLLM and TGI do)."""
+    """Renders tokens' log-probabilities; token strings are each token decoded alone (as vLLM and TGI do), their
+    `bytes` the token's own bytes from the vocabulary (app/engine/token_bytes.py): a token holding part of a
+    character decodes alone to U+FFFD, but its bytes joined with its neighbours' give the text back."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, token_bytes):
         self.tokenizer = tokenizer
+        self.token_bytes = token_bytes  # token id -> bytes
 
     def text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -75,8 +78,7 @@ class Logprobs:
         return out
 
     def _entry(self, token_id: int, logprob: float) -> dict:
-        s = self.text(token_id)
-        return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8"))}
+        return {"token": self.text(token_id), "logprob": logprob, "bytes": list(self.token_bytes(token_id))}
 
     def chat(self, tokens: list[TokenEvent], k: int) -> dict:
         """Chat `logprobs`: {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""

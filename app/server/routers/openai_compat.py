@@ -112,7 +112,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
     runs = await _start_choices(state, request, body, prompts, per_prompt, body.max_tokens, top_n=k or 0,
                           prompt_logprobs=bool(body.echo) and k is not None)
     stop = oai.stop_list(body.stop)
-    logprobs = oai.Logprobs(state.engine.tokenizer)
+    logprobs = oai.Logprobs(state.engine.tokenizer, state.engine.token_bytes)
     prompt_texts = [p if isinstance(p, str) else state.engine.tokenizer.decode(p) for p in prompts]
     head = _envelope("text_completion", f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model)
     prompt_tokens = sum(g.prompt_tokens for _, g in runs[::per_prompt])
@@ -172,7 +172,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     runs = await _start_choices(state, request, body, [prompt], body.choices_per_prompt,
                           body.max_completion_tokens or body.max_tokens, top_n=k or 0, prompt_logprobs=False)
     stop = oai.stop_list(body.stop)
-    logprobs = oai.Logprobs(state.engine.tokenizer)
+    logprobs = oai.Logprobs(state.engine.tokenizer, state.engine.token_bytes)
     prompt_tokens = runs[0][1].prompt_tokens
 
     if body.stream:
