@@ -63,18 +63,19 @@ def test_openai_client(served):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     c = client.completions.create(model="ad1", prompt=PROMPT, max_tokens=N, temperature=0)
     assert c.choices[0].text == expected["ad1"] and c.usage.completion_tokens == N
-    stream = client.completions.create(model="ad1", prompt=PROMPT, max_tokens=N, stream=True,
+    stream = client.completions.create(model="ad1", prompt=PROMPT, max_tokens=N, stream=True, temperature=0,
                                        stream_options={"include_usage": True})
     chunks = list(stream)
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == expected["ad1"]
     assert chunks[-1].usage.completion_tokens == N
     chat = client.chat.completions.create(model="ad1", messages=MESSAGES, max_tokens=N, logprobs=True,
-                                          top_logprobs=2)
+                                          top_logprobs=2, temperature=0)
     assert chat.choices[0].message.content == expected["chat"]
     assert len(chat.choices[0].logprobs.content) == N
-    streamed = client.chat.completions.create(model="ad1", messages=MESSAGES, max_tokens=N, stream=True)
+    streamed = client.chat.completions.create(model="ad1", messages=MESSAGES, max_tokens=N, stream=True,
+                                              temperature=0)
     assert "".join(ch.choices[0].delta.content or "" for ch in streamed) == expected["chat"]
-    two = client.completions.create(model="ad1", prompt=[PROMPT, PROMPT], max_tokens=N, n=2)
+    two = client.completions.create(model="ad1", prompt=[PROMPT, PROMPT], max_tokens=N, n=2, temperature=0)
     assert [ch.text for ch in two.choices] == [expected["ad1"]] * 4
     assert client.models.retrieve("ad1").id == "ad1"
     with pytest.raises(openai.NotFoundError):
@@ -108,9 +109,9 @@ def test_huggingface_hub_inference_client(served, monkeypatch):
         expected["ad1"]
     events = list(client.text_generation(PROMPT, max_new_tokens=N, adapter_id="ad1", stream=True, details=True))
     assert events[-1].generated_text == expected["ad1"] and events[-1].details.generated_tokens == N
-    chat = client.chat_completion(MESSAGES, model="ad1", max_tokens=N)
+    chat = client.chat_completion(MESSAGES, model="ad1", max_tokens=N, temperature=0)
     assert chat.choices[0].message.content == expected["chat"]
-    streamed = client.chat_completion(MESSAGES, model="ad1", max_tokens=N, stream=True)
+    streamed = client.chat_completion(MESSAGES, model="ad1", max_tokens=N, stream=True, temperature=0)
     assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == expected["chat"]
 
 

@@ -27,6 +27,7 @@ def client(tmp_path_factory, base_dir):  # noqa: F811
 
 def complete(client, **body):
     body.setdefault("model", client.base_name)
+    body.setdefault("temperature", 0)  # greedy: OpenAI's default temperature (1) samples
     body.setdefault("prompt", PROMPT)
     body.setdefault("max_tokens", 6)
     return client.post("/v1/completions", json=body)
@@ -34,6 +35,7 @@ def complete(client, **body):
 
 def chat(client, **body):
     body.setdefault("model", client.base_name)
+    body.setdefault("temperature", 0)  # greedy: OpenAI's default temperature (1) samples
     body.setdefault("messages", [{"role": "user", "content": "Open the file"}])
     body.setdefault("max_tokens", 6)
     return client.post("/v1/chat/completions", json=body)
@@ -123,7 +125,8 @@ def test_chat_logprobs_and_top_logprobs(client):
 def test_stream_include_usage_and_logprobs(client, path):
     send = complete if path == "/v1/completions" else chat
     whole = send(client).json()
-    base = {"model": client.base_name, "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}}
+    base = {"model": client.base_name, "max_tokens": 6, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     base.update({"prompt": PROMPT} if path == "/v1/completions" else
                 {"messages": [{"role": "user", "content": "Open the file"}]})
     chunks = sse(client, path, base)
@@ -156,7 +159,7 @@ def test_n_list_and_token_id_prompts(client, hf):  # noqa: F811
     chats = chat(client, n=3).json()["choices"]
     assert [c["index"] for c in chats] == [0, 1, 2] and len({c["message"]["content"] for c in chats}) == 1
     streamed = sse(client, "/v1/chat/completions", {"model": client.base_name, "max_tokens": 6, "n": 2,
-                                                    "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+                                                    "temperature": 0, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
     texts = ["".join(c["choices"][0]["delta"]["content"] for c in streamed if c["choices"][0]["index"] == i)
              for i in range(2)]
     assert texts == [chat(client, messages=[{"role": "user", "content": "hi"}]).json()["choices"][0]["message"]
@@ -186,3 +189,21 @@ def test_models_by_id(client):
     assert client.get(f"/v1/models/{client.base_name}").json()["id"] == client.base_name
     r = client.get("/v1/models/nope")
     assert r.status_code == 404 and "nope" in str(r.json()["error"])
+
+
+def test_default_temperature_samples_like_tgi_with_temperature_one(client):
+    """OpenAI's temperature defaults to 1 and samples (as vLLM and TGI's /v1 routes do); only 0 is greedy. With a
+    seed, an OpenAI completion that leaves temperature out (or sends 1) draws the same tokens as TGI's
+    /generate with do_sample, temperature 1 and that seed; other seeds draw other tokens."""
+    def openai_text(seed, **extra):
+        body = {"model": client.base_name, "prompt": PROMPT, "max_tokens": 12, "seed": seed, **extra}
+        return client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+    def tgi_text(seed):
+        params = {"do_sample": True, "temperature": 1.0, "seed": seed, "max_new_tokens": 12}
+        return client.post("/generate", json={"inputs": PROMPT, "parameters": params}).json()["generated_text"]
+
+    greedy = complete(client, max_tokens=12).json()["choices"][0]["text"]
+    sampled = {seed: openai_text(seed) for seed in (1, 2, 3)}
+    assert sampled[1] == tgi_text(1) == openai_text(1, temperature=1.0)
+    assert len(set(sampled.values())) > 1 and greedy not in sampled.values()

@@ -54,7 +54,8 @@ async def _start_choices(state: AppState, request: Request, body: OpenAIRequest,
     def params(j: int) -> SamplingParams:
         return sampling_params(
             max_new_tokens=max_tokens, default_max_new_tokens=state.settings.max_new_tokens_default,
-            temperature=body.temperature, top_p=body.top_p,
+            # OpenAI's temperature defaults to 1: sampling unless it is 0 (vLLM, TGI's and LoRAX's /v1 routes)
+            do_sample=body.temperature != 0, temperature=body.temperature, top_p=body.top_p,
             seed=None if body.seed is None else (body.seed + j) % _SEED_LIMIT, stop=oai.stop_list(body.stop),
             frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
             top_n_tokens=top_n, prompt_logprobs=prompt_logprobs, ignore_eos=body.ignore_eos)
