@@ -65,6 +65,7 @@ def test_good_adapter_info(setup):
     ({"init_lora_weights": "olora"}, "olora"),
     ({"init_lora_weights": "pissa_niter_4"}, "pissa"),
     ({"init_lora_weights": "corda"}, "corda"),
+    ({"init_lora_weights": "loftq"}, "LoftQ"),
     ({"use_dora": True}, "DoRA"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"bias": "lora_only"}, "bias"),
@@ -80,6 +81,15 @@ def test_unsupported_configs_are_refused(setup, tmp_path, update, match):
     variant(store / "good", store / f"bad-{match}", update)
     with pytest.raises(UnsupportedAdapterFeature, match=match):
         engine.submit([1, 2], f"bad-{match}", SamplingParams())
+
+
+def test_loftq_is_not_sent_to_a_conversion_that_refuses_it(setup, tmp_path):
+    engine, _, store, good = setup
+    bad = variant(store / "good", tmp_path / "loftq", {"init_lora_weights": "loftq"})
+    with pytest.raises(UnsupportedAdapterFeature) as refused:
+        engine.validate_adapter(bad)
+    message = str(refused.value)
+    assert "neither PEFT's weight conversion nor `olora convert`" in message and "convert it to plain" not in message
 
 
 def test_tensor_level_refusals(setup, tmp_path):

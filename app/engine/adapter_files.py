@@ -36,7 +36,7 @@ _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # init_lora_weights values whose adapters are only correct on a base that PEFT mutated at init time: they must be
 # converted (PEFT `save_pretrained(path_initial_model_for_weight_conversion=...)`) before they can share a base.
-_MUTATING_INITS = ("olora", "pissa", "corda", "loftq", "lora_ga")
+_MUTATING_INITS = ("olora", "pissa", "corda", "lora_ga")  # LoftQ: refused on its own (it replaces the base)
 # Config keys whose non-empty/true value means something a plain LoRA slot cannot express.
 _UNSUPPORTED_KEYS = {
     "use_dora": "DoRA (use_dora)", "modules_to_save": "modules_to_save (full copies of base modules)",
@@ -108,6 +108,12 @@ def read_adapter_config(path: Path) -> dict:
         raise InvalidAdapterFiles(str(exc)) from None
     where = label(Path(path) / CONFIG_FILE)
     init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith("loftq"):
+        raise UnsupportedAdapterFeature(
+            f"{where}: init_lora_weights={short(init)}: LoftQ trains against a base it replaced (the quantized "
+            "residual of W - B0·A0), so the adapter is only right on that LoftQ base; neither PEFT's weight "
+            "conversion nor `olora convert` turns it into a plain LoRA of the original base. Serve the merged "
+            "model (PEFT merge_and_unload) as a base of its own, or train with OLoRA, PiSSA or LoRA")
     if isinstance(init, str) and init.lower().startswith(_MUTATING_INITS):
         raise UnsupportedAdapterFeature(
             f"{where}: init_lora_weights={short(init)}: this adapter was trained on a base that PEFT modified at "
