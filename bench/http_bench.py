@@ -170,7 +170,7 @@ def main() -> None:
         from app.engine.engine import Engine, EngineConfig
         settings = dict(max_batch_size=args.concurrency, max_loras=min(args.adapters, 16), max_cpu_adapters=64,
                         max_rank=args.rank)
-        fingerprint = Engine(EngineConfig(model=str(base), **settings), store).base_fingerprint
+        fingerprint = Engine(EngineConfig(model=str(base), **settings), store).base.fingerprint
         for path in build_adapters(base, work / "adapters", args.adapters, args.rank):
             store.put(path.name, path, {"kind": "lora", "base_fingerprint": fingerprint})
         jobs = workload(AutoTokenizer.from_pretrained(base), args.requests, args.adapters)

@@ -231,7 +231,7 @@ def main() -> None:
         base = build_model(work / "base", 512, 8)
         adapter_dirs = build_adapters(base, work / "adapters", args.adapters, args.rank)
         store = AdapterStore(work / "store")
-        fingerprint = Engine(EngineConfig(model=str(base), max_loras=1, max_rank=args.rank), store).base_fingerprint
+        fingerprint = Engine(EngineConfig(model=str(base), max_loras=1, max_rank=args.rank), store).base.fingerprint
         for path in adapter_dirs:
             store.put(path.name, path, {"kind": "lora", "base_fingerprint": fingerprint})
         texts = [t for t, _ in workload(AutoTokenizer.from_pretrained(base), args.requests, args.adapters)]

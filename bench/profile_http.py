@@ -67,7 +67,7 @@ def main() -> None:
     try:
         base = build_model(work / "base", 512, 8)
         store = AdapterStore(work / "store")
-        fingerprint = Engine(EngineConfig(model=str(base), max_loras=1, max_rank=16), store).base_fingerprint
+        fingerprint = Engine(EngineConfig(model=str(base), max_loras=1, max_rank=16), store).base.fingerprint
         for path in build_adapters(base, work / "adapters", args.adapters, 16):
             store.put(path.name, path, {"kind": "lora", "base_fingerprint": fingerprint})
         texts = [t for t, _ in workload(AutoTokenizer.from_pretrained(base), 4 * args.concurrency, args.adapters)]

@@ -161,7 +161,7 @@ def test_adapter_bound_to_another_base_is_refused(setup, tmp_path):
     (bound / "metadata.json").write_text(json.dumps({"base_fingerprint": "sha256:" + "0" * 64}))
     with pytest.raises(AdapterBaseMismatch, match="bound to base"):
         engine.validate_adapter(bound)
-    (bound / "metadata.json").write_text(json.dumps({"base_fingerprint": engine.base_fingerprint}))
+    (bound / "metadata.json").write_text(json.dumps({"base_fingerprint": engine.base.fingerprint}))
     assert engine.validate_adapter(bound).rank == 4
 
 
@@ -206,17 +206,17 @@ def test_base_fingerprint_is_over_the_original_files(setup, tmp_path):
 
     engine, base, _, _ = setup
     digest = hashlib.sha256()
-    for name in ["config.json"] + sorted(p.name for p in engine.model_path.glob("*.safetensors")):
-        digest.update(name.encode() + b"\0" + (engine.model_path / name).read_bytes() + b"\0")
-    assert engine.base_fingerprint == "sha256:" + digest.hexdigest()
+    for name in ["config.json"] + sorted(p.name for p in engine.base.path.glob("*.safetensors")):
+        digest.update(name.encode() + b"\0" + (engine.base.path / name).read_bytes() + b"\0")
+    assert engine.base.fingerprint == "sha256:" + digest.hexdigest()
     copy = tmp_path / "copy"
     shutil.copytree(base, copy)
-    assert fingerprint_model_dir(copy) == engine.base_fingerprint  # location-independent
-    assert load_base_model(str(copy), quantize="nf4", device="cpu").fingerprint == engine.base_fingerprint
+    assert fingerprint_model_dir(copy) == engine.base.fingerprint  # location-independent
+    assert load_base_model(str(copy), quantize="nf4", device="cpu").fingerprint == engine.base.fingerprint
     config = json.loads((copy / "config.json").read_text())
     config["rms_norm_eps"] = 1e-5
     (copy / "config.json").write_text(json.dumps(config))
-    assert fingerprint_model_dir(copy) != engine.base_fingerprint
+    assert fingerprint_model_dir(copy) != engine.base.fingerprint
     for path in copy.glob("*.safetensors"):
         path.rename(path.with_suffix(".bin"))
     with pytest.raises(BaseModelError, match="never loaded"):

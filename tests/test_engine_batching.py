@@ -170,7 +170,7 @@ def test_stop_sequence_and_eos(engine, tmp_path):
     assert res.text.endswith(stop) and text.startswith(res.text) and len(res.token_ids) < 12
     # eos: a copy of the checkpoint whose generation_config calls the 3rd greedy token an end-of-sequence token
     base = tmp_path / "base"
-    shutil.copytree(engine.model_path, base)
+    shutil.copytree(engine.base.path, base)
     gen = json.loads((base / "generation_config.json").read_text())
     gen["eos_token_id"] = [gen["eos_token_id"], full.token_ids[2]]
     (base / "generation_config.json").write_text(json.dumps(gen))

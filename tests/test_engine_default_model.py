@@ -18,7 +18,7 @@ def engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("default-adapters")
     eng = Engine(EngineConfig(device="cpu", max_total_tokens=128, max_input_tokens=64, max_batch_tokens=256,
                               max_rank=8, max_loras=2), DirectoryAdapterSource(root))
-    save_random_lora(eng.model_path, root / "docs", r=8, targets=("q_proj", "v_proj", "down_proj"), seed=3)
+    save_random_lora(eng.base.path, root / "docs", r=8, targets=("q_proj", "v_proj", "down_proj"), seed=3)
     eng.start()
     yield eng, root
     eng.shutdown()
@@ -26,10 +26,10 @@ def engine(tmp_path_factory):
 
 def test_default_model_greedy_text_matches_generate(engine):
     eng, root = engine
-    assert eng.model_name == "default" and eng.base_fingerprint.startswith("sha256:")
+    assert eng.base.name == "default" and eng.base.fingerprint.startswith("sha256:")
     tok = eng.tokenizer
-    plain = AutoModelForCausalLM.from_pretrained(str(eng.model_path), dtype=torch.float32).eval()
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(eng.model_path), dtype=torch.float32),
+    plain = AutoModelForCausalLM.from_pretrained(str(eng.base.path), dtype=torch.float32).eval()
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(eng.base.path), dtype=torch.float32),
                                       str(root / "docs")).eval()
     handles = [(p, a, eng.submit(tok.encode(p, add_special_tokens=False), a,
                                  SamplingParams(max_new_tokens=24)))

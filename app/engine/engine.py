@@ -67,9 +67,6 @@ class Engine:
         base = load_base_model(config.model, config.dtype, config.quantize, config.device)
         self.tokenizer = base.tokenizer
         self.token_bytes = TokenBytes(base.tokenizer)  # raw bytes per token id (OpenAI logprob `bytes`)
-        self.model_name: str = base.name
-        self.base_fingerprint: str = base.fingerprint
-        self.model_path: Path = base.path  # local directory of the base checkpoint
         self.device = base.device
         self.dtype: torch.dtype = base.dtype  # compute dtype in use ("auto" resolved)
         self.model = base.model
