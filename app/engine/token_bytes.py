@@ -19,12 +19,12 @@ _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 def _decoder_types(tokenizer) -> set[str]:
     """The types of the fast tokenizer's decoder (a Sequence lists its parts); empty for a slow tokenizer."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None:
         return set()
-    try:
-        decoder = json.loads(backend.to_str()).get("decoder") or {}
-    except (ValueError, AttributeError):
+    try:  # the decoder's own JSON (its pickle state), not the whole tokenizer's with its vocabulary
+        decoder = json.loads(decoder.__getstate__()) or {}
+    except (ValueError, TypeError, AttributeError):
         return set()
     parts = decoder.get("decoders") or [decoder]
     return {str(p.get("type")) for p in parts if isinstance(p, dict)}
