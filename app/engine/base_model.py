@@ -11,6 +11,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from olora_core.dtypes import QUANTIZATIONS, dtype_names
 from olora_core.dtypes import torch_dtype as named_dtype
 
 from .errors import BaseModelError
+
+if TYPE_CHECKING:
+    from olora_core.quant_convert import QuantSpec
 
 _CHUNK = 8 << 20
 
@@ -55,7 +59,7 @@ class BaseDescription:
     fingerprint: str  # "sha256:..." of the original files (module docstring)
     dtype: torch.dtype  # compute dtype in use
     device: torch.device
-    quantization: "QuantSpec | None"  # olora_core.quant_convert.QuantSpec of the served layers; None = not quantized
+    quantization: QuantSpec | None  # the served layers' bitsandbytes settings; None = not quantized
 
 
 def resolve_device(device: str) -> torch.device:
