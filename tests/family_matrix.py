@@ -1,0 +1,148 @@
+"""The served = transformers / PEFT check of one model family (tests/test_model_families*.py).
+
+For a family: save its tiny checkpoint and three adapters made by the real PEFT (a plain LoRA on the family's
+attention projections, an all-linear LoRA, and the OLoRA quick-start adapter trained one step's worth of noise and
+converted to plain LoRA with `olora convert`), start an in-process Engine (fp32, CPU), and run requests of a long
+row (longer than any window), a medium and a short one, each with its adapter or the base:
+
+* mixed: all requests submitted together (shared decode steps, padded prefill groups);
+* alone: each request by itself.
+
+Every request asks for prompt log-probabilities (TGI's decoder_input_details) and decodes greedily; its tokens
+must equal transformers/PEFT's greedy tokens and every log-probability (prompt and generated) must be within TOL.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from helpers import save_random_lora
+from model_families import Family
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM
+
+from app.engine import DirectoryAdapterSource, Engine, EngineConfig, SamplingParams
+from olora_core.convert import convert
+from olora_core.olora_init import apply_olora
+
+# fp32 log-probabilities of the engine vs transformers: the two run the same ops on the same weights but with
+# different batch shapes (padding, other rows, row-wise LoRA bmm vs PEFT's per-adapter matmuls), so only the
+# summation order differs. Each dot product of length K <= 256 carries a relative error <= K * eps32 (1.2e-7)
+# ~ 3e-5 in the worst case and ~ sqrt(K) * eps32 ~ 2e-6 typically; over 2 layers and a log-softmax of logits of
+# magnitude ~ 1 this stays ~ 1e-5. 1e-4 leaves a 10x margin, and is far below any real mistake (a wrong window,
+# mask or adapter row moves log-probs by >= 1e-2 on these models).
+TOL = 1e-4
+NEW_TOKENS = 5
+MAX_TOTAL = 64
+# (prompt length, adapter): a long row (longer than the tiny models' window of 8), medium and short rows.
+REQUESTS = [(40, "olora"), (5, None), (12, "plain"), (3, "all-linear"), (30, None), (9, "olora")]
+
+
+@dataclass
+class FamilyFiles:
+    base: str
+    adapters: Path
+
+
+def save_olora(family: Family, base: str, out: Path, seed: int = 5) -> None:
+    """The OLoRA quick start (PEFT's example: r=8 on the attention projections), 'trained' by a random step on
+    A and B, then converted to a plain LoRA of the original base with `olora convert`."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = apply_olora(model, LoraConfig(r=8, lora_alpha=16, target_modules=list(family.plain_targets)))
+    peft_model.save_pretrained(str(out / "olora-initial"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    peft_model.save_pretrained(str(out / "olora-trained"))
+    convert(out / "olora-initial", out / "olora-trained", out / "adapters" / "olora")
+
+
+def save_family(family: Family, root: Path) -> FamilyFiles:
+    base = family.save(root / "base")
+    adapters = root / "adapters"
+    save_random_lora(base, adapters / "plain", r=4, targets=family.plain_targets, seed=1)
+    save_random_lora(base, adapters / "all-linear", r=8, targets="all-linear", seed=2, a_std=0.05, b_std=0.05)
+    save_olora(family, base, root)
+    return FamilyFiles(base, adapters)
+
+
+def start_engine(files: FamilyFiles, max_total: int = MAX_TOTAL, **overrides) -> Engine:
+    config = dict(model=files.base, dtype="fp32", device="cpu", max_loras=3, max_rank=16, max_batch_size=8,
+                  max_input_tokens=max_total - NEW_TOKENS, max_total_tokens=max_total, max_batch_tokens=4 * max_total)
+    engine = Engine(EngineConfig(**{**config, **overrides}), DirectoryAdapterSource(files.adapters))
+    engine.start()
+    return engine
+
+
+def prompt_of(length: int, salt: int) -> list[int]:
+    gen = torch.Generator().manual_seed(1000 + 31 * length + salt)
+    return torch.randint(0, 256, (length,), generator=gen).tolist()
+
+
+def run_requests(engine: Engine, requests: list[tuple[list[int], str | None]]) -> list[list]:
+    """Submit all requests at once; their token events (greedy, prompt log-probabilities asked)."""
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=True)
+    handles = [engine.submit(prompt, adapter, params) for prompt, adapter in requests]
+
+    async def events(handle):
+        return [event async for event in handle]
+
+    async def every():
+        return await asyncio.gather(*(events(h) for h in handles))
+
+    return asyncio.run(every())
+
+
+class References:
+    """transformers (base) and PEFT (one adapter at a time) log-probabilities of a token sequence."""
+
+    def __init__(self, files: FamilyFiles):
+        self.files = files
+        self.models: dict[str | None, torch.nn.Module] = {}
+
+    def model(self, adapter: str | None) -> torch.nn.Module:
+        if adapter not in self.models:
+            model = AutoModelForCausalLM.from_pretrained(self.files.base, dtype=torch.float32)
+            if adapter is not None:
+                model = PeftModel.from_pretrained(model, str(self.files.adapters / adapter))
+            self.models[adapter] = model.eval()
+        return self.models[adapter]
+
+    @torch.no_grad()
+    def logprobs(self, tokens: list[int], adapter: str | None) -> torch.Tensor:
+        """(len(tokens) - 1 + 1, V): log-softmax of the next-token logits at every position."""
+        logits = self.model(adapter)(torch.tensor([tokens])).logits[0].float()  # (T, V)
+        return torch.log_softmax(logits, dim=-1)
+
+
+def check_request(refs: References, prompt: list[int], adapter: str | None, events: list, where: str) -> None:
+    generated = [e.token_id for e in events]
+    assert len(generated) == NEW_TOKENS, where
+    logprobs = refs.logprobs(prompt + generated[:-1], adapter)  # (T + n - 1, V)
+    n = len(prompt)
+    expected_tokens = logprobs[n - 1:].argmax(-1).tolist()
+    # the greedy choice at each step given the engine's own previous tokens: equal tokens, step by step
+    assert generated == expected_tokens, f"{where}: tokens {generated} != transformers/PEFT {expected_tokens}"
+    served = torch.tensor([e.logprob for e in events])
+    want = logprobs[n - 1:].gather(1, torch.tensor(generated)[:, None])[:, 0]
+    assert torch.allclose(served, want, atol=TOL, rtol=0), f"{where}: logprobs {(served - want).abs().max():.2e}"
+    prompt_served = torch.tensor(events[0].prompt_logprobs)  # prompt tokens 1..n-1
+    prompt_want = logprobs[:n - 1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    assert torch.allclose(prompt_served, prompt_want, atol=TOL, rtol=0), \
+        f"{where}: prompt logprobs {(prompt_served - prompt_want).abs().max():.2e}"
+
+
+def check_family(files: FamilyFiles, engine: Engine) -> None:
+    """Mixed batch, then each request alone: equal to transformers/PEFT (module docstring)."""
+    refs = References(files)
+    requests = [(prompt_of(length, i), adapter) for i, (length, adapter) in enumerate(REQUESTS)]
+    mixed = run_requests(engine, requests)
+    for (prompt, adapter), events in zip(requests, mixed):
+        check_request(refs, prompt, adapter, events, f"mixed batch, {len(prompt)} tokens, adapter {adapter}")
+    for prompt, adapter in requests:
+        alone = run_requests(engine, [(prompt, adapter)])[0]
+        check_request(refs, prompt, adapter, alone, f"alone, {len(prompt)} tokens, adapter {adapter}")
