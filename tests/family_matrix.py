@@ -17,6 +17,7 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import save_random_lora
 from model_families import Family
@@ -24,6 +25,8 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
 from app.engine import DirectoryAdapterSource, Engine, EngineConfig, SamplingParams
+from app.engine.errors import AdapterRejected, BaseModelError
+from app.engine.lora_layers import find_target_modules
 from olora_core.convert import convert
 from olora_core.olora_init import apply_olora
 
@@ -38,6 +41,9 @@ NEW_TOKENS = 5
 MAX_TOTAL = 64
 # (prompt length, adapter): a long row (longer than the tiny models' window of 8), medium and short rows.
 REQUESTS = [(40, "olora"), (5, None), (12, "plain"), (3, "all-linear"), (30, None), (9, "olora")]
+
+
+_MLP_KINDS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 
 
 @dataclass
@@ -61,11 +67,24 @@ def save_olora(family: Family, base: str, out: Path, seed: int = 5) -> None:
     convert(out / "olora-initial", out / "olora-trained", out / "adapters" / "olora")
 
 
+def linear_modules(base: str) -> tuple[str, ...]:
+    """The full names of every Linear/Conv1D module of the decoder blocks (full names: a kind such as down_proj
+    would also make PEFT target the MoE experts' fused parameters of that name)."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    # PEFT rewrites MLP kinds of MoE models into the experts' target_parameters (even for a dense layer's MLP)
+    return tuple(n for n in find_target_modules(model, None) if n.rsplit(".", 1)[-1] not in _MLP_KINDS)
+
+
 def save_family(family: Family, root: Path) -> FamilyFiles:
+    """The checkpoint and its adapters: plain, all-linear, olora (and for MoE families PEFT's own all-linear,
+    which also targets the fused expert weights, as all-linear-experts: refused by the engine)."""
     base = family.save(root / "base")
     adapters = root / "adapters"
     save_random_lora(base, adapters / "plain", r=4, targets=family.plain_targets, seed=1)
-    save_random_lora(base, adapters / "all-linear", r=8, targets="all-linear", seed=2, a_std=0.05, b_std=0.05)
+    all_linear = linear_modules(base) if family.expert_parameters else "all-linear"
+    save_random_lora(base, adapters / "all-linear", r=8, targets=all_linear, seed=2, a_std=0.05, b_std=0.05)
+    if family.expert_parameters:
+        save_random_lora(base, adapters / "all-linear-experts", r=8, targets="all-linear", seed=2)
     save_olora(family, base, root)
     return FamilyFiles(base, adapters)
 
@@ -146,3 +165,23 @@ def check_family(files: FamilyFiles, engine: Engine) -> None:
     for prompt, adapter in requests:
         alone = run_requests(engine, [(prompt, adapter)])[0]
         check_request(refs, prompt, adapter, alone, f"alone, {len(prompt)} tokens, adapter {adapter}")
+
+
+def check_family_or_refusal(family: Family, root: Path) -> None:
+    """A served family equals transformers/PEFT (check_family; MoE families: PEFT's all-linear adapter on the fused
+    expert weights is refused by name); a refused one fails to start with its message."""
+    if not family.served:
+        base = family.save(root / "base")
+        with pytest.raises(BaseModelError) as refused:
+            start_engine(FamilyFiles(base, root / "adapters"))
+        assert family.refusal in str(refused.value)
+        return
+    files = save_family(family, root)
+    engine = start_engine(files)
+    try:
+        check_family(files, engine)
+        if family.expert_parameters:
+            with pytest.raises(AdapterRejected, match="target_parameters"):
+                engine.validate_adapter(files.adapters / "all-linear-experts")
+    finally:
+        engine.shutdown()

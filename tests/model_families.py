@@ -30,6 +30,7 @@ class Family:
     plain_targets: tuple[str, ...] = ("q_proj", "v_proj")  # a plain LoRA's target_modules
     refusal: str | None = None  # None: served; else a fragment of the start error
     windowed: bool = False  # some layer attends to a window of WINDOW tokens
+    expert_parameters: bool = False  # PEFT's "all-linear" also targets the fused expert weights (target_parameters)
 
     @property
     def served(self) -> bool:
@@ -65,7 +66,8 @@ FAMILIES = [
                                               num_attention_heads=4, max_position_embeddings=MAX_POSITIONS),
            plain_targets=("query_key_value",)),
     Family("starcoder2", "Starcoder2Config", {**_LLAMA_LIKE, "sliding_window": WINDOW}, windowed=True),
-    Family("mixtral", "MixtralConfig", {**_LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    Family("mixtral", "MixtralConfig", {**_LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2},
+           expert_parameters=True),
     Family("opt", "OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                                     word_embed_proj_dim=64, max_position_embeddings=MAX_POSITIONS)),
     Family("falcon-new", "FalconConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -88,6 +90,25 @@ FAMILIES = [
         num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
         topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
         qk_nope_head_dim=8, v_head_dim=16, max_position_embeddings=MAX_POSITIONS),
-        plain_targets=("q_b_proj", "kv_b_proj"), refusal="deepseek_v3: multi-head latent attention"),
+        plain_targets=("q_b_proj", "kv_b_proj"), expert_parameters=True),
+    Family("deepseek_v2", "DeepseekV2Config", dict(
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, max_position_embeddings=MAX_POSITIONS),
+        plain_targets=("q_proj", "kv_b_proj"), expert_parameters=True),
+    Family("gpt_oss", "GptOssConfig", {**_LLAMA_LIKE, "head_dim": 16, "num_local_experts": 4,
+                                       "num_experts_per_tok": 2, "sliding_window": WINDOW,
+                                       "layer_types": ["sliding_attention", "full_attention"]},
+           windowed=True),
+    Family("gemma", "GemmaConfig", {**_LLAMA_LIKE, "head_dim": 16}),
+    Family("olmo2", "Olmo2Config", _LLAMA_LIKE),
+    Family("cohere", "CohereConfig", _LLAMA_LIKE),
+    Family("gpt_bigcode", "GPTBigCodeConfig", dict(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS,
+                                                   multi_query=True), plain_targets=("c_attn",)),
+    Family("gptj", "GPTJConfig", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=MAX_POSITIONS,
+                                      tie_word_embeddings=False)),
+    Family("mpt", "MptConfig", dict(d_model=64, n_layers=2, n_heads=4, max_seq_len=MAX_POSITIONS),
+           plain_targets=("Wqkv",), refusal="mpt: ALiBi"),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
