@@ -14,6 +14,7 @@ must equal transformers/PEFT's greedy tokens and every log-probability (prompt a
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from transformers import AutoModelForCausalLM
 from app.engine import DirectoryAdapterSource, Engine, EngineConfig, SamplingParams
 from app.engine.errors import AdapterRejected, BaseModelError
 from app.engine.lora_layers import find_target_modules
+from app.engine.observer import EngineObserver
 from olora_core.convert import convert
 from olora_core.olora_init import apply_olora
 
@@ -39,8 +41,11 @@ from olora_core.olora_init import apply_olora
 TOL = 1e-4
 NEW_TOKENS = 5
 MAX_TOTAL = 64
-# (prompt length, adapter): a long row (longer than the tiny models' window of 8), medium and short rows.
-REQUESTS = [(40, "olora"), (5, None), (12, "plain"), (3, "all-linear"), (30, None), (9, "olora")]
+# (prompt length, adapter, prompt log-probabilities asked): long rows (longer than the tiny models' window of 8),
+# medium and short ones. In the mixed batch a request asking for prompt log-probabilities is prefilled alone; the
+# others are prefilled in padded groups of near-equal lengths (36+38, 11+12: engine._padding_groups).
+REQUESTS = [(40, "olora", True), (38, None, False), (36, "plain", False), (12, "plain", False),
+            (11, "all-linear", False), (5, None, True), (3, "olora", False)]
 
 
 _MLP_KINDS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
@@ -91,7 +96,7 @@ def save_family(family: Family, root: Path) -> FamilyFiles:
 
 def start_engine(files: FamilyFiles, max_total: int = MAX_TOTAL, **overrides) -> Engine:
     config = dict(model=files.base, dtype="fp32", device="cpu", max_loras=3, max_rank=16, max_batch_size=8,
-                  max_input_tokens=max_total - NEW_TOKENS, max_total_tokens=max_total, max_batch_tokens=4 * max_total)
+                  max_input_tokens=max_total - NEW_TOKENS, max_total_tokens=max_total, max_batch_tokens=8 * max_total)
     engine = Engine(EngineConfig(**{**config, **overrides}), DirectoryAdapterSource(files.adapters))
     engine.start()
     return engine
@@ -102,10 +107,45 @@ def prompt_of(length: int, salt: int) -> list[int]:
     return torch.randint(0, 256, (length,), generator=gen).tolist()
 
 
-def run_requests(engine: Engine, requests: list[tuple[list[int], str | None]]) -> list[list]:
-    """Submit all requests at once; their token events (greedy, prompt log-probabilities asked)."""
-    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True, prompt_logprobs=True)
-    handles = [engine.submit(prompt, adapter, params) for prompt, adapter in requests]
+class _HoldAfterStep(EngineObserver):
+    """Holds the engine loop after its first step until released (so requests submitted meanwhile are admitted
+    together by the next step)."""
+
+    def __init__(self):
+        self.held, self.release = threading.Event(), threading.Event()
+
+    def on_cache_event(self, tier, event, adapter_id):
+        pass
+
+    def on_adapter_load(self, tier, seconds):
+        pass
+
+    def on_request_done(self, stats):
+        pass
+
+    def on_step(self, running, waiting, prefill_tokens, decode_tokens):
+        self.held.set()
+        self.release.wait(timeout=30)
+
+
+def run_requests(engine: Engine, requests: list[tuple[list[int], str | None]],
+                 prompt_logprobs: list[bool] | None = None, together: bool = False) -> list[list]:
+    """Submit the requests; their token events (greedy; prompt log-probabilities asked unless `prompt_logprobs`
+    says otherwise per request). `together`: the loop is held while they are submitted, so one step admits all of
+    them (their adapters must already be in device slots) next to a running base row."""
+    asks = prompt_logprobs or [True] * len(requests)
+    gate, previous = _HoldAfterStep(), engine.observer.inner
+    if together:
+        engine.observer.inner = gate
+        engine.submit(prompt_of(7, 99), None, SamplingParams(max_new_tokens=NEW_TOKENS + 3, ignore_eos=True))
+        assert gate.held.wait(timeout=30), "the engine did not run its first step"
+    try:
+        handles = [engine.submit(prompt, adapter, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True,
+                                                                prompt_logprobs=ask))
+                   for (prompt, adapter), ask in zip(requests, asks)]
+    finally:
+        engine.observer.inner = previous
+        gate.release.set()
 
     async def events(handle):
         return [event async for event in handle]
@@ -138,7 +178,8 @@ class References:
         return torch.log_softmax(logits, dim=-1)
 
 
-def check_request(refs: References, prompt: list[int], adapter: str | None, events: list, where: str) -> None:
+def check_request(refs: References, prompt: list[int], adapter: str | None, events: list, where: str,
+                  prompt_logprobs: bool = True) -> None:
     generated = [e.token_id for e in events]
     assert len(generated) == NEW_TOKENS, where
     logprobs = refs.logprobs(prompt + generated[:-1], adapter)  # (T + n - 1, V)
@@ -149,6 +190,9 @@ def check_request(refs: References, prompt: list[int], adapter: str | None, even
     served = torch.tensor([e.logprob for e in events])
     want = logprobs[n - 1:].gather(1, torch.tensor(generated)[:, None])[:, 0]
     assert torch.allclose(served, want, atol=TOL, rtol=0), f"{where}: logprobs {(served - want).abs().max():.2e}"
+    if not prompt_logprobs:
+        assert events[0].prompt_logprobs is None, where
+        return
     prompt_served = torch.tensor(events[0].prompt_logprobs)  # prompt tokens 1..n-1
     prompt_want = logprobs[:n - 1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
     assert torch.allclose(prompt_served, prompt_want, atol=TOL, rtol=0), \
@@ -156,15 +200,17 @@ def check_request(refs: References, prompt: list[int], adapter: str | None, even
 
 
 def check_family(files: FamilyFiles, engine: Engine) -> None:
-    """Mixed batch, then each request alone: equal to transformers/PEFT (module docstring)."""
+    """Each request alone (which also loads the adapters into slots), then all in one mixed batch: equal to
+    transformers/PEFT (module docstring)."""
     refs = References(files)
-    requests = [(prompt_of(length, i), adapter) for i, (length, adapter) in enumerate(REQUESTS)]
-    mixed = run_requests(engine, requests)
-    for (prompt, adapter), events in zip(requests, mixed):
-        check_request(refs, prompt, adapter, events, f"mixed batch, {len(prompt)} tokens, adapter {adapter}")
+    requests = [(prompt_of(length, i), adapter) for i, (length, adapter, _) in enumerate(REQUESTS)]
     for prompt, adapter in requests:
         alone = run_requests(engine, [(prompt, adapter)])[0]
         check_request(refs, prompt, adapter, alone, f"alone, {len(prompt)} tokens, adapter {adapter}")
+    asks = [ask for _, _, ask in REQUESTS]
+    mixed = run_requests(engine, requests, asks, together=True)
+    for (prompt, adapter), events, ask in zip(requests, mixed, asks):
+        check_request(refs, prompt, adapter, events, f"mixed batch, {len(prompt)} tokens, adapter {adapter}", ask)
 
 
 def check_family_or_refusal(family: Family, root: Path) -> None:
