@@ -24,7 +24,7 @@ from .adapter_cache import AdapterCache
 from .adapter_files import AdapterInfo, AdapterParser, AdapterSource, base_weight_norms, read_adapter_config
 from .base_model import load_base_model
 from .config import EngineConfig
-from .errors import BaseModelError, EngineError, EngineNotRunning, InvalidRequest
+from .errors import EngineError, EngineNotRunning, InvalidRequest
 from .faults import MAX_CONSECUTIVE_STEP_FAILURES, report_loop_death, row_fault_error, step_failed
 from .handle import RequestHandle, TokenEvent
 from .architecture import describe_architecture, layer_features
