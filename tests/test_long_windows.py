@@ -35,3 +35,6 @@ def test_gemma3_window_512_serves_1500_tokens_exactly(served):
     check_request(refs, long_prompt, None, together[0], "1,500 tokens with a short row")
     check_request(refs, short_prompt, None, together[1], "short row with a 1,500-token row")
     assert len(alone) == NEW_TOKENS
+    # the local layers' KV rows stop at the window; the global layer's follow the longest request
+    kv = engine.runner.kv
+    assert kv.capacity >= LONG and [layer.keys.shape[2] for layer in kv.layers] == [GEMMA3_WINDOW] * 2 + [kv.capacity]

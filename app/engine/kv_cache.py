@@ -13,6 +13,11 @@ memory follows the longest request seen rather than the worst case. Running requ
   the attention reads just these new K/V (pad positions are masked and later overwritten);
 * decode: row b writes its one new K/V at `positions[b]` and attends to `keys[:B, :, :L]` (L = max length + 1).
 
+A layer with an attention window W (architecture.py `layer_windows`) is a ring of at most W positions per row:
+position p lives in slot p % W, so its memory stops growing at the window. A prompt longer than the ring keeps its
+last W positions; a decode step reads min(L, W) slots, and the runner's window mask (runner._decode_masks) sees
+slot j of row b as position pos[b] - ((pos[b] - j) % W), visible iff that is >= 0.
+
 Checked against transformers 5.24: the attention calls `cache.update(k, v, layer_idx, ...)` and uses what it
 returns; `create_causal_mask` returns a 4D mask unchanged (masking_utils._preprocess_mask_arguments), so the
 runner passes an explicit additive mask `(B, 1, T, L)` and `position_ids` per row. Where it passes no mask (SDPA,
@@ -37,17 +42,26 @@ class RowKVLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, context: ForwardContext, max_tokens: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, context: ForwardContext, max_tokens: int,
+                 window: int | None = None):
         super().__init__()
-        self.keys = keys  # (max_batch, heads, capacity, key_dim)
+        self.keys = keys  # (max_batch, heads, capacity, key_dim); a windowed layer: min(capacity, window) slots
         self.values = values  # (max_batch, heads, capacity, value_dim)
         self.context = context
         self.max_tokens = max_tokens
+        self.window = window  # None: full attention; else position p lives in slot p % window (a ring)
         self.is_initialized = True
 
+    def slots(self, capacity: int) -> int:
+        """Positions per row this layer holds at cache capacity `capacity` (a ring never exceeds its window)."""
+        return capacity if self.window is None else min(capacity, self.window)
+
     def grow(self, capacity: int) -> None:
-        """Reallocate to `capacity` positions per row, keeping what is cached."""
-        old = self.keys.shape[2]
+        """Reallocate to `capacity` positions per row (a ring: at most its window), keeping what is cached. A ring
+        below its window has never wrapped (position p is in slot p), so the copy keeps the mapping."""
+        old, capacity = self.keys.shape[2], self.slots(capacity)
+        if capacity == old:
+            return
         for name in ("keys", "values"):
             current = getattr(self, name)
             bigger = current.new_zeros(*current.shape[:2], capacity, current.shape[3])
@@ -62,17 +76,32 @@ class RowKVLayer(CacheLayerMixin):
         batch = self.context.current()
         if batch.phase == PREFILL:
             r0, r1, t = batch.row_start, batch.row_start + batch.n_rows, key_states.shape[2]
-            self.keys[r0:r1, :, :t].copy_(key_states)
-            self.values[r0:r1, :, :t].copy_(value_states)
+            if t <= self.keys.shape[2]:
+                self.keys[r0:r1, :, :t].copy_(key_states)
+                self.values[r0:r1, :, :t].copy_(value_states)
+            else:  # a ring shorter than the prompts: each row keeps its last `window` positions
+                self._write_ring(batch, key_states, value_states)
             return key_states, value_states  # newcomers have no past: attend to their own prompt only
-        # decode: one new token per row, each at its own position
-        self.keys[batch.rows, :, batch.positions] = key_states[:, :, 0]  # (B, heads, key_dim)
-        self.values[batch.rows, :, batch.positions] = value_states[:, :, 0]
-        n, length = batch.n_rows, batch.kv_length
+        # decode: one new token per row, each at its own position (its ring slot in a windowed layer)
+        slot = batch.positions if self.window is None else batch.positions % self.window  # (B,)
+        self.keys[batch.rows, :, slot] = key_states[:, :, 0]  # (B, heads, key_dim)
+        self.values[batch.rows, :, slot] = value_states[:, :, 0]
+        n, length = batch.n_rows, self.slots(batch.kv_length)
         return self.keys[:n, :, :length], self.values[:n, :, :length]
 
+    def _write_ring(self, batch, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Row i (lengths[i] real tokens) stores positions max(0, len - W) .. max(0, len - W) + W - 1 at slots
+        p % W (positions past its length are padding: masked until decode overwrites them)."""
+        window, n = self.window, batch.n_rows
+        start = (batch.lengths - window).clamp(min=0)  # (n,)
+        positions = start[:, None] + torch.arange(window, device=start.device)[None, :]  # (n, W)
+        rows = torch.arange(n, device=start.device)[:, None]  # (n, 1)
+        dst = batch.row_start + rows
+        self.keys[dst, :, positions % window] = key_states[rows, :, positions]  # (n, W, heads, key_dim)
+        self.values[dst, :, positions % window] = value_states[rows, :, positions]
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.context.current().kv_length, 0
+        return self.slots(self.context.current().kv_length), 0
 
     def get_seq_length(self) -> int:
         """The past length of the forward's rows: 0 in prefill, L - 1 in decode (exact when every row sits at
@@ -92,15 +121,15 @@ class RowKVCache(Cache):
     """The engine's KV cache: `[layers][max_batch, heads, capacity, key/value dim]`, rows = requests."""
 
     def __init__(self, n_layers: int, max_batch: int, layout: KVLayout, max_tokens: int, dtype: torch.dtype,
-                 device: torch.device, context: ForwardContext):
+                 device: torch.device, context: ForwardContext, windows: tuple[int | None, ...] | None = None):
         self.context = context
         self.capacity = min(INITIAL_TOKENS, max_tokens)
         layers = []
-        for _ in range(n_layers):
-            keys = torch.zeros(max_batch, layout.heads, self.capacity, layout.key_dim, dtype=dtype, device=device)
-            values = torch.zeros(max_batch, layout.heads, self.capacity, layout.value_dim, dtype=dtype,
-                                 device=device)
-            layers.append(RowKVLayer(keys, values, context, max_tokens))
+        for window in windows or (None,) * n_layers:
+            slots = self.capacity if window is None else min(self.capacity, window)
+            keys = torch.zeros(max_batch, layout.heads, slots, layout.key_dim, dtype=dtype, device=device)
+            values = torch.zeros(max_batch, layout.heads, slots, layout.value_dim, dtype=dtype, device=device)
+            layers.append(RowKVLayer(keys, values, context, max_tokens, window))
         super().__init__(layers=layers)
         self.max_batch = max_batch
         self.max_tokens = max_tokens
@@ -128,8 +157,9 @@ class RowKVCache(Cache):
         if src == dst or length <= 0:
             return
         for layer in self.layers:
-            layer.keys[dst, :, :length].copy_(layer.keys[src, :, :length])
-            layer.values[dst, :, :length].copy_(layer.values[src, :, :length])
+            held = layer.slots(length)  # a ring holds its last `window` positions in slots independent of the row
+            layer.keys[dst, :, :held].copy_(layer.keys[src, :, :held])
+            layer.values[dst, :, :held].copy_(layer.values[src, :, :held])
 
     @property
     def nbytes(self) -> int:

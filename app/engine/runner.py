@@ -34,7 +34,8 @@ class ModelRunner:
         self.device = embeddings.device
         self.dtype = embeddings.dtype
         self.vocab_size = int(cfg.vocab_size)
-        self.kv = RowKVCache(arch.n_layers, max_batch, arch.kv, max_tokens, self.dtype, self.device, self.context)
+        self.kv = RowKVCache(arch.n_layers, max_batch, arch.kv, max_tokens, self.dtype, self.device, self.context,
+                             arch.layer_windows)
         self.max_batch = max_batch
         self.max_tokens = max_tokens
         self._masked = torch.finfo(self.dtype).min
@@ -92,12 +93,16 @@ class ModelRunner:
                 for w in self.arch.windows}
 
     def _decode_masks(self, pos: torch.Tensor, length: int) -> dict[int | None, torch.Tensor]:
-        """Row b sees its keys k <= pos[b] (longer rows' tail is masked) and, with a window, k > pos[b] - window.
-        pos: (B,) -> per window (B, 1, 1, L) additive."""
-        keys = self._positions[None, :length]  # (1, L)
-        seen = keys <= pos[:, None]  # (B, L)
-        return {w: self._additive((seen if w is None else seen & (keys > pos[:, None] - w))[:, None, :])
-                for w in self.arch.windows}
+        """Full attention: row b sees its keys k <= pos[b] (longer rows' tail is masked): (B, 1, 1, L).
+        A window-w layer reads its ring's min(L, w) slots (kv_cache.py): slot j holds position
+        pos[b] - ((pos[b] - j) % w), always within the window, visible iff >= 0: (B, 1, 1, min(L, w)).
+        pos: (B,) -> per window an additive mask."""
+        masks = {}
+        for w in self.arch.windows:
+            slots = self._positions[None, :length if w is None else min(length, w)]  # (1, K)
+            seen = slots <= pos[:, None] if w is None else pos[:, None] - (pos[:, None] - slots) % w >= 0  # (B, K)
+            masks[w] = self._additive(seen[:, None, :])
+        return masks
 
     @torch.inference_mode()
     def prefill(self, row_start: int, prompts: list[list[int]], slots: list[int],
