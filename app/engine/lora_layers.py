@@ -101,10 +101,11 @@ def _is_target_kind(module: nn.Module) -> bool:
 
 def find_target_modules(model: nn.Module, kinds: tuple[str, ...] | None) -> list[str]:
     """Linear / Conv1D layers inside the numbered decoder blocks (never lm_head/embeddings), optionally only the
-    given kinds (last name part, e.g. "q_proj")."""
+    given kinds (last name part, e.g. "q_proj"). Per-expert modules of an MoE block (`...experts.<i>...`) are not
+    targets: they see only the tokens routed to them, which cannot be matched to the forward's rows."""
     names = []
     for name, module in model.named_modules():
-        if not _is_target_kind(module) or not re.search(r"\.\d+\.", name):
+        if not _is_target_kind(module) or not re.search(r"\.\d+\.", name) or re.search(r"\.experts\.\d+\.", name):
             continue
         if kinds is None or name.rsplit(".", 1)[-1] in kinds:
             names.append(name)
