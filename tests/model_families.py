@@ -84,7 +84,7 @@ FAMILIES = [
     Family("gpt2", "GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS),
            plain_targets=("c_attn",)),
     Family("bloom", "BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4),
-           plain_targets=("query_key_value",), refusal="bloom: ALiBi"),
+           plain_targets=("query_key_value",)),
     Family("deepseek_v3", "DeepseekV3Config", dict(
         hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
@@ -109,6 +109,9 @@ FAMILIES = [
     Family("gptj", "GPTJConfig", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=MAX_POSITIONS,
                                       tie_word_embeddings=False)),
     Family("mpt", "MptConfig", dict(d_model=64, n_layers=2, n_heads=4, max_seq_len=MAX_POSITIONS),
-           plain_targets=("Wqkv",), refusal="mpt: ALiBi"),
+           plain_targets=("Wqkv",)),
+    Family("falcon-alibi", "FalconConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                new_decoder_architecture=False, multi_query=True, alibi=True),
+           plain_targets=("query_key_value",), refusal="falcon with alibi=True: ALiBi attention is not supported"),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}

@@ -16,8 +16,11 @@ engine cannot run is refused at start, never accepted and then failed per reques
 * KV layout (`KVLayout`): heads and per-head widths of what the attention hands to `cache.update` (DeepSeek-V2/V3
   cache the compressed latent and the shared rotary key: 1 head of kv_lora_rank and of qk_rope_head_dim);
 * whether a batch without padding may run mask-free (`mask_free_ok`): never with windows;
-* refusals: ALiBi families (Bloom, Falcon with alibi=True, MPT) build their position bias from a 2-D padding
-  mask the row cache does not pass.
+* ALiBi: Bloom builds its bias from a 2-D padding mask (`BloomModel.build_alibi_tensor`); the engine's rows are
+  right-padded from position 0, so key k sits at position k in every row and the bias is slope * k, which the
+  model gets from the runner's 4-D mask through an instance override (`_prepare_bloom`). MPT's bias is relative
+  to the last key (a per-row constant shift, which softmax ignores) and its mask is the 4-D one turned to bool: it
+  runs as is. Falcon with alibi=True builds its bias from the 2-D mask in module code: refused.
 LoRA targets: nn.Linear and transformers Conv1D modules of the numbered blocks (fused qkv_proj / gate_up_proj /
 query_key_value / c_attn are plain Linear/Conv1D modules: one slot pair each, as PEFT targets them).
 """
@@ -31,10 +34,10 @@ from torch import nn
 from .errors import BaseModelError
 
 MASK_TENSOR, MASK_BY_LAYER_TYPE, MASK_PER_MODULE = "tensor", "by-layer-type", "per-module"
-_ALIBI = {"bloom": "bloom: ALiBi attention (its position bias is built from a 2-D padding mask, which the "
-                   "engine's row KV cache does not pass) is not supported",
-          "mpt": "mpt: ALiBi attention is not supported", "falcon": "falcon with alibi=True: ALiBi attention is "
-          "not supported (Falcon checkpoints with rotary embeddings, alibi=False, are)"}
+_ALIBI_REFUSED = {"falcon": "falcon with alibi=True: ALiBi attention is not supported (its bias is built from a "
+                            "2-D padding mask the row KV cache does not pass; Falcon with rotary embeddings, "
+                            "alibi=False, is served)"}
+_ALIBI_MASKED = ("bloom", "mpt")  # their bias reaches the model only with the runner's mask: never mask-free
 # model types whose attention caches the compressed latent (keys: kv_lora_rank wide, values: the rotary key)
 _LATENT_KV = ("deepseek_v2", "deepseek_v3")
 
@@ -110,8 +113,8 @@ def describe_architecture(model: nn.Module) -> Architecture:
     """The engine's view of `model` (module docstring); BaseModelError if the engine cannot run it exactly."""
     cfg = model.config
     model_type = str(cfg.model_type)
-    if model_type in _ALIBI and (model_type != "falcon" or getattr(cfg, "alibi", False)):
-        raise BaseModelError(_ALIBI[model_type])
+    if model_type == "falcon" and getattr(cfg, "alibi", False):
+        raise BaseModelError(_ALIBI_REFUSED["falcon"])
     if getattr(cfg, "is_encoder_decoder", False):
         raise BaseModelError(f"{model_type}: encoder-decoder models are not supported (decoder-only causal LMs are)")
     n_layers = int(cfg.num_hidden_layers)
@@ -122,10 +125,26 @@ def describe_architecture(model: nn.Module) -> Architecture:
         raise BaseModelError(f"{model_type}: per-layer attention windows without layer_types are not supported")
     arch = Architecture(model_type=model_type, n_layers=n_layers, layer_windows=windows, layer_types=layer_types,
                         mask_form=mask_form, kv=_kv_layout(cfg),
-                        mask_free_ok=all(w is None for w in windows))
+                        mask_free_ok=all(w is None for w in windows) and model_type not in _ALIBI_MASKED)
     if mask_form == MASK_PER_MODULE:
         _prepare_gpt_neo(model)
+    if model_type == "bloom":
+        _prepare_bloom(model)
     return arch
+
+
+def _prepare_bloom(model: nn.Module) -> None:
+    """BloomModel builds its ALiBi bias with `self.build_alibi_tensor(attention_mask, heads, dtype)` from a 2-D
+    padding mask. The runner passes its 4-D additive mask (B, 1, T, L) instead; in the row cache key k of every
+    row is at position k (right padding), which is what transformers' own function gives for a mask of ones."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    def row_alibi(attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+        rows, keys = attention_mask.shape[0], attention_mask.shape[-1]
+        ones = torch.ones(rows, keys, dtype=torch.long, device=attention_mask.device)  # (B, L)
+        return build_alibi_tensor(ones, num_heads, dtype)  # (B * heads, 1, L)
+
+    model.transformer.build_alibi_tensor = row_alibi
 
 
 def _prepare_gpt_neo(model: nn.Module) -> None:
