@@ -105,7 +105,7 @@ def find_target_modules(model: nn.Module, kinds: tuple[str, ...] | None) -> list
     targets: they see only the tokens routed to them, which cannot be matched to the forward's rows."""
     names = []
     for name, module in model.named_modules():
-        if not _is_target_kind(module) or not re.search(r"\.\d+\.", name) or re.search(r"\.experts\.\d+\.", name):
+        if not _is_target_kind(module) or not re.search(r"\.\d+\.", name) or re.search(r"\.experts\.\d+(\.|$)", name):
             continue
         if kinds is None or name.rsplit(".", 1)[-1] in kinds:
             names.append(name)
