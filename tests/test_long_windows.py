@@ -3,8 +3,9 @@ exactly (prompt log-probabilities and greedy tokens = transformers), alone and b
 from __future__ import annotations
 
 import pytest
-from family_matrix import NEW_TOKENS, FamilyFiles, References, check_request, prompt_of, run_requests, start_engine
-from model_families import Family
+from family_matrix import (NEW_TOKENS, FamilyFiles, References, check_family, check_request, prompt_of, run_requests,
+                           save_family, start_engine)
+from model_families import BY_NAME, Family
 
 GEMMA3_WINDOW = 512  # google/gemma-3-*: sliding_window 512, five local layers to one global
 GEMMA3 = Family("gemma3_text-512", "Gemma3TextConfig", dict(
@@ -38,3 +39,16 @@ def test_gemma3_window_512_serves_1500_tokens_exactly(served):
     # the local layers' KV rows stop at the window; the global layer's follow the longest request
     kv = engine.runner.kv
     assert kv.capacity >= LONG and [layer.keys.shape[2] for layer in kv.layers] == [GEMMA3_WINDOW] * 2 + [kv.capacity]
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gpt_neo"])
+def test_windows_with_decode_buckets(name, tmp_path):
+    """decode_graph="buckets" (padded rows, key length padded: every window layer reads min(L', window) ring
+    slots) serves windowed families exactly too."""
+    files = save_family(BY_NAME[name], tmp_path)
+    engine = start_engine(files, decode_graph="buckets")
+    try:
+        assert engine.runner.bucketed
+        check_family(files, engine)
+    finally:
+        engine.shutdown()

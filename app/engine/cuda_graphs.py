@@ -33,21 +33,21 @@ class CapturedStep:
 
 class DecodeGraphs:
     def __init__(self, forward):
-        self.forward = forward  # (ids, masks, positions, lora plan) -> logits (B', V)
+        self.forward = forward  # (ids, masks, positions, lora plan, key length L') -> logits (B', V)
         self.graphs: dict[tuple, CapturedStep] = {}
         self.pool = None  # one memory pool shared by all graphs
         self.kv_capacity = 0
 
     def run(self, key: tuple, ids: torch.Tensor, masks: dict, positions: torch.Tensor, lora: LoRAPlan,
             kv_capacity: int) -> torch.Tensor:
-        """Replay (capturing first if needed) the graph of `key`. `lora`: this step's LoRA plan; `kv_capacity`:
-        the cache's positions per row (a change means it grew, reallocated: recapture)."""
+        """Replay (capturing first if needed) the graph of `key` = (B', L', kernel name, rank). `lora`: this step's
+        LoRA plan; `kv_capacity`: the cache's positions per row (a change means it grew, reallocated: recapture)."""
         if kv_capacity != self.kv_capacity:
             self.graphs.clear()
             self.kv_capacity = kv_capacity
         step = self.graphs.get(key)
         if step is None:
-            step = self.graphs[key] = self._capture(ids, masks, positions, lora)
+            step = self.graphs[key] = self._capture(ids, masks, positions, lora, key[1])
         step.ids.copy_(ids)
         step.positions.copy_(positions)
         for window, mask in masks.items():
@@ -57,7 +57,7 @@ class DecodeGraphs:
         step.graph.replay()
         return step.logits
 
-    def _capture(self, ids, masks, positions, lora: LoRAPlan) -> CapturedStep:
+    def _capture(self, ids, masks, positions, lora: LoRAPlan, length: int) -> CapturedStep:
         ids, positions = ids.clone(), positions.clone()
         masks = {window: mask.clone() for window, mask in masks.items()}
         slot_index = lora.slot_index.clone() if lora.slot_index is not None else None
@@ -65,10 +65,10 @@ class DecodeGraphs:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.forward(ids, masks, positions, lora)  # warm-up: lazy inits and allocator state outside the capture
+            self.forward(ids, masks, positions, lora, length)  # warm-up: lazy inits, allocator state
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.forward(ids, masks, positions, lora)
+            logits = self.forward(ids, masks, positions, lora, length)
         self.pool = graph.pool()
         return CapturedStep(graph, ids, positions, masks, slot_index, logits)

@@ -166,7 +166,7 @@ class ModelRunner:
         return self._forward(self._decode_batch(pos, length, slots, masks, lora), ids, pos[:, None], 1,
                              self.decode_model)
 
-    def _graph_forward(self, ids: torch.Tensor, masks: dict, pos: torch.Tensor, lora: LoRAPlan) -> torch.Tensor:
+    def _graph_forward(self, ids: torch.Tensor, masks: dict, pos: torch.Tensor, lora: LoRAPlan,
+                       length: int) -> torch.Tensor:
         """The decode forward as CUDA graphs capture it: the batch points at the graph's static tensors."""
-        length = next(iter(masks.values())).shape[-1]
         return self._forward(self._decode_batch(pos, length, lora.slots, masks, lora), ids, pos[:, None], 1)
