@@ -237,9 +237,7 @@ def profile_decode(engine: Engine, adapters: Path, args, use_adapters: bool) -> 
     else:
         launches = {"aten_ops": sum(1 for e in events if e.name.startswith("aten::"))}
     syncs = sum(1 for e in events if e.name == "aten::_local_scalar_dense")  # .item() (tolist() is not seen)
-    engine.bank.prepare(0, slots)
-    mode = engine.bank.meta.mode  # the LoRA kernel the step used
-    engine.bank.meta.clear()
+    mode = engine.bank.prepare(0, slots).kernel.name  # the LoRA kernel the step used
     return {"decode_step_ms": round(1e3 * seconds, 3), **launches, "item_calls": syncs, "lora_mode": mode}
 
 

@@ -109,7 +109,8 @@ def save_random_lora(base_dir, out_dir, r: int = 4, targets=("q_proj", "v_proj")
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     config_kwargs.setdefault("lora_alpha", 2 * r)
-    peft_model = get_peft_model(model, LoraConfig(r=r, target_modules=list(targets), **config_kwargs))
+    targets = targets if isinstance(targets, str) else list(targets)  # "all-linear" as PEFT takes it
+    peft_model = get_peft_model(model, LoraConfig(r=r, target_modules=targets, **config_kwargs))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

@@ -39,9 +39,10 @@ def test_bucketed_decode_equals_unpadded(files, kernel, batch):
     shapes = []
     forward = engine.runner._forward
 
-    def spy(ids, mask, *args):
+    def spy(batch, ids, *args):
+        mask = batch.masks[None]  # the full-attention mask (the tiny Llama has no window)
         shapes.append((tuple(ids.shape), None if mask is None else tuple(mask.shape)))
-        return forward(ids, mask, *args)
+        return forward(batch, ids, *args)
 
     engine.runner._forward = spy
     padded, seqs, _ = run_rows(engine, adapters, rows, steps=4)

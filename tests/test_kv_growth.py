@@ -6,7 +6,9 @@ from helpers import save_adapter_set
 
 from app.engine import kv_cache
 from app.engine.adapter_files import DirectoryAdapterSource
+from app.engine.architecture import KVLayout
 from app.engine.engine import Engine, EngineConfig
+from app.engine.forward_batch import ForwardContext
 from app.engine.sampling import SamplingParams
 
 PROMPTS = [[5, 9, 200, 31, 7, 7, 42], [100, 3], [17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27], [64, 65, 66, 67]]
@@ -45,7 +47,9 @@ def test_kv_cache_grows_and_stays_exact(files, monkeypatch):
 
 
 def test_kv_reserve_limits():
-    cache = kv_cache.RowKVCache(2, 3, 1, 40, 4, dtype=kv_cache.torch.float32, device=kv_cache.torch.device("cpu"))
+    cpu = kv_cache.torch.device("cpu")
+    cache = kv_cache.RowKVCache(2, 3, KVLayout(heads=1, key_dim=4, value_dim=4), 40, dtype=kv_cache.torch.float32,
+                                device=cpu, context=ForwardContext(cpu))
     assert cache.capacity == 40 and cache.nbytes == 2 * 2 * 3 * 40 * 4 * 4
     with pytest.raises(ValueError):
         cache.reserve(41)

@@ -232,7 +232,7 @@ class AdapterCache:
         self._observer.on_cache_event("device", "miss", key.adapter_id)
         self._observer.on_cache_event("host", "hit", key.adapter_id)
         start = time.perf_counter()
-        if self.bank.meta.device.type == "cuda":
+        if self.bank.device.type == "cuda":
             self._load_on_side_stream(slot, parsed)
         else:
             self.bank.load(slot, parsed)
@@ -243,7 +243,7 @@ class AdapterCache:
         """CUDA: copy into the slot on a side stream; the compute stream waits on an event (no device-wide
         synchronize, the host does not block). The copy starts after the compute work already queued (which may
         still read the slot's old adapter), and the pinned host tensors are kept until the copy is done."""
-        device = self.bank.meta.device
+        device = self.bank.device
         compute = torch.cuda.current_stream(device)
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(device)

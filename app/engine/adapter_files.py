@@ -37,7 +37,8 @@ _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # init_lora_weights values whose adapters are only correct on a base that PEFT mutated at init time: they must be
 # converted (PEFT `save_pretrained(path_initial_model_for_weight_conversion=...)`) before they can share a base.
 _MUTATING_INITS = ("olora", "pissa", "corda", "lora_ga")  # LoftQ: refused on its own (it replaces the base)
-# Config keys whose non-empty/true value means something a plain LoRA slot cannot express.
+# Config keys whose non-empty/true value means something a plain LoRA slot cannot express. (fan_in_fan_out is not
+# one: it only says how PEFT merges into a Conv1D weight; its forward is x @ A.T @ B.T either way.)
 _UNSUPPORTED_KEYS = {
     "use_dora": "DoRA (use_dora)", "modules_to_save": "modules_to_save (full copies of base modules)",
     "trainable_token_indices": "trainable_token_indices (embedding rows)", "layer_replication": "layer_replication",
@@ -45,7 +46,6 @@ _UNSUPPORTED_KEYS = {
     "alora_invocation_tokens": "aLoRA (alora_invocation_tokens)", "use_qalora": "QALoRA (use_qalora)",
     "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA", "arrow_config": "Arrow routing",
     "kasa_config": "KaSA", "use_bdlora": "BD-LoRA", "megatron_config": "Megatron parallel layers",
-    "fan_in_fan_out": "fan_in_fan_out (Conv1D weights)",
 }
 
 

@@ -24,9 +24,10 @@ from .adapter_cache import AdapterCache
 from .adapter_files import AdapterInfo, AdapterParser, AdapterSource, base_weight_norms, read_adapter_config
 from .base_model import load_base_model
 from .config import EngineConfig
-from .errors import BaseModelError, EngineError, EngineNotRunning, InvalidRequest
+from .errors import EngineError, EngineNotRunning, InvalidRequest
 from .faults import MAX_CONSECUTIVE_STEP_FAILURES, report_loop_death, row_fault_error, step_failed
 from .handle import RequestHandle, TokenEvent
+from .architecture import describe_architecture, layer_features
 from .lora_layers import LoRASlotBank, find_target_modules
 from .observer import EngineObserver, RequestStats, SafeObserver
 from .runner import ModelRunner
@@ -71,15 +72,12 @@ class Engine:
         self.dtype: torch.dtype = base.dtype  # compute dtype in use ("auto" resolved)
         self.model = base.model
         self.base = base.describe()  # frozen facts of the base for the adapter domain (BaseDescription)
-        window = getattr(base.model.config, "sliding_window", None)
-        if isinstance(window, int) and window < config.max_total_tokens:
-            raise BaseModelError(f"{base.name}: sliding-window attention ({window}) is not supported by the row KV "
-                                 f"cache; use max_total_tokens <= {window}")
+        self.architecture = describe_architecture(base.model)  # raises BaseModelError for what it cannot run
         targets = find_target_modules(base.model, config.target_modules)
         if not targets:
-            raise InvalidRequest(f"no Linear module of the decoder blocks matches target_modules={config.target_modules}")
-        shapes = {n: (int(base.model.get_submodule(n).in_features), int(base.model.get_submodule(n).out_features))
-                  for n in targets}
+            raise InvalidRequest(f"no Linear/Conv1D module of the decoder blocks matches "
+                                 f"target_modules={config.target_modules}")
+        shapes = {n: layer_features(base.model.get_submodule(n)) for n in targets}
         choice = choose_max_loras(config.max_loras, config.max_batch_size,
                                   slot_bytes(shapes, config.max_rank, base.dtype), device_memory_bytes(base.device))
         log.info("device slots: %s", choice.reason)
@@ -88,7 +86,8 @@ class Engine:
                                  kernel=config.kernel, max_rows=config.max_batch_size)
         self.parser = AdapterParser(self.bank.targets, config.max_rank, self.bank.dtype, base.fingerprint,
                                     base_weight_norms(base.model, targets, base.path))  # ||W||_F per module
-        self.runner = ModelRunner(base.model, self.bank, config.max_batch_size, config.max_total_tokens,
+        self.runner = ModelRunner(base.model, self.bank, self.architecture, config.max_batch_size,
+                                  config.max_total_tokens,
                                   compile_decode=config.compile == "on", decode_graph=config.decode_graph)
         self._lifecycle = threading.Lock()  # start/shutdown
         self._wake = threading.Event()  # set by submit/cancel/invalidate and the cache's loader; the loop waits
