@@ -44,6 +44,11 @@ async def _generate(body: GenerateRequest, request: Request, state: AppState,
     return GenerateResponse(generated_text=render.generated_text(body.inputs, best), details=details)
 
 
+def _event(obj) -> str:
+    """One SSE `data:` payload: strict JSON (a NaN or infinity is an error here, never a bare `-Infinity`)."""
+    return json.dumps(obj, allow_nan=False)
+
+
 async def _generate_stream(body: GenerateRequest, request: Request, state: AppState,
                            header_adapter: str | None) -> EventSourceResponse:
     """One SSE `data:` line per token (TGI format); the last one also carries generated_text and details."""
@@ -56,14 +61,14 @@ async def _generate_stream(body: GenerateRequest, request: Request, state: AppSt
             async for token in stream_tokens(handle, generation, timeout_s=state.settings.request_timeout_s,
                                              disconnected=request.is_disconnected):
                 if pending is not None:
-                    yield json.dumps(pending.model_dump(exclude_none=False))
+                    yield _event(pending.model_dump(exclude_none=False))
                 pending = render.stream_event(len(generation.tokens), token)
             if pending is not None:
                 pending.generated_text = render.generated_text(body.inputs, generation)
                 pending.details = render.stream_details(generation)
-                yield json.dumps(pending.model_dump(exclude_none=False))
+                yield _event(pending.model_dump(exclude_none=False))
         except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band, as TGI does
-            yield json.dumps(stream_error(exc, openai=False))
+            yield _event(stream_error(exc, openai=False))
 
     return EventSourceResponse(events(), ping=15)
 
