@@ -49,6 +49,13 @@ class InvalidAdapterFiles(AdapterRejected):
     """Missing/corrupt adapter_config.json or adapter_model.safetensors, pickle-only weights, non-finite values."""
 
 
+class AdapterUnavailable(EngineError):
+    """A registered adapter's files could not be read now (missing, truncated, unreadable): a fault on the server's
+    side, not the client's. The cache retries the load with backoff, and at once when the files change."""
+
+    status_code = 503
+
+
 class InvalidRequest(EngineError):
     """Bad sampling parameters or prompt ids."""
 

@@ -19,23 +19,27 @@ from app.server.schemas import GenerateRequest, GenerateResponse
 router = APIRouter(tags=["generation"], dependencies=[ApiKey])
 
 
-def _start_all(state: AppState, request: Request, body: GenerateRequest, header_adapter: str | None,
-               stream: bool) -> list[tuple[object, Generation]]:
-    """Start the request's `best_of` sequences (one unless asked). Blocking (a merge on disk, store reads): run it
-    with `start_off_loop`."""
+async def _start_all(state: AppState, request: Request, body: GenerateRequest, header_adapter: str | None,
+                     stream: bool) -> list[tuple[object, Generation]]:
+    """Start the request's `best_of` sequences (one unless asked). A per-request merge (store reads, a merge
+    written to disk) runs in the loop's default executor first; the start itself in the starts' own pool."""
     p = body.parameters
     tgi.check_supported(p, stream=stream)
-    named, names_one = tgi.body_adapter(state.ephemeral, p)
+    if p.merged_adapters is not None:
+        named, names_one = await asyncio.to_thread(tgi.body_adapter, state.ephemeral, p)
+    else:
+        named, names_one = tgi.body_adapter(state.ephemeral, p)
     adapter_id = adapter_with_header(named, header_adapter, body_names_one=names_one)
     request.scope["state"]["adapter_id"] = adapter_id
-    jobs = ((body.inputs, tgi.sampling(p, state.settings.max_new_tokens_default)) for _ in range(p.best_of or 1))
-    return start_many(state.engine, request_id=request.scope["state"]["request_id"], adapter_id=adapter_id,
-                      jobs=jobs, truncate=p.truncate)
+    jobs = [(body.inputs, tgi.sampling(p, state.settings.max_new_tokens_default)) for _ in range(p.best_of or 1)]
+    return await start_off_loop(lambda: start_many(state.engine, request_id=request.scope["state"]["request_id"],
+                                                   adapter_id=adapter_id, jobs=jobs, truncate=p.truncate),
+                                state.starts)
 
 
 async def _generate(body: GenerateRequest, request: Request, state: AppState,
                     header_adapter: str | None) -> GenerateResponse:
-    runs = await start_off_loop(lambda: _start_all(state, request, body, header_adapter, stream=False))
+    runs = await _start_all(state, request, body, header_adapter, stream=False)
     await asyncio.gather(*(collect(h, g, timeout_s=state.settings.request_timeout_s,
                                    disconnected=request.is_disconnected) for h, g in runs))
     best, others = tgi.best_of([g for _, g in runs])
@@ -52,7 +56,7 @@ def _event(obj) -> str:
 async def _generate_stream(body: GenerateRequest, request: Request, state: AppState,
                            header_adapter: str | None) -> EventSourceResponse:
     """One SSE `data:` line per token (TGI format); the last one also carries generated_text and details."""
-    [(handle, generation)] = await start_off_loop(lambda: _start_all(state, request, body, header_adapter, stream=True))
+    [(handle, generation)] = await _start_all(state, request, body, header_adapter, stream=True)
     render = tgi.Renderer(state.engine.tokenizer, body.parameters)
 
     async def events():

@@ -62,7 +62,7 @@ async def _start_choices(state: AppState, request: Request, body: OpenAIRequest,
 
     jobs = ((prompt, params(j)) for prompt in prompts for j in range(per_prompt))
     return await start_off_loop(lambda: start_many(state.engine, request_id=request.scope["state"]["request_id"],
-                                                   adapter_id=adapter_id, jobs=jobs))
+                                                   adapter_id=adapter_id, jobs=jobs), state.starts)
 
 
 def _event(obj) -> str:
