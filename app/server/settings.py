@@ -9,6 +9,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from app.server.schemas import MAX_MERGE_SOURCES
+
 if TYPE_CHECKING:  # the engine module imports torch; `olora serve --help` should not
     from app.engine.engine import EngineConfig
 
@@ -43,8 +45,8 @@ class Settings(BaseSettings):
                                                 "of the device's memory (the choice is logged at start)")
     max_cpu_adapters: int = Field(64, ge=1, description="host-memory LRU size")
     max_rank: int = Field(64, ge=1, description="largest adapter rank accepted (slot size)")
-    max_merge_sources: int = Field(16, ge=1, le=64, description="adapters in one merge (POST /adapters/merge, "
-                                                                 "merged_adapters); repeated ids count once")
+    max_merge_sources: int = Field(16, ge=1, le=MAX_MERGE_SOURCES, description="adapter ids in one merge (POST "
+                                   "/adapters/merge, merged_adapters); a repeated id is combined into one source")
     store_poll_s: float = Field(1.0, gt=0, description="how often other replicas' store changes are picked up")
 
     # batching and limits
