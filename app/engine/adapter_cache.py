@@ -33,7 +33,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from .adapter_files import AdapterParser, AdapterSource, ParsedAdapter
-from .errors import AdapterNotFound, EngineError, InvalidAdapterFiles
+from .errors import AdapterFilesUnreadable, AdapterNotFound, EngineError
 from .load_retry import LoadRetry, unavailable
 from .lora_layers import LoRASlotBank
 from .observer import EngineObserver
@@ -321,7 +321,7 @@ class AdapterCache:
             parsed = self.parser.parse(Path(key.path))
             if self._pin_memory:
                 parsed.modules = {n: (a.pin_memory(), b.pin_memory()) for n, (a, b) in parsed.modules.items()}
-        except InvalidAdapterFiles as exc:  # files that passed the check at registration: damaged since
+        except AdapterFilesUnreadable as exc:  # registered files that cannot be read now: the server's fault
             error, retry = unavailable(key.adapter_id, key.path, exc, entry.retry)
         except EngineError as exc:  # the adapter itself is refused (rank, targets, base): the client's 422
             error = exc

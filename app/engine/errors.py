@@ -56,6 +56,12 @@ class AdapterUnavailable(EngineError):
     status_code = 503
 
 
+class AdapterFilesUnreadable(InvalidAdapterFiles):
+    """An adapter file is missing or cannot be read as a safetensors file (torn, truncated, gone). At upload this
+    is the client's archive (422); for a registered adapter it is damage on the server's side (the cache turns it
+    into AdapterUnavailable)."""
+
+
 class InvalidRequest(EngineError):
     """Bad sampling parameters or prompt ids."""
 
