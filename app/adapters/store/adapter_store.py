@@ -112,12 +112,11 @@ class AdapterStore:
         if version is None:
             return None
         adapter_dir = self.root / adapter_id
-        problem = version_problem(adapter_dir, version)
-        if problem is not None and not VERSION_RE.fullmatch(version):
-            version = "damaged"
-        path = adapter_dir / version
-        metadata = read_metadata(path) or {}
-        return StoredAdapter(adapter_id, version, path, metadata, problem)
+        named = VERSION_RE.fullmatch(version) is not None
+        metadata = read_metadata(adapter_dir / version) if named else None
+        problem = version_problem(adapter_dir, version, metadata)
+        path = adapter_dir / (version if named else "damaged")
+        return StoredAdapter(adapter_id, version if named else "damaged", path, metadata or {}, problem)
 
     def path_for(self, adapter_id: str) -> Path | None:
         """AdapterSource protocol for the engine: a damaged adapter's folder too (its load fails as unreadable,

@@ -30,8 +30,12 @@ def read_metadata(version_dir: Path) -> dict[str, Any] | None:
     return metadata if isinstance(metadata, dict) else None
 
 
-def version_problem(adapter_dir: Path, version: str) -> str | None:
-    """Why the version folder `version` (as CURRENT names it) cannot be served, or None when it is complete."""
+_UNREAD = object()
+
+
+def version_problem(adapter_dir: Path, version: str, metadata: object = _UNREAD) -> str | None:
+    """Why the version folder `version` (as CURRENT names it) cannot be served, or None when it is complete
+    (`metadata`: its metadata.json as `read_metadata` returned it, when the caller has read it already)."""
     if not VERSION_RE.fullmatch(version):
         return f"CURRENT names no version ({version[:40]!r})"
     path = adapter_dir / version
@@ -40,7 +44,7 @@ def version_problem(adapter_dir: Path, version: str) -> str | None:
     for name in (*ADAPTER_FILES, METADATA_FILE):
         if not (path / name).is_file():
             return f"{name} of version {version} is missing"
-    if read_metadata(path) is None:
+    if (read_metadata(path) if metadata is _UNREAD else metadata) is None:
         return f"{METADATA_FILE} of version {version} is not a JSON object"
     return None
 
