@@ -214,7 +214,10 @@ def summary(report: SoakReport, warmup_s: float) -> dict:
     return {"requests": report.requests, "statuses": dict(report.statuses), "failures": report.failures[:20],
             "rss_mib_first": round(rss[0] / 2**20, 1), "rss_mib_last": round(rss[-1] / 2**20, 1),
             "rss_mib_max": round(max(rss) / 2**20, 1), "fds_first": fds[0], "fds_last": fds[-1],
-            "fds_max": max(fds), "samples": len(report.samples)}
+            "fds_max": max(fds), "samples": len(report.samples),
+            # RSS and fds at the end of each quarter of the measured part: a leak shows as a steady climb
+            "rss_mib_by_quarter": [round(rss[min(len(rss) - 1, len(rss) * q // 4)] / 2**20, 1) for q in (1, 2, 3, 4)],
+            "fds_by_quarter": [fds[min(len(fds) - 1, len(fds) * q // 4)] for q in (1, 2, 3, 4)]}
 
 
 def main() -> int:

@@ -73,8 +73,8 @@ class EphemeralAdapters:
             sources = [(held.enter_context(self.store.held(adapter_id)), w) for adapter_id, w in plan]
             for stored, _ in sources:
                 if stored.problem is not None:
-                    raise AdapterUnavailable(f"merged_adapters: adapter {stored.adapter_id!r} is damaged in the store "
-                                         f"({stored.problem})")
+                    raise AdapterUnavailable(f"merged_adapters: adapter {stored.adapter_id!r} is damaged in the "
+                                             f"store ({stored.problem})")
             spec = json.dumps([[s.adapter_id, s.version, w] for s, w in sources] + [strategy, density,
                                                                                    majority_sign_method])
             key = hashlib.sha256(spec.encode()).hexdigest()[:24]

@@ -98,7 +98,7 @@ class AdapterStore:
     # ---- reading ---------------------------------------------------------------------------------------
     def _current_version(self, adapter_id: str) -> str | None:
         """What CURRENT says (None: no CURRENT, i.e. no adapter); damaged text comes back as it is, and
-        `_version_problem` names it."""
+        `version_problem` names it."""
         try:
             return (self.root / adapter_id / "CURRENT").read_bytes().decode("utf-8", "replace").strip()
         except (FileNotFoundError, NotADirectoryError):
