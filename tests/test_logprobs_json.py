@@ -14,8 +14,8 @@ from app.server.main import create_app
 from test_http_api import base_dir, make_settings  # noqa: F401 - base_dir is a fixture
 
 PROMPT = "Return the number of items"
-MASKS = [{"top_p": 0.5}, {"top_p": 0.5, "temperature": 0.05}, {"top_k": 2}, {"typical_p": 0.5}, {"temperature": 0.3}, {"temperature": 2.0},
-         {"top_k": 3, "top_p": 0.9, "temperature": 0.7}]
+MASKS = [{"top_p": 0.5}, {"top_p": 0.5, "temperature": 0.05}, {"top_k": 2}, {"typical_p": 0.5},
+         {"temperature": 0.3}, {"temperature": 2.0}, {"top_k": 3, "top_p": 0.9, "temperature": 0.7}]
 N_TOP = 5  # more alternatives than top_k lets through
 
 
