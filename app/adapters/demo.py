@@ -32,6 +32,10 @@ def register_demo_adapters(service: AdapterService, base_model: str | None) -> l
             service.register_dir(adapter_id, path, "olora-converted", extra={"demo": True})
         except AdapterExists:
             continue  # another replica sharing the store registered it first
+        except OSError as exc:  # a read-only store: serve what it holds
+            log.warning("demo adapter %s not registered: the adapter store cannot be written (%s)", adapter_id,
+                        exc.strerror)
+            return registered
         registered.append(adapter_id)
         log.info("registered demo adapter %s", adapter_id)
     return registered

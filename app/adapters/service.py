@@ -17,6 +17,7 @@ are stored in metadata.json and returned by the upload and by GET /adapters/{id}
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -29,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 from olora_core.adapter_io import MUTATED_INIT_KINDS, adapter_kind, load_adapter_dir, save_adapter_dir
 from olora_core.convert import convert
 
+from app.adapters.merge_plan import MergeLimits, plan_merge
+from app.engine.errors import AdapterUnavailable
 from app.adapters.store.adapter_store import AdapterMissing, AdapterStore, StoredAdapter, check_adapter_id
 from app.adapters.store.archive import ArchiveLimits, extract_archive
 from app.adapters.upload_plan import UploadPath, UploadPlan, UploadRefused, UploadRequest, choose_plan
@@ -72,18 +75,22 @@ def _sha256(path: Path) -> str:
 
 
 class AdapterService:
-    def __init__(self, store: AdapterStore, engine: Engine, archive_limits: ArchiveLimits):
+    def __init__(self, store: AdapterStore, engine: Engine, archive_limits: ArchiveLimits,
+                 max_merge_sources: int = 16):
         self.store = store
         self.engine = engine
         self.archive_limits = archive_limits
+        self.max_merge_sources = max_merge_sources
 
     # ---- reading ---------------------------------------------------------------------------------------
     def summary(self, stored: StoredAdapter) -> AdapterSummary:
         meta = stored.metadata
         bound, served = meta.get("base_fingerprint", ""), self.engine.base.fingerprint
-        servable = bound == served
-        problem = None if servable else (
-            f"adapter {stored.adapter_id!r} is bound to base {bound}, this server serves {served}")
+        load_error = self.engine.cache.load_error(stored.adapter_id)  # its last load failed (and still stands)
+        problem = stored.problem or (str(load_error) if load_error is not None else None) or (
+            None if bound == served else f"adapter {stored.adapter_id!r} is bound to base {bound}, this server "
+                                         f"serves {served}")
+        servable = problem is None
         stats = self.engine.stats()
         tier = ("device" if stored.adapter_id in stats.slot_adapters else
                 "host" if stored.adapter_id in stats.host_adapter_ids else "disk")
@@ -210,21 +217,35 @@ class AdapterService:
     def merge(self, adapter_id: str, sources: list[tuple[str, float]], method: str, *, density: float | None = None,
               majority_sign_method: str = "total", svd_rank: int | None = None, seed: int = 0,
               overwrite: bool = False) -> AdapterSummary:
+        """PEFT's add_weighted_adapter over stored adapters. The bounds (app/adapters/merge_plan.py: source count,
+        duplicates, merged rank) are checked on the store's metadata first; each source is held while read."""
         from olora_core.merge import merge_adapters
 
         check_adapter_id(adapter_id)
-        loaded = []
-        for source_id, weight in sources:
-            stored = self.store.get(source_id)
-            if stored is None:
-                raise AdapterMissing(f"merge source adapter {source_id!r} not found")
-            loaded.append((load_adapter_dir(stored.path), float(weight)))
-        config, tensors = merge_adapters(loaded, method, density=density, majority_sign_method=majority_sign_method,
-                                         svd_rank=svd_rank, seed=seed)
+        limits = MergeLimits(self.max_merge_sources, self.engine.config.max_rank)
+        plan = plan_merge(sources, method, svd_rank, limits, self._source_rank)
+        with contextlib.ExitStack() as held:
+            loaded = []
+            for source_id, weight in plan:
+                try:
+                    stored = held.enter_context(self.store.held(source_id))
+                except AdapterMissing:
+                    raise AdapterMissing(f"merge source adapter {source_id!r} not found") from None
+                if stored.problem is not None:
+                    raise AdapterUnavailable(f"merge source adapter {source_id!r} is damaged ({stored.problem})")
+                loaded.append((load_adapter_dir(stored.path), float(weight)))
+            config, tensors = merge_adapters(loaded, method, density=density,
+                                             majority_sign_method=majority_sign_method, svd_rank=svd_rank, seed=seed)
         work = self.store.staging_dir()
         try:
             save_adapter_dir(work / "merged", config, tensors)
-            extra = {"sources": [{"id": i, "weight": w} for i, w in sources], "merge_method": method}
+            extra = {"sources": [{"id": i, "weight": w} for i, w in plan], "merge_method": method}
             return self._commit(adapter_id, work / "merged", "merged", overwrite, extra)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _source_rank(self, source_id: str) -> int:
+        stored = self.store.get(source_id)
+        if stored is None:
+            raise AdapterMissing(f"merge source adapter {source_id!r} not found")
+        return int(stored.metadata.get("rank", 0))

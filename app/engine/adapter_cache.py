@@ -13,6 +13,10 @@ device slot and pins, and when each tier last used it. An entry holding nothing 
 typed, frozen view. The cache never calls into the engine: it parses with an `AdapterParser` object and sets the
 engine's `wake` event when a load finished or failed; counting hits and misses is the observer's job.
 
+Failed loads: an adapter whose files cannot be read now (missing, truncated: they passed the engine's check when
+they were registered) fails as AdapterUnavailable (503), retried after a backoff or as soon as its files change
+(`LoadRetry`); a rejection of the adapter itself (rank, targets, base) stays a 422 until the id is invalidated.
+
 Versions: `invalidate(id)` bumps the generation: host copies go at once, unpinned slots are freed, pinned slots
 stay for the running sequences that use them and are freed when released; later requests resolve the id again
 (new version, or AdapterNotFound).
@@ -29,7 +33,8 @@ from typing import Literal, NamedTuple
 import torch
 
 from .adapter_files import AdapterParser, AdapterSource, ParsedAdapter
-from .errors import AdapterNotFound, EngineError
+from .errors import AdapterFilesUnreadable, AdapterNotFound, EngineError
+from .load_retry import LoadRetry, unavailable
 from .lora_layers import LoRASlotBank
 from .observer import EngineObserver
 
@@ -51,6 +56,7 @@ class _Entry:
     host: HostState = "absent"
     parsed: ParsedAdapter | None = None  # host tensors when host == "ready"
     error: EngineError | None = None  # the load error when host == "failed"
+    retry: LoadRetry | None = None  # when a failed read may be tried again (AdapterUnavailable only)
     wanted: int = 0  # waiting requests that need it in host memory
     slot: int = 0  # device slot holding it; 0 = none (slot 0 is the permanent zeros of the base rows)
     pins: int = 0  # running sequences using its slot
@@ -142,8 +148,17 @@ class AdapterCache:
             key = AdapterKey(adapter_id, str(path), self._generation.get(adapter_id, 0))
             entry = self._entries.get(key)
             if entry is not None and entry.host == "failed":
-                raise entry.error
+                if entry.retry is None or not entry.retry.ready(key.path):
+                    raise entry.error
+                entry.host, entry.error = "absent", None  # due for another read: the next want() queues it
         return key
+
+    def load_error(self, adapter_id: str) -> EngineError | None:
+        """The error of the last load of the current version of `adapter_id`, while it stands (for GET)."""
+        with self._lock:
+            generation = self._generation.get(adapter_id, 0)
+            return next((e.error for e in self._entries.values() if e.key.adapter_id == adapter_id
+                         and e.key.generation == generation and e.host == "failed"), None)
 
     def is_current(self, key: AdapterKey) -> bool:
         with self._lock:
@@ -192,7 +207,7 @@ class AdapterCache:
             self._generation[adapter_id] = self._generation.get(adapter_id, 0) + 1
             for entry in mine:
                 if entry.host in ("ready", "failed"):  # a queued/loading one is dropped by the loader
-                    entry.host, entry.parsed, entry.error = "absent", None, None
+                    entry.host, entry.parsed, entry.error, entry.retry = "absent", None, None, None
                 if entry.slot and entry.pins == 0:
                     entry.slot = 0
                 self._prune(entry)
@@ -301,14 +316,17 @@ class AdapterCache:
         start = time.perf_counter()
         error: EngineError | None = None
         parsed = None
+        retry = None
         try:
             parsed = self.parser.parse(Path(key.path))
             if self._pin_memory:
                 parsed.modules = {n: (a.pin_memory(), b.pin_memory()) for n, (a, b) in parsed.modules.items()}
-        except EngineError as exc:
+        except AdapterFilesUnreadable as exc:  # registered files that cannot be read now: the server's fault
+            error, retry = unavailable(key.adapter_id, key.path, exc, entry.retry)
+        except EngineError as exc:  # the adapter itself is refused (rank, targets, base): the client's 422
             error = exc
         except Exception as exc:  # an unreadable directory, a vanished file...
-            error = AdapterNotFound(f"adapter {key.adapter_id!r} could not be read ({type(exc).__name__}: {exc})")
+            error, retry = unavailable(key.adapter_id, key.path, type(exc).__name__, entry.retry)
         seconds = time.perf_counter() - start
         evicted = []
         with self._lock:
@@ -316,7 +334,7 @@ class AdapterCache:
             if not self._is_current(key):
                 pass  # invalidated while loading: drop; waiting requests resolve the id again
             elif error is not None:
-                entry.host, entry.error = "failed", error
+                entry.host, entry.error, entry.retry = "failed", error, retry
             else:
                 while len(self._in_host()) >= self.max_cpu_adapters:
                     victim = self._evictable()
@@ -325,7 +343,7 @@ class AdapterCache:
                     victim.host, victim.parsed = "absent", None
                     evicted.append(victim.key.adapter_id)
                     self._prune(victim)
-                entry.host, entry.parsed = "ready", parsed
+                entry.host, entry.parsed, entry.retry = "ready", parsed, None
                 self._touch_host(entry)
             self._prune(entry)
             self._lock.notify_all()

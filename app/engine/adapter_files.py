@@ -24,6 +24,7 @@ from .errors import (
     AdapterRankTooLarge,
     AdapterRejected,
     AdapterShapeMismatch,
+    AdapterFilesUnreadable,
     InvalidAdapterFiles,
     UnsupportedAdapterFeature,
 )
@@ -100,6 +101,8 @@ class ParsedAdapter:
 def read_adapter_config(path: Path) -> dict:
     """Load and check adapter_config.json with olora_core's one config reader, then the serving rules (what a
     plain LoRA slot cannot express); raises a typed error naming the unsupported feature."""
+    if not (Path(path) / CONFIG_FILE).is_file():
+        raise AdapterFilesUnreadable(f"{label(Path(path) / CONFIG_FILE)}: missing")
     try:
         config = read_config(path)
     except UnsupportedConfigError as exc:
@@ -184,7 +187,7 @@ def parse_adapter(path: Path, targets: Mapping[str, tuple[int, int]], max_rank: 
     if not weights.is_file():
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = f" (found {pickles[:4]}: pickle files are never opened)" if pickles else ""
-        raise InvalidAdapterFiles(f"{where}: missing; only safetensors weights are accepted{hint}")
+        raise AdapterFilesUnreadable(f"{where}: missing; only safetensors weights are accepted{hint}")
     use_rslora = bool(config.get("use_rslora", False))
     if config.get("target_modules") is not None and not any(targets_module(config, m) for m in targets):
         raise UnsupportedAdapterFeature(  # PEFT: "Target modules {...} not found in the base model"
@@ -244,7 +247,7 @@ def parse_adapter(path: Path, targets: Mapping[str, tuple[int, int]], max_rank: 
     except OLoRAError as exc:  # the scaled-delta check
         raise InvalidAdapterFiles(str(exc)) from None
     except Exception as exc:  # safetensors raises its own errors for torn/corrupt files
-        raise InvalidAdapterFiles(f"{where}: cannot read safetensors file ({type(exc).__name__})") from None
+        raise AdapterFilesUnreadable(f"{where}: cannot read safetensors file ({type(exc).__name__})") from None
     if not pairs:
         raise InvalidAdapterFiles(f"{where}: holds no lora_A/lora_B tensors")
     itemsize = torch.empty((), dtype=dtype).element_size()

@@ -49,6 +49,19 @@ class InvalidAdapterFiles(AdapterRejected):
     """Missing/corrupt adapter_config.json or adapter_model.safetensors, pickle-only weights, non-finite values."""
 
 
+class AdapterUnavailable(EngineError):
+    """A registered adapter's files could not be read now (missing, truncated, unreadable): a fault on the server's
+    side, not the client's. The cache retries the load with backoff, and at once when the files change."""
+
+    status_code = 503
+
+
+class AdapterFilesUnreadable(InvalidAdapterFiles):
+    """An adapter file is missing or cannot be read as a safetensors file (torn, truncated, gone). At upload this
+    is the client's archive (422); for a registered adapter it is damage on the server's side (the cache turns it
+    into AdapterUnavailable)."""
+
+
 class InvalidRequest(EngineError):
     """Bad sampling parameters or prompt ids."""
 

@@ -29,7 +29,7 @@ MAX_STOP_SEQUENCES = 8
 MAX_STOP_CHARS = 256
 MAX_TOP_N_TOKENS = 20  # OpenAI's top_logprobs limit; TGI's top_n_tokens and LoRAX's return_k_alternatives too
 MAX_PENALTY = 2.0  # OpenAI's range for frequency/presence penalties: [-2, 2]
-TopTokens = tuple[tuple[int, float], ...]  # (token id, logprob) pairs, most likely first
+TopTokens = tuple[tuple[int, float], ...]  # (token id, finite logprob) pairs, most likely first
 _SEED_LIMIT = 2**63  # torch.Generator.manual_seed accepts [-2**63, 2**64); we keep it simple and non-negative.
 # Bounds that keep every processed logit finite in float32 (logits are O(10..100)):
 TEMPERATURE_FLOOR = 1e-5  # below it a sampled request decodes greedily (vLLM's _SAMPLING_EPS)
@@ -231,19 +231,27 @@ def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler],
         n = sampler.params.top_n_tokens
         out.tokens.append(int(row[0]))
         out.logprobs.append(row[1])
-        out.tops.append(tuple(zip(map(int, row[4:4 + n]), row[4 + n_top:4 + n_top + n])))
+        out.tops.append(drawable_top(row[4:4 + n], row[4 + n_top:4 + n_top + n]))
         out.faults.append(None if row[2] and row[3] else "logits" if not row[2] else "processors")
     return out
 
 
-def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int]) -> list[float]:
+def drawable_top(ids: list[float], logprobs: list[float]) -> TopTokens:
+    """The top-n (id, logprob) pairs of the distribution a token was drawn from, without the tokens that
+    distribution cannot produce: after top-k/top-p/typical-p masking their logprob is -inf (probability 0),
+    which is neither an alternative nor a JSON number. So fewer than n pairs come back when fewer than n tokens
+    survived the masking (OpenAI's top_logprobs and TGI's top_tokens allow fewer)."""
+    return tuple((int(i), lp) for i, lp in zip(ids, logprobs) if math.isfinite(lp))
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int]) -> list[float | None]:
     """Log-probability of each prompt token after the first under the model's raw distribution (TGI's prefill
     details). logits: (T, V) logits of the prompt positions of one row. Returns T - 1 floats.
 
-    Semantics: for t in 1..T-1: out[t-1] = log_softmax(logits[t-1])[prompt_ids[t]]
+    Semantics: for t in 1..T-1: out[t-1] = log_softmax(logits[t-1])[prompt_ids[t]]  (None if not finite)
     """
     if len(prompt_ids) < 2:
         return []
     targets = torch.tensor(prompt_ids[1:], dtype=torch.long, device=logits.device)  # (T-1,)
     lp = torch.log_softmax(logits[:len(prompt_ids) - 1].float(), dim=-1)  # (T-1, V)
-    return lp.gather(1, targets[:, None])[:, 0].tolist()
+    return [v if math.isfinite(v) else None for v in lp.gather(1, targets[:, None])[:, 0].tolist()]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
@@ -27,6 +28,7 @@ class AppState:
     adapters: AdapterService
     metrics: ServerMetrics
     ephemeral: EphemeralAdapters  # per-request merges
+    starts: ThreadPoolExecutor  # generation starts only (start_off_loop): never behind store I/O or merges
 
     async def recount_adapters(self) -> int:
         """After a change to the store: the registered-adapters gauge, read off the event loop."""

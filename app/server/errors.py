@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from olora_core.errors import MergeError, NonFiniteError, OLoRAError
 
 from app.adapters.upload_plan import UploadRefused
-from app.engine.errors import (AdapterNotFound, AdapterRejected, EngineError, EngineNotRunning, InputTooLong,
-                               InvalidRequest, NonFiniteLogits, QueueFull, StepFailed)
+from app.engine.errors import (AdapterNotFound, AdapterRejected, AdapterUnavailable, EngineError, EngineNotRunning,
+                               InputTooLong, InvalidRequest, NonFiniteLogits, QueueFull, StepFailed)
 from app.server.generation import AdapterHeaderMismatch, GenerationTimeout, UnsupportedOption
 from app.adapters.store.adapter_store import AdapterExists, AdapterMissing, InvalidAdapterId, StoreError
 from app.adapters.store.archive import ArchiveError
@@ -57,6 +57,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     QueueFull: ErrorKind(429, "overloaded", "rate_limit_error"),
     StepFailed: ErrorKind(500, "engine_step_failed", "server_error"),
     EngineNotRunning: ErrorKind(503, "engine_unavailable", "server_error"),
+    AdapterUnavailable: ErrorKind(503, "adapter_unavailable", "server_error"),
     EngineError: INTERNAL,
     GenerationTimeout: ErrorKind(504, "timeout", "timeout"),
     AdapterHeaderMismatch: ErrorKind(400, "adapter_header_mismatch", "invalid_request_error"),

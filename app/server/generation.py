@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, Iterable
 
@@ -110,12 +113,14 @@ def start_many(engine, *, request_id: str, adapter_id: str | None,
     return runs
 
 
-async def start_off_loop(start_runs: Callable[[], list[tuple[object, Generation]]]
+async def start_off_loop(start_runs: Callable[[], list[tuple[object, Generation]]], executor: Executor | None = None
                          ) -> list[tuple[object, Generation]]:
-    """Run a request's blocking start (tokenizing, a per-request merge written to disk, the engine's store reads in
-    `submit`) in a worker thread, so the event loop keeps serving meanwhile. A request cancelled while the thread
-    runs (client gone) cancels the generations the thread went on to start."""
-    started = asyncio.ensure_future(asyncio.to_thread(start_runs))
+    """Run a request's blocking start (tokenizing, the engine's store reads in `submit`) in a thread of `executor`,
+    the starts' own bounded pool (AppState.starts): store I/O, uploads and merges run in the loop's default
+    executor, so however many of them are in flight, a generation still starts. A request cancelled while the
+    thread runs (client gone) cancels the generations the thread went on to start."""
+    call = functools.partial(contextvars.copy_context().run, start_runs)  # as asyncio.to_thread does
+    started = asyncio.get_running_loop().run_in_executor(executor, call)
     try:
         return await asyncio.shield(started)
     except asyncio.CancelledError:

@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -24,13 +25,14 @@ from app.adapters.upload_plan import UploadRefused
 from app.server.deps import AppState
 from app.engine.errors import EngineError
 from app.adapters.ephemeral import EphemeralAdapters
+from app.adapters.merge_plan import MergeLimits
 from app.adapters.served import ServedAdapters
 from app.server.generation import GenerationError
 from app.server.metrics import ServerMetrics
 from app.server.auth import AuthMiddleware
 from app.server.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, UploadLimitMiddleware
 from app.server.settings import Settings
-from app.adapters.store.adapter_store import AdapterStore, StoreError
+from app.adapters.store.adapter_store import AdapterStore, StoreError, StoreFinding
 from app.adapters.store.archive import ArchiveError, ArchiveLimits
 
 log = logging.getLogger("olora.server")
@@ -71,18 +73,35 @@ def _install_error_handlers(app: FastAPI) -> None:
 SWEEP_EVERY_S = 30.0  # retired adapter versions are removed this often (after their grace period)
 
 
-async def _watch_store(state: AppState, store: AdapterStore) -> None:
-    """Pick up adapters changed or deleted by other replicas sharing the store directory; sweep retired versions."""
+class StoreFindingsLog:
+    """Logs what the store's sweeps find (repairs and damage), each adapter's finding once until it changes."""
+
+    def __init__(self) -> None:
+        self._logged: dict[str, str] = {}  # adapter id -> the message logged last
+
+    def report(self, findings: list[StoreFinding]) -> None:
+        for finding in findings:
+            if self._logged.get(finding.adapter_id) != finding.message:
+                self._logged[finding.adapter_id] = finding.message
+                log.log(logging.WARNING if finding.repaired else logging.ERROR, "adapter store: adapter %r: %s",
+                        finding.adapter_id, finding.message)
+        for adapter_id in set(self._logged) - {f.adapter_id for f in findings}:
+            del self._logged[adapter_id]  # sound again (repaired, overwritten or deleted)
+
+
+async def _watch_store(state: AppState, store: AdapterStore, findings: StoreFindingsLog) -> None:
+    """Pick up adapters changed or deleted by other replicas sharing the store directory; sweep retired versions,
+    repair or report damage (logged by id)."""
     known = await asyncio.to_thread(store.versions)
     last_sweep = time.monotonic()
     while True:
         await asyncio.sleep(state.settings.store_poll_s)
         try:
-            current = await asyncio.to_thread(store.versions)
             if time.monotonic() - last_sweep > SWEEP_EVERY_S:
                 last_sweep = time.monotonic()
-                await asyncio.to_thread(store.sweep)
-        except OSError as exc:  # a store that went away or read-only must not end the watcher
+                findings.report(await asyncio.to_thread(store.sweep))
+            current = await asyncio.to_thread(store.versions)
+        except (OSError, ValueError) as exc:  # a store that went away or read-only must not end the watcher
             log.warning("adapter store watcher: %s", exc)
             continue
         for adapter_id in set(known) | set(current):
@@ -103,22 +122,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from app.engine.engine import Engine
 
         store = AdapterStore(settings.adapter_dir)  # removes crashed writers' staging folders
-        await asyncio.to_thread(store.sweep)
+        findings = StoreFindingsLog()
+        findings.report(await asyncio.to_thread(store.sweep))  # damage found at start is logged by id
         ephemeral = EphemeralAdapters(store)
         engine = await asyncio.to_thread(Engine, settings.engine_config(), ServedAdapters(store, ephemeral), metrics)
         metrics.set_max_loras(engine.config.max_loras)
         engine.start()
         ephemeral.validate = engine.validate_adapter  # a merge's scaled weights are checked before it is served
+        ephemeral.limits = MergeLimits(settings.max_merge_sources, engine.config.max_rank)
         limits = ArchiveLimits(max_compressed_bytes=settings.max_upload_bytes,
                                max_unpacked_bytes=settings.max_unpacked_bytes)
-        state = AppState(settings=settings, engine=engine, adapters=AdapterService(store, engine, limits),
-                         metrics=metrics, ephemeral=ephemeral)
+        starts = ThreadPoolExecutor(settings.start_threads, thread_name_prefix="olora-start")
+        state = AppState(settings=settings, engine=engine,
+                         adapters=AdapterService(store, engine, limits, settings.max_merge_sources),
+                         metrics=metrics, ephemeral=ephemeral, starts=starts)
         if settings.demo_adapters:
             from app.adapters.demo import register_demo_adapters
             await asyncio.to_thread(register_demo_adapters, state.adapters, settings.model)
         registered = await state.recount_adapters()
         app.state.olora = state
-        watcher = asyncio.create_task(_watch_store(state, store))
+        watcher = asyncio.create_task(_watch_store(state, store, findings))
         log.info("serving %s (fingerprint %s) with %d adapters", engine.base.name, engine.base.fingerprint,
                  registered)
         try:
@@ -129,6 +152,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await watcher
             app.state.olora = None
             await asyncio.to_thread(engine.shutdown)
+            starts.shutdown(wait=False, cancel_futures=True)
+            await asyncio.to_thread(ephemeral.close)
 
     # /docs and /redoc with their assets served from the fastapi-offline package: no CDN, they work offline
     app = FastAPIOffline(title="olora-serve", version=__version__, lifespan=lifespan,

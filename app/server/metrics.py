@@ -6,11 +6,14 @@ from typing import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from app.adapters.ephemeral import EPHEMERAL_PREFIX
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 OTHER_ADAPTERS = "__other__"
 BASE_MODEL = "__base__"
+MERGED_ADAPTERS = "~merged"  # every per-request merge (their ids are per request: never a label slot each)
 
 
 class ServerMetrics:
@@ -60,6 +63,8 @@ class ServerMetrics:
     def adapter_label(self, adapter_id: str | None) -> str:
         if adapter_id is None:
             return BASE_MODEL
+        if adapter_id.startswith(EPHEMERAL_PREFIX):
+            return MERGED_ADAPTERS
         if adapter_id in self._adapter_labels:
             return adapter_id
         if len(self._adapter_labels) < self._max_adapter_labels:
@@ -77,8 +82,13 @@ class ServerMetrics:
         self._max_loras = max_loras
 
     def set_lora_info(self, running: list[str], waiting: list[str]) -> None:
-        labels = dict(max_lora=str(self._max_loras), running_lora_adapters=",".join(sorted(running)),
-                      waiting_lora_adapters=",".join(sorted(waiting)))
+        """vLLM's series; per-request merges are listed once as MERGED_ADAPTERS (their ids name other clients'
+        merges and change with every request)."""
+        def listed(ids: list[str]) -> str:
+            return ",".join(sorted({MERGED_ADAPTERS if i.startswith(EPHEMERAL_PREFIX) else i for i in ids}))
+
+        labels = dict(max_lora=str(self._max_loras), running_lora_adapters=listed(running),
+                      waiting_lora_adapters=listed(waiting))
         for gauge in (self.lora_info, self.vllm_lora_info):
             gauge.clear()  # one series: the current state; its value is the time it was taken (as vLLM does)
             gauge.labels(**labels).set(time.time())

@@ -50,7 +50,8 @@ class AccessLogMiddleware:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if 0 < len(given) <= 64 and given.replace("-", "").isalnum() else uuid.uuid4().hex
+        sane = 0 < len(given) <= 64 and given.isascii() and given.replace("-", "").isalnum()  # ASCII: echoed as sent
+        request_id = given if sane else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status_holder = {"status": 500}

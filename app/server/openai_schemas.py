@@ -6,14 +6,18 @@ neutral values (`_ONLY`) and refused otherwise, naming the option: never silentl
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.server.schemas import Text
+from app.engine.sampling import MAX_STOP_SEQUENCES
+from app.server.schemas import MAX_PROMPT_IDS, Text
 
 MAX_CHOICES = 8  # n (and best_of) per prompt
 MAX_PROMPTS = 16  # prompts in one /v1/completions list
+MAX_MESSAGES = 1024  # chat messages of one request (the prompt's token bound applies after the template)
+MAX_CONTENT_PARTS = 1024  # text parts of one chat message
+TokenIds = Annotated[list[int], Field(max_length=MAX_PROMPT_IDS)]
 
 
 class StreamOptions(BaseModel):
@@ -34,7 +38,7 @@ class OpenAIRequest(BaseModel):
     n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: Text | list[Text] | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -68,7 +72,8 @@ class OpenAIRequest(BaseModel):
 class CompletionRequest(OpenAIRequest):
     _ONLY: ClassVar[dict[str, tuple]] = {**OpenAIRequest._ONLY, "suffix": (None,)}
 
-    prompt: Text | list[Text] | list[int] | list[list[int]]
+    prompt: (Text | Annotated[list[Text], Field(max_length=MAX_PROMPTS)] | TokenIds
+             | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)])
     max_tokens: int | None = Field(16, ge=1)
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=5)
@@ -103,7 +108,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Text | list[TextPart]
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)]
     name: str | None = None
 
     def for_template(self) -> dict:
@@ -122,7 +127,7 @@ class ChatCompletionRequest(OpenAIRequest):
         "service_tier": (None, "auto", "default"), "store": (None, False), "tool_choice": (None, "none"),
         "tools": (None, []), "verbosity": (None,), "web_search_options": (None,)}
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False

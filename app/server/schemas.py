@@ -19,12 +19,16 @@ Text = Annotated[str, AfterValidator(_valid_unicode)]  # every text that reaches
 
 
 MAX_BEST_OF = 4  # TGI's default max_best_of is 2; best_of runs that many sequences at once
+# Every list a request may carry has a bound in its schema, so parsing is bounded work too (the settings bound
+# further, after parsing: `max_merge_sources` <= MAX_MERGE_SOURCES, `max_input_tokens` <= MAX_PROMPT_IDS).
+MAX_MERGE_SOURCES = 64  # ids of one merge (merged_adapters, POST /adapters/merge): the setting's ceiling
+MAX_PROMPT_IDS = 1 << 16  # a prompt given as token ids
 
 
 class MergedAdapters(BaseModel):
     """LoRAX's per-request merge: combine several adapters into one for this request."""
-    ids: list[str] = Field(min_length=1)
-    weights: list[Annotated[float, Field(allow_inf_nan=False)]] | None = None
+    ids: list[str] = Field(min_length=1, max_length=MAX_MERGE_SOURCES)
+    weights: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(None, max_length=MAX_MERGE_SOURCES)
     merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] | None = None  # None: linear (LoRAX)
     density: float | None = Field(None, gt=0, le=1)
     majority_sign_method: Literal["total", "frequency"] | None = None  # None: total (LoRAX)

@@ -9,6 +9,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from app.server.schemas import MAX_MERGE_SOURCES
+
 if TYPE_CHECKING:  # the engine module imports torch; `olora serve --help` should not
     from app.engine.engine import EngineConfig
 
@@ -43,6 +45,8 @@ class Settings(BaseSettings):
                                                 "of the device's memory (the choice is logged at start)")
     max_cpu_adapters: int = Field(64, ge=1, description="host-memory LRU size")
     max_rank: int = Field(64, ge=1, description="largest adapter rank accepted (slot size)")
+    max_merge_sources: int = Field(16, ge=1, le=MAX_MERGE_SOURCES, description="adapter ids in one merge (POST "
+                                   "/adapters/merge, merged_adapters); a repeated id is combined into one source")
     store_poll_s: float = Field(1.0, gt=0, description="how often other replicas' store changes are picked up")
 
     # batching and limits
@@ -63,6 +67,8 @@ class Settings(BaseSettings):
     metrics_max_adapter_labels: int = Field(100, ge=0, description="per-adapter metric label cardinality bound")
     metrics_require_key: bool = Field(
         False, description="with keys set, /metrics needs an API key too (its labels name adapter ids)")
+    start_threads: int = Field(4, ge=1, description="threads that start generations (tokenize, submit); store I/O "
+                                                    "and merges run elsewhere and cannot hold them up")
     max_concurrent_uploads: int = Field(2, ge=1, description="adapter uploads in progress at once; past it: 429")
 
     # auth (comma-separated lists in the environment)

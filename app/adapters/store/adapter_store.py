@@ -13,6 +13,12 @@ either the old adapter or the new one, never a torn one. Retired versions are re
 (a replica still reading them is not cut off) and once no reader of this process holds them (`reading`), by
 `sweep()` (run at start and periodically). Staging folders left by a crashed writer of this host (its pid is
 gone) are removed at start; those of other hosts once older than STALE_STAGING_S.
+
+Damage (a CURRENT naming a missing or incomplete version, a missing CURRENT beside complete versions, a corrupt
+metadata.json) never leads to deletion: `sweep` repairs CURRENT to the newest complete version when there is one
+(`_repair_current`), and otherwise leaves the files alone and reports the id (`StoreFinding`); `get` returns a
+damaged adapter with its `problem`, so it can be shown, overwritten and deleted. A store that cannot be written
+(read-only mount) still serves what it holds; its writes fail with the OSError the HTTP layer maps to 503.
 """
 from __future__ import annotations
 
@@ -35,7 +41,9 @@ from typing import Any, Iterator
 from olora_core.adapter_format import ADAPTER_ID_RE
 from olora_core.adapter_io import fsync_dir
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+from app.adapters.store.layout import (ADAPTER_FILES, METADATA_FILE, VERSION_RE, StoreFinding,
+                                       complete_versions, read_metadata, version_problem)
+
 OLD_VERSION_GRACE_S = 60.0
 RETIRED_MARKER = ".retired"
 LOCK_STRIPES = 64
@@ -65,6 +73,7 @@ class StoredAdapter:
     version: str
     path: Path  # the version folder: a PEFT adapter directory
     metadata: dict[str, Any]
+    problem: str | None = None  # store damage: why this adapter cannot be served (None: complete)
 
 
 def check_adapter_id(adapter_id: str) -> str:
@@ -77,8 +86,10 @@ def check_adapter_id(adapter_id: str) -> str:
 class AdapterStore:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
-        for sub in (self.root, self.root / ".staging", self.root / ".locks"):
-            sub.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for sub in (self.root / ".staging", self.root / ".locks"):
+            with contextlib.suppress(OSError):  # a read-only store serves what it holds; writes fail then
+                sub.mkdir(exist_ok=True)
         self._host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
         self._readers: Counter[Path] = Counter()  # version folders this process is reading (not swept)
         self._readers_lock = threading.Lock()
@@ -86,27 +97,30 @@ class AdapterStore:
 
     # ---- reading ---------------------------------------------------------------------------------------
     def _current_version(self, adapter_id: str) -> str | None:
+        """What CURRENT says (None: no CURRENT, i.e. no adapter); damaged text comes back as it is, and
+        `version_problem` names it."""
         try:
-            version = (self.root / adapter_id / "CURRENT").read_text().strip()
+            return (self.root / adapter_id / "CURRENT").read_bytes().decode("utf-8", "replace").strip()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return version or None
 
     def get(self, adapter_id: str) -> StoredAdapter | None:
+        """The adapter CURRENT names; a damaged one comes back with its `problem` (and the metadata it has)."""
         if not ADAPTER_ID_RE.fullmatch(adapter_id or ""):
             return None
         version = self._current_version(adapter_id)
         if version is None:
             return None
-        path = self.root / adapter_id / version
-        try:
-            metadata = json.loads((path / "metadata.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return StoredAdapter(adapter_id, version, path, metadata)
+        adapter_dir = self.root / adapter_id
+        named = VERSION_RE.fullmatch(version) is not None
+        metadata = read_metadata(adapter_dir / version) if named else None
+        problem = version_problem(adapter_dir, version, metadata)
+        path = adapter_dir / (version if named else "damaged")
+        return StoredAdapter(adapter_id, version if named else "damaged", path, metadata or {}, problem)
 
     def path_for(self, adapter_id: str) -> Path | None:
-        """AdapterSource protocol for the engine."""
+        """AdapterSource protocol for the engine: a damaged adapter's folder too (its load fails as unreadable,
+        a server-side fault, until the store is repaired or the id overwritten)."""
         stored = self.get(adapter_id)
         return stored.path if stored else None
 
@@ -127,9 +141,9 @@ class AdapterStore:
         """adapter id -> live version, for watchers that detect changes made by other processes."""
         out = {}
         for child in self.root.iterdir():
-            if not child.name.startswith(".") and child.is_dir():
+            if not child.name.startswith(".") and child.is_dir() and ADAPTER_ID_RE.fullmatch(child.name):
                 version = self._current_version(child.name)
-                if version:
+                if version is not None:
                     out[child.name] = version
         return out
 
@@ -184,29 +198,107 @@ class AdapterStore:
     @contextlib.contextmanager
     def reading(self, stored: StoredAdapter) -> Iterator[Path]:
         """Hold a version folder while reading it (a long stream): `sweep` leaves it alone meanwhile."""
-        with self._readers_lock:
-            self._readers[stored.path] += 1
+        self._count_reader(stored.path, 1)
         try:
             yield stored.path
         finally:
-            with self._readers_lock:
-                self._readers[stored.path] -= 1
-                if self._readers[stored.path] <= 0:
-                    del self._readers[stored.path]
+            self._count_reader(stored.path, -1)
 
-    def sweep(self) -> None:
+    def _count_reader(self, path: Path, step: int) -> None:
+        with self._readers_lock:
+            self._readers[path] += step
+            if self._readers[path] <= 0:
+                del self._readers[path]
+
+    @contextlib.contextmanager
+    def held(self, adapter_id: str) -> Iterator[StoredAdapter]:
+        """The current version of `adapter_id`, looked up and held (`reading`) under the id's lock: a delete or
+        overwrite racing the reader (a merge reading its sources) cannot remove it in between (AdapterMissing)."""
+        try:
+            lock = self._locked(adapter_id)
+            lock.__enter__()
+        except OSError:  # a read-only store: no writer of this process can remove anything meanwhile
+            lock = contextlib.nullcontext()
+        try:
+            stored = self.get(adapter_id)
+            if stored is None:
+                raise AdapterMissing(f"adapter {adapter_id!r} not found")
+            self._count_reader(stored.path, 1)
+        finally:
+            lock.__exit__(None, None, None)
+        try:
+            yield stored
+        finally:
+            self._count_reader(stored.path, -1)
+
+    def sweep(self) -> list[StoreFinding]:
         """Remove retired versions past the grace period (unless this process still reads them) and the debris of
-        crashed writers, for every adapter (not only at the next write to the same id)."""
+        crashed writers, for every adapter (not only at the next write to the same id); repair or report damage.
+        Nothing is removed from an adapter whose CURRENT does not name a complete version: the only readable
+        version is never deleted. Returns what was found (the caller logs it)."""
+        findings = []
         for child in self.root.iterdir():
             if child.name.startswith(".") or not child.is_dir() or not ADAPTER_ID_RE.fullmatch(child.name):
                 continue
             try:
                 with self._locked(child.name):
+                    finding = self._repair_current(child)
                     current = self._current_version(child.name)
-                    if current is not None:
+                    if current is None:
+                        self._collect_old_versions(child, keep=None)  # a deleted adapter's held leftovers
+                    elif version_problem(child, current) is None:
                         self._collect_old_versions(child, keep=current)
-            except OSError:  # a read-only or vanishing store: nothing to sweep now
-                continue
+            except OSError as exc:  # a read-only or vanishing store: nothing to sweep or repair now
+                finding = self.damage(child.name)
+                if finding is not None:
+                    finding = StoreFinding(child.name, f"{finding.message} (not repaired: {exc.strerror})", False)
+            if finding is not None:
+                findings.append(finding)
+        return findings
+
+    def damage(self, adapter_id: str) -> StoreFinding | None:
+        """The damage of one adapter as `get` sees it, without changing anything (None: sound or absent)."""
+        stored = self.get(adapter_id)
+        if stored is None or stored.problem is None:
+            return None
+        return StoreFinding(adapter_id, stored.problem, False)
+
+    def _repair_current(self, adapter_dir: Path) -> StoreFinding | None:
+        """(Lock held.) A CURRENT that names no complete version is pointed at the newest complete version, whose
+        retired marker goes; a folder of versions with no CURRENT and no retired marker (a writer that died between
+        its rename and CURRENT, or a lost CURRENT) gets one the same way. Without a complete version nothing
+        changes and the damage is reported."""
+        adapter_id = adapter_dir.name
+        current = self._current_version(adapter_id)
+        if current is None:
+            unretired = [v for v in complete_versions(adapter_dir)
+                         if not (adapter_dir / v / RETIRED_MARKER).exists()]
+            if not unretired:
+                return None  # deleted (its versions are retired) or empty
+            problem, candidates = "no CURRENT beside complete versions", unretired
+        else:
+            problem = version_problem(adapter_dir, current)
+            if problem is None:
+                return None
+            candidates = complete_versions(adapter_dir)
+        if not candidates:
+            return StoreFinding(adapter_id, f"{problem}; no complete version to repair it with", False)
+        version = candidates[0]
+        (adapter_dir / version / RETIRED_MARKER).unlink(missing_ok=True)
+        self._point_current(adapter_dir, version)
+        return StoreFinding(adapter_id, f"{problem}; CURRENT repaired to {version}, the newest complete version",
+                            True)
+
+    def _point_current(self, adapter_dir: Path, version: str) -> None:
+        pointer = adapter_dir / f".CURRENT.{uuid.uuid4().hex}"
+        pointer.write_text(version)
+        os.replace(pointer, adapter_dir / "CURRENT")
+        fsync_dir(adapter_dir)
+
+    def _retire(self, adapter_dir: Path, version: str) -> None:
+        """Mark a version retired now; a missing or damaged version folder has nothing to mark."""
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            (adapter_dir / version / RETIRED_MARKER).write_text(str(time.time()))
 
     def put(self, adapter_id: str, source_dir: Path, metadata: dict[str, Any], *, overwrite: bool = False
             ) -> StoredAdapter:
@@ -221,8 +313,8 @@ class AdapterStore:
             for name in ADAPTER_FILES:
                 shutil.copyfile(Path(source_dir) / name, staged / name)
             meta = dict(metadata, id=adapter_id, version=version)
-            (staged / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-            for name in (*ADAPTER_FILES, "metadata.json"):
+            (staged / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            for name in (*ADAPTER_FILES, METADATA_FILE):
                 with open(staged / name, "rb") as fh:
                     os.fsync(fh.fileno())
             with self._locked(adapter_id):
@@ -232,12 +324,9 @@ class AdapterStore:
                 adapter_dir = self.root / adapter_id
                 adapter_dir.mkdir(exist_ok=True)
                 os.rename(staged, adapter_dir / version)
-                pointer = adapter_dir / f".CURRENT.{uuid.uuid4().hex}"
-                pointer.write_text(version)
-                os.replace(pointer, adapter_dir / "CURRENT")
-                fsync_dir(adapter_dir)
-                if previous is not None:
-                    (adapter_dir / previous / RETIRED_MARKER).write_text(str(time.time()))
+                self._point_current(adapter_dir, version)
+                if previous is not None and VERSION_RE.fullmatch(previous):
+                    self._retire(adapter_dir, previous)  # a damaged CURRENT may name a missing folder
                 self._collect_old_versions(adapter_dir, keep=version)
             return StoredAdapter(adapter_id, version, adapter_dir / version, meta)
         finally:
@@ -245,19 +334,27 @@ class AdapterStore:
                 shutil.rmtree(staged, ignore_errors=True)
 
     def delete(self, adapter_id: str) -> StoredAdapter:
+        """Remove an adapter (a damaged one too). Its versions are marked retired before CURRENT goes, so a crash
+        in between leaves a deleted adapter, not one `sweep` would restore; a version a reader of this process
+        holds stays until the reader is done (the next sweep removes it)."""
         check_adapter_id(adapter_id)
         with self._locked(adapter_id):
             stored = self.get(adapter_id)
             if stored is None:
                 raise AdapterMissing(f"adapter {adapter_id!r} not found")
             adapter_dir = self.root / adapter_id
+            for child in adapter_dir.iterdir():
+                if VERSION_RE.fullmatch(child.name):
+                    self._retire(adapter_dir, child.name)
             os.unlink(adapter_dir / "CURRENT")
             fsync_dir(adapter_dir)
             self._collect_old_versions(adapter_dir, keep=None)
         return stored
 
     def _collect_old_versions(self, adapter_dir: Path, keep: str | None) -> None:
-        """Remove versions other than `keep` retired longer ago than the grace period (all of them if keep is None).
+        """Remove versions other than `keep` retired longer ago than the grace period (all of them if keep is None:
+        a deleted adapter), except those a reader of this process holds. Callers pass a `keep` that names a
+        complete version (or None after a delete), so the only readable version is never removed here.
 
         A version folder without a retired marker and without CURRENT naming it is debris of a crashed writer.
         """
@@ -271,7 +368,7 @@ class AdapterStore:
                 retired_at = 0.0
             with self._readers_lock:
                 read_here = self._readers.get(child, 0) > 0
-            if keep is None or (now - retired_at > OLD_VERSION_GRACE_S and not read_here):
+            if not read_here and (keep is None or now - retired_at > OLD_VERSION_GRACE_S):
                 shutil.rmtree(child, ignore_errors=True)
         if keep is None and not any(adapter_dir.iterdir()):
             with contextlib.suppress(OSError):

@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from app.adapters.service import AdapterSummary
+from app.server.schemas import MAX_MERGE_SOURCES
 from app.server.deps import AdminKey, ApiKey, State
 from app.adapters.store.adapter_store import AdapterMissing
 
@@ -28,7 +29,7 @@ class MergeSource(BaseModel):
 
 class MergeRequest(BaseModel):
     adapter_id: str
-    sources: list[MergeSource] = Field(min_length=1)
+    sources: list[MergeSource] = Field(min_length=1, max_length=MAX_MERGE_SOURCES)
     method: Literal["linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
                     "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"] = "cat"
     density: float | None = Field(None, gt=0, le=1)

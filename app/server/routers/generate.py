@@ -19,23 +19,27 @@ from app.server.schemas import GenerateRequest, GenerateResponse
 router = APIRouter(tags=["generation"], dependencies=[ApiKey])
 
 
-def _start_all(state: AppState, request: Request, body: GenerateRequest, header_adapter: str | None,
-               stream: bool) -> list[tuple[object, Generation]]:
-    """Start the request's `best_of` sequences (one unless asked). Blocking (a merge on disk, store reads): run it
-    with `start_off_loop`."""
+async def _start_all(state: AppState, request: Request, body: GenerateRequest, header_adapter: str | None,
+                     stream: bool) -> list[tuple[object, Generation]]:
+    """Start the request's `best_of` sequences (one unless asked). A per-request merge (store reads, a merge
+    written to disk) runs in the loop's default executor first; the start itself in the starts' own pool."""
     p = body.parameters
     tgi.check_supported(p, stream=stream)
-    named, names_one = tgi.body_adapter(state.ephemeral, p)
+    if p.merged_adapters is not None:
+        named, names_one = await asyncio.to_thread(tgi.body_adapter, state.ephemeral, p)
+    else:
+        named, names_one = tgi.body_adapter(state.ephemeral, p)
     adapter_id = adapter_with_header(named, header_adapter, body_names_one=names_one)
     request.scope["state"]["adapter_id"] = adapter_id
-    jobs = ((body.inputs, tgi.sampling(p, state.settings.max_new_tokens_default)) for _ in range(p.best_of or 1))
-    return start_many(state.engine, request_id=request.scope["state"]["request_id"], adapter_id=adapter_id,
-                      jobs=jobs, truncate=p.truncate)
+    jobs = [(body.inputs, tgi.sampling(p, state.settings.max_new_tokens_default)) for _ in range(p.best_of or 1)]
+    return await start_off_loop(lambda: start_many(state.engine, request_id=request.scope["state"]["request_id"],
+                                                   adapter_id=adapter_id, jobs=jobs, truncate=p.truncate),
+                                state.starts)
 
 
 async def _generate(body: GenerateRequest, request: Request, state: AppState,
                     header_adapter: str | None) -> GenerateResponse:
-    runs = await start_off_loop(lambda: _start_all(state, request, body, header_adapter, stream=False))
+    runs = await _start_all(state, request, body, header_adapter, stream=False)
     await asyncio.gather(*(collect(h, g, timeout_s=state.settings.request_timeout_s,
                                    disconnected=request.is_disconnected) for h, g in runs))
     best, others = tgi.best_of([g for _, g in runs])
@@ -44,10 +48,15 @@ async def _generate(body: GenerateRequest, request: Request, state: AppState,
     return GenerateResponse(generated_text=render.generated_text(body.inputs, best), details=details)
 
 
+def _event(obj) -> str:
+    """One SSE `data:` payload: strict JSON (a NaN or infinity is an error here, never a bare `-Infinity`)."""
+    return json.dumps(obj, allow_nan=False)
+
+
 async def _generate_stream(body: GenerateRequest, request: Request, state: AppState,
                            header_adapter: str | None) -> EventSourceResponse:
     """One SSE `data:` line per token (TGI format); the last one also carries generated_text and details."""
-    [(handle, generation)] = await start_off_loop(lambda: _start_all(state, request, body, header_adapter, stream=True))
+    [(handle, generation)] = await _start_all(state, request, body, header_adapter, stream=True)
     render = tgi.Renderer(state.engine.tokenizer, body.parameters)
 
     async def events():
@@ -56,14 +65,14 @@ async def _generate_stream(body: GenerateRequest, request: Request, state: AppSt
             async for token in stream_tokens(handle, generation, timeout_s=state.settings.request_timeout_s,
                                              disconnected=request.is_disconnected):
                 if pending is not None:
-                    yield json.dumps(pending.model_dump(exclude_none=False))
+                    yield _event(pending.model_dump(exclude_none=False))
                 pending = render.stream_event(len(generation.tokens), token)
             if pending is not None:
                 pending.generated_text = render.generated_text(body.inputs, generation)
                 pending.details = render.stream_details(generation)
-                yield json.dumps(pending.model_dump(exclude_none=False))
+                yield _event(pending.model_dump(exclude_none=False))
         except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band, as TGI does
-            yield json.dumps(stream_error(exc, openai=False))
+            yield _event(stream_error(exc, openai=False))
 
     return EventSourceResponse(events(), ping=15)
 

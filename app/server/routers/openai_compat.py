@@ -62,7 +62,12 @@ async def _start_choices(state: AppState, request: Request, body: OpenAIRequest,
 
     jobs = ((prompt, params(j)) for prompt in prompts for j in range(per_prompt))
     return await start_off_loop(lambda: start_many(state.engine, request_id=request.scope["state"]["request_id"],
-                                                   adapter_id=adapter_id, jobs=jobs))
+                                                   adapter_id=adapter_id, jobs=jobs), state.starts)
+
+
+def _event(obj) -> str:
+    """One SSE `data:` payload: strict JSON (a NaN or infinity is an error here, never a bare `-Infinity`)."""
+    return json.dumps(obj, allow_nan=False)
 
 
 def _sse(state: AppState, request: Request, runs: list[tuple[object, Generation]], stop: list[str], chunk: Chunk,
@@ -86,17 +91,17 @@ def _sse(state: AppState, request: Request, runs: list[tuple[object, Generation]
                 token_offset = len(texts[i]) - sum(len(t.text) for t in pending[i])
                 if token is None:  # choice i is done: the rest of its text, without the stop sequence
                     final = oai.trim_stop(texts[i], stop, g.finish_reason)
-                    yield json.dumps(chunk(i, final[sent[i]:], pending[i], oai.finish_reason(g), token_offset))
+                    yield _event(chunk(i, final[sent[i]:], pending[i], oai.finish_reason(g), token_offset))
                     continue
                 safe = max(sent[i], len(texts[i]) - hold)
                 if safe > sent[i] or (with_tokens and token.finish_reason is None):
-                    yield json.dumps(chunk(i, texts[i][sent[i]:safe], pending[i], None, token_offset))
+                    yield _event(chunk(i, texts[i][sent[i]:safe], pending[i], None, token_offset))
                     sent[i], pending[i] = safe, []
             if final_usage is not None:
-                yield json.dumps(final_usage())
+                yield _event(final_usage())
             yield "[DONE]"
         except Exception as exc:  # noqa: BLE001 - headers already sent: report in-band
-            yield json.dumps(stream_error(exc, openai=True))
+            yield _event(stream_error(exc, openai=True))
 
     return EventSourceResponse(events(), ping=15)
 

@@ -7,7 +7,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import __version__
-from app.server.deps import ApiKey, State
+from app.adapters.ephemeral import EPHEMERAL_PREFIX
+from app.server.auth import role_of
+from app.server.deps import ApiKey, Credentials, State
+from app.server.metrics import MERGED_ADAPTERS
 from app.engine.sampling import MAX_STOP_SEQUENCES
 from app.server.schemas import MAX_BEST_OF
 
@@ -57,11 +60,19 @@ async def info(state: State) -> dict:
 
 
 @router.get("/cache", dependencies=[ApiKey])
-async def cache(state: State) -> dict:
-    """Where adapters are now: the device slots (null = free) and the host-memory cache."""
+async def cache(state: State, credentials: Credentials) -> dict:
+    """Where adapters are now: the device slots (null = free) and the host-memory cache. Per-request merges are
+    other clients' requests: their ids are shown to admin keys only, `~merged` to the others."""
     stats = state.engine.stats()
-    return {"device_slots": list(stats.slot_adapters), "max_loras": stats.max_loras,
-            "host_cache": list(stats.host_adapter_ids), "max_cpu_adapters": stats.max_cpu_adapters,
+    admin = not state.settings.auth_enabled or (
+        credentials is not None and role_of(state.settings, credentials.credentials) == "admin")
+
+    def shown(adapter_id: str | None) -> str | None:
+        hidden = not admin and adapter_id is not None and adapter_id.startswith(EPHEMERAL_PREFIX)
+        return MERGED_ADAPTERS if hidden else adapter_id
+
+    return {"device_slots": [shown(a) for a in stats.slot_adapters], "max_loras": stats.max_loras,
+            "host_cache": [shown(a) for a in stats.host_adapter_ids], "max_cpu_adapters": stats.max_cpu_adapters,
             "host_bytes": stats.host_bytes}
 
 
