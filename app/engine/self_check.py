@@ -228,7 +228,7 @@ def _serve(engine, rows: list[ProbeRow], model_type: str) -> list:
     wave = max(1, min(len(rows), engine.config.max_waiting))
     try:
         for pid in PROBE_IDS:
-            current = f"loading {pid}"
+            current = f"the warm-up request of probe LoRA {pid}"
             engine.submit(list(rows[0].prompt[:1]), pid, SamplingParams(max_new_tokens=1)).result(RESULT_TIMEOUT_S)
         results = []
         for start in range(0, len(rows), wave):
