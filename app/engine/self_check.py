@@ -301,6 +301,7 @@ class _Distance:
     worst: float = 0.0
     worst_tol: float = 0.0
     compared: int = 0
+    misses: list[tuple[tuple, str]] = field(default_factory=list)  # (order key, description)
 
 
 def _compare(engine, rows: list[ProbeRow], outputs: list, adapters: dict, model_type: str) -> SelfCheckReport:
@@ -315,12 +316,13 @@ def _compare(engine, rows: list[ProbeRow], outputs: list, adapters: dict, model_
                 ids = list(row.prompt) + out.token_ids[:-1]  # the last token's successor is never compared
                 ref, scale = _reference_logprobs(peft_model, ids, row.adapter_id)
                 tols = [tolerance(engine.dtype, quantize, layers, float(s)) for s in scale]
-                _check_row(row, out, ref, tols, dist, model_type, engine.dtype, decode_steps(engine.config))
+                _check_row(row, out, ref, tols, dist, model_type, decode_steps(engine.config))
                 if row.adapter_id is not None:
                     base, _ = _reference_logprobs(peft_model, ids, None)
                     lora_effect = max(lora_effect, float((ref - base).abs().amax()))
     finally:
         del peft_model
+    _raise_first_miss(dist, model_type, engine.dtype)
     notes = []
     if lora_effect < 3 * dist.worst_tol:
         notes.append(f"the probe LoRA moves log-probs by {lora_effect:.3g} only (tolerance {dist.worst_tol:.3g}): "
@@ -331,45 +333,54 @@ def _compare(engine, rows: list[ProbeRow], outputs: list, adapters: dict, model_
 
 
 def _check_row(row: ProbeRow, out, ref: torch.Tensor, tols: list[float], dist: _Distance, model_type: str,
-               dtype: torch.dtype, steps: int) -> None:
-    """Compare one row's engine outputs with the reference log-probs `ref` (T, V); raise at the first miss."""
+               steps: int) -> None:
+    """Compare one row's engine outputs with the reference log-probs `ref` (T, V); misses go to `dist`."""
     n = len(row.prompt)
-    checks: list[tuple[str, int, int, float | None]] = []  # (where, position, token, engine log-prob)
     if row.prompt_logprobs and n > 1:
         if out.prompt_logprobs is None or len(out.prompt_logprobs) != n - 1:
             raise SelfCheckFailed(f"self-check of model type {model_type!r}: {_label(row)}: the engine returned "
                                   f"{out.prompt_logprobs and len(out.prompt_logprobs)} prompt log-probs, expected {n - 1}")
-        checks += [(f"prefill position {i + 1}", i, row.prompt[i + 1], lp) for i, lp in enumerate(out.prompt_logprobs)]
+        for i, lp in enumerate(out.prompt_logprobs):
+            _logprob(row, (0, i + 1), f"prefill position {i + 1}", ref[i], row.prompt[i + 1], lp, tols[i], dist)
     if len(out.tokens) != steps:
         raise SelfCheckFailed(f"self-check of model type {model_type!r}: {_label(row)}: the engine generated "
                               f"{len(out.tokens)} tokens, expected {steps} (finish: {out.finish_reason})")
     for k, event in enumerate(out.tokens):
-        where = "first token (prefill)" if k == 0 else f"decode step {k}"
-        pos = n - 1 + k
-        checks.append((where, pos, event.token_id, event.logprob))
-        best = float(ref[pos].max())
-        gap = best - float(ref[pos, event.token_id])  # greedy: the engine's token is the reference's argmax
-        _record(row, where + " (greedy choice)", gap, tols[pos], dist, model_type, dtype,
+        where, pos = "first token (prefill)" if k == 0 else f"decode step {k}", n - 1 + k
+        _logprob(row, (1, k), where, ref[pos], event.token_id, event.logprob, tols[pos], dist)
+        gap = float(ref[pos].max() - ref[pos, event.token_id])  # greedy: the engine's token is the argmax
+        _record(row, (1, k), where + " (greedy choice)", gap, tols[pos], dist,
                 f"token {event.token_id} is {gap:.3g} below the reference's best token {int(ref[pos].argmax())}")
-        checks += [(f"{where} (top-{TOP_N} token {tok})", pos, tok, lp) for tok, lp in event.top_tokens]
-    for where, pos, token, engine_lp in checks:
-        want = float(ref[pos, token])
-        got = float("-inf") if engine_lp is None else float(engine_lp)
-        distance = abs(got - want) if math.isfinite(got) else math.inf
-        _record(row, where, distance, tols[pos], dist, model_type, dtype,
-                f"engine log-prob {got:.6g} vs reference {want:.6g}")
+        for token, lp in event.top_tokens:
+            _logprob(row, (1, k), f"{where} (top-{TOP_N} token {token})", ref[pos], token, lp, tols[pos], dist)
 
 
-def _record(row: ProbeRow, where: str, distance: float, tol: float, dist: _Distance, model_type: str,
-            dtype: torch.dtype, detail: str) -> None:
+def _logprob(row: ProbeRow, order: tuple, where: str, ref: torch.Tensor, token: int, engine_lp: float | None,
+             tol: float, dist: _Distance) -> None:
+    want = float(ref[token])
+    got = float("-inf") if engine_lp is None else float(engine_lp)
+    distance = abs(got - want) if math.isfinite(got) else math.inf
+    _record(row, order, where, distance, tol, dist, f"engine log-prob {got:.6g} vs reference {want:.6g}")
+
+
+def _record(row: ProbeRow, order: tuple, where: str, distance: float, tol: float, dist: _Distance,
+            detail: str) -> None:
     dist.compared += 1
-    if distance > dist.worst:
-        dist.worst = distance
+    dist.worst = max(dist.worst, distance)
     dist.worst_tol = max(dist.worst_tol, tol)
     if not distance <= tol:
         reference = "transformers" if row.adapter_id is None else "transformers + PEFT"
-        raise SelfCheckFailed(
-            f"self-check failed for model type {model_type!r}: {_label(row)} at {where}: {detail}; distance "
-            f"{distance:.3g} > tolerance {tol:.3g} ({str(dtype).replace('torch.', '')}) against {reference}. The "
-            "engine's path does not compute this model correctly; refusing to serve it (OLORA_SELF_CHECK=off "
-            "skips this check)")
+        dist.misses.append((order, f"{_label(row)} at {where}: {detail}; distance {distance:.3g} > tolerance "
+                                   f"{tol:.3g} against {reference}"))
+
+
+def _raise_first_miss(dist: _Distance, model_type: str, dtype: torch.dtype) -> None:
+    """The earliest miss (prefill before decode, earlier steps first) names where the path goes wrong."""
+    if not dist.misses:
+        return
+    first = min(dist.misses, key=lambda miss: miss[0])[1]
+    raise SelfCheckFailed(
+        f"self-check failed for model type {model_type!r} ({str(dtype).replace('torch.', '')}): {first} "
+        f"({len(dist.misses)} of {dist.compared} log-probs out of tolerance, largest distance {dist.worst:.3g}). "
+        "The engine's path does not compute this model correctly; refusing to serve it (OLORA_SELF_CHECK=off "
+        "skips this check)")
