@@ -12,14 +12,11 @@ in a batch of all six. The engine's prompt log-probs, greedy tokens, their log-p
 compared, position by position, with a plain forward of the full sequence (no cache, no padding, eager
 attention) of the same model, the LoRA rows with the probe adapter applied by PEFT.
 
-The reference model shares the engine's weights: it is a copy of the module tree whose parameters and buffers
-are the engine's own tensors (no second copy of the weights, whatever the model size), with each module the
-engine wrapped for LoRA put back as the plain base layer it wraps, and PEFT's LoRA layers injected into that
-copy. The engine's tree is never modified; the reference runs while the engine is idle.
+The reference (reference_model.py) shares the engine's weights: a copy of the module tree whose parameters are
+the engine's own tensors, with PEFT's LoRA layers injected into it; it runs while the engine is idle.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -30,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .adapter_files import CONFIG_FILE, WEIGHTS_FILE, AdapterSource
 from .errors import BaseModelError, EngineError
 from .observer import NullObserver
+from .reference_model import reference_logprobs, reference_model
 from .sampling import SamplingParams
 
 log = logging.getLogger("olora.engine.self_check")
@@ -247,55 +244,6 @@ def _serve(engine, rows: list[ProbeRow], model_type: str) -> list:
                               f"{type(exc).__name__}: {exc}") from exc
 
 
-# ---- the reference: transformers + PEFT on the engine's own weights ---------------------------------------------
-def _reference_model(engine, adapters: dict[str, dict]) -> nn.Module:
-    """A PeftModel over a copy of the engine's module tree that shares its weights (module docstring)."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-
-    model = engine.model
-    memo: dict[int, object] = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    for name in engine.parser.targets:
-        wrapper = model.get_submodule(name)
-        memo[id(wrapper)] = getattr(wrapper, "base_layer", wrapper)  # the plain layer the engine wraps
-    shared = {id(m) for m in memo.values()}
-    ref = copy.deepcopy(model, memo)
-    for module in ref.modules():  # hooks the engine's path may have put on its tree are not the model's
-        if id(module) not in shared:
-            module._forward_hooks.clear()
-            module._forward_pre_hooks.clear()
-    ref.config._attn_implementation = "eager"
-    peft_model = None
-    for pid, probe in adapters.items():
-        spec = probe["config"]
-        config = LoraConfig(r=spec["r"], lora_alpha=spec["lora_alpha"], target_modules=spec["target_modules"],
-                            lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
-        name = pid.replace(":", "_")
-        if peft_model is None:
-            peft_model = get_peft_model(ref, config, adapter_name=name)
-        else:
-            peft_model.add_adapter(name, config)
-        state = {}
-        for module, (a, b) in probe["weights"].items():
-            state[f"base_model.model.{module}.lora_A.weight"] = a
-            state[f"base_model.model.{module}.lora_B.weight"] = b
-        set_peft_model_state_dict(peft_model, state, adapter_name=name)
-    peft_model.eval()
-    return peft_model
-
-
-def _reference_logprobs(peft_model, ids: list[int], adapter_id: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs (T, V) fp32, logits scale (T,)) of one full sequence, no cache."""
-    device = next(p for p in peft_model.parameters()).device
-    x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    if adapter_id is None:
-        with peft_model.disable_adapter():
-            logits = peft_model(input_ids=x, use_cache=False).logits[0].float()  # (T, V)
-    else:
-        peft_model.set_adapter(adapter_id.replace(":", "_"))
-        logits = peft_model(input_ids=x, use_cache=False).logits[0].float()  # (T, V)
-    return torch.log_softmax(logits, dim=-1).cpu(), logits.abs().amax(dim=-1).cpu()
-
-
 @dataclass
 class _Distance:
     worst: float = 0.0
@@ -309,16 +257,17 @@ def _compare(engine, rows: list[ProbeRow], outputs: list, adapters: dict, model_
     layers = int(getattr(engine.model.config, "num_hidden_layers", 1) or 1)
     dist = _Distance()
     lora_effect = 0.0
-    peft_model = _reference_model(engine, adapters)
+    peft_model = reference_model(engine.model, engine.parser.targets,
+                                 {pid: (p["config"], p["weights"]) for pid, p in adapters.items()})
     try:
         with torch.inference_mode():
             for row, out in zip(rows, outputs):
                 ids = list(row.prompt) + out.token_ids[:-1]  # the last token's successor is never compared
-                ref, scale = _reference_logprobs(peft_model, ids, row.adapter_id)
+                ref, scale = reference_logprobs(peft_model, ids, row.adapter_id)
                 tols = [tolerance(engine.dtype, quantize, layers, float(s)) for s in scale]
                 _check_row(row, out, ref, tols, dist, model_type, decode_steps(engine.config))
                 if row.adapter_id is not None:
-                    base, _ = _reference_logprobs(peft_model, ids, None)
+                    base, _ = reference_logprobs(peft_model, ids, None)
                     lora_effect = max(lora_effect, float((ref - base).abs().amax()))
     finally:
         del peft_model
@@ -338,8 +287,9 @@ def _check_row(row: ProbeRow, out, ref: torch.Tensor, tols: list[float], dist: _
     n = len(row.prompt)
     if row.prompt_logprobs and n > 1:
         if out.prompt_logprobs is None or len(out.prompt_logprobs) != n - 1:
+            got = None if out.prompt_logprobs is None else len(out.prompt_logprobs)
             raise SelfCheckFailed(f"self-check of model type {model_type!r}: {_label(row)}: the engine returned "
-                                  f"{out.prompt_logprobs and len(out.prompt_logprobs)} prompt log-probs, expected {n - 1}")
+                                  f"{got} prompt log-probs, expected {n - 1}")
         for i, lp in enumerate(out.prompt_logprobs):
             _logprob(row, (0, i + 1), f"prefill position {i + 1}", ref[i], row.prompt[i + 1], lp, tols[i], dist)
     if len(out.tokens) != steps:
