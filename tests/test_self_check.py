@@ -100,9 +100,33 @@ def engine_params():
 
 def test_tiny_llama_passes(tiny):
     engine, harness, _ = tiny
+    before = _prompt_logprobs(engine)
     report = run_self_check(engine, harness)
+    assert _prompt_logprobs(engine) == before  # the check leaves the engine's path as it was, bit for bit
     assert report.model_type == "llama" and report.max_distance <= report.max_tolerance
     assert report.lora_effect > 10 * report.max_tolerance
+
+
+def _prompt_logprobs(engine) -> list[float]:
+    from app.engine import SamplingParams
+
+    params = SamplingParams(max_new_tokens=2, prompt_logprobs=True)
+    return list(engine.submit([5, 77, 120, 33, 9, 200], None, params).result(60).prompt_logprobs)
+
+
+def test_nf4_passes_and_the_check_leaves_the_engine_untouched(tmp_path):
+    """The reference shares the engine's tensors: building it must not change them. (PEFT's
+    set_peft_model_state_dict calls state_dict(), which unpacks bitsandbytes' CPU-packed 4-bit weights in place:
+    it moved this engine's log-probs by 5e-3 before the reference stopped using it.)"""
+    engine, harness, _ = _engine(tmp_path, model=save_tiny_checkpoint(tmp_path / "base", seed=3), quantize="nf4",
+                                 max_total_tokens=96, max_input_tokens=64, max_batch_tokens=128)
+    try:
+        before = _prompt_logprobs(engine)
+        report = run_self_check(engine, harness)
+        assert report.max_distance <= report.max_tolerance
+        assert _prompt_logprobs(engine) == before  # bit for bit
+    finally:
+        engine.shutdown()
 
 
 def test_tolerance_follows_the_dtype():
