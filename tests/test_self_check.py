@@ -14,7 +14,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from app.engine import AdapterNotFound, DirectoryAdapterSource, Engine, EngineConfig
-from app.engine.self_check import PROBE_IDS, ProbeHarness, SelfCheckFailed, run_self_check, tolerance
+from app.engine.self_check import (PROBE_IDS, ProbeHarness, SelfCheckFailed, model_window, run_self_check,
+                                   tolerance)
 from app.server.cli_serve import settings_from_args
 from app.server.main import create_app
 from app.server.settings import Settings
@@ -127,6 +128,15 @@ def test_nf4_passes_and_the_check_leaves_the_engine_untouched(tmp_path):
         assert _prompt_logprobs(engine) == before  # bit for bit
     finally:
         engine.shutdown()
+
+
+def test_the_window_of_the_config_is_found():
+    from transformers import GPTNeoConfig, MistralConfig, Qwen2MoeConfig
+
+    assert model_window(MistralConfig(sliding_window=64)) == 64
+    assert model_window(GPTNeoConfig(window_size=256)) == 256
+    assert model_window(Qwen2MoeConfig(sliding_window=0)) is None  # 0 means none there
+    assert model_window(MistralConfig(sliding_window=None)) is None
 
 
 def test_tolerance_follows_the_dtype():
