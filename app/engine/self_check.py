@@ -18,7 +18,6 @@ the engine's own tensors, with PEFT's LoRA layers injected into it; it runs whil
 from __future__ import annotations
 
 import json
-import logging
 import math
 import shutil
 import tempfile
@@ -33,8 +32,6 @@ from .errors import BaseModelError, EngineError
 from .observer import NullObserver
 from .reference_model import reference_logprobs, reference_model
 from .sampling import SamplingParams
-
-log = logging.getLogger("olora.engine.self_check")
 
 PROBE_IDS = ("self-check:a", "self-check:b")  # ':' is outside the adapter id pattern: no user adapter has these ids
 PROBE_RANKS = (4, 8)
@@ -257,8 +254,12 @@ def _compare(engine, rows: list[ProbeRow], outputs: list, adapters: dict, model_
     layers = int(getattr(engine.model.config, "num_hidden_layers", 1) or 1)
     dist = _Distance()
     lora_effect = 0.0
-    peft_model = reference_model(engine.model, engine.parser.targets,
-                                 {pid: (p["config"], p["weights"]) for pid, p in adapters.items()})
+    try:
+        peft_model = reference_model(engine.model, engine.parser.targets,
+                                     {pid: (p["config"], p["weights"]) for pid, p in adapters.items()})
+    except Exception as exc:  # the check cannot vouch for a model PEFT cannot wrap: refuse, say how to skip
+        raise SelfCheckFailed(f"self-check of model type {model_type!r}: cannot build the transformers + PEFT "
+                              f"reference ({type(exc).__name__}: {exc}); OLORA_SELF_CHECK=off skips the check") from exc
     try:
         with torch.inference_mode():
             for row, out in zip(rows, outputs):
