@@ -86,7 +86,8 @@ def test_default_model_passes_within_the_fp32_tolerance(tmp_path):
         for pid in PROBE_IDS:  # the probe adapters are gone afterwards
             with pytest.raises(AdapterNotFound):
                 engine.submit([5, 6], pid, engine_params())
-        assert not set(PROBE_IDS) & set(engine.stats().host_adapter_ids)
+        stats = engine.stats()
+        assert not set(PROBE_IDS) & set(stats.host_adapter_ids) and stats.slots_used == 0
         print(f"self-check on the default model: {report.seconds:.2f} s, {report.compared} log-probs, "
               f"max distance {report.max_distance:.2g} (tolerance {report.max_tolerance:.2g})")
     finally:
