@@ -113,6 +113,22 @@ async def _watch_store(state: AppState, store: AdapterStore, findings: StoreFind
         state.metrics.count_registered(current)
 
 
+async def _self_check(engine, harness) -> None:
+    """Serve the start-time probe (app/engine/self_check.py); on a mismatch the engine stops and the start fails."""
+    from app.engine.self_check import run_self_check
+
+    try:
+        report = await asyncio.to_thread(run_self_check, engine, harness)
+    except BaseException:
+        await asyncio.to_thread(engine.shutdown)
+        raise
+    log.info("self-check passed: %s, %d log-probs within %.3g of transformers/PEFT (max distance %.3g, %s) in "
+             "%.1f s", report.model_type, report.compared, report.max_tolerance, report.max_distance, report.dtype,
+             report.seconds)
+    for note in report.notes:
+        log.warning("self-check: %s", note)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = ServerMetrics(settings.metrics_max_adapter_labels, settings.max_loras)
@@ -120,14 +136,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         from app.engine.engine import Engine
+        from app.engine.self_check import ProbeHarness
 
         store = AdapterStore(settings.adapter_dir)  # removes crashed writers' staging folders
         findings = StoreFindingsLog()
         findings.report(await asyncio.to_thread(store.sweep))  # damage found at start is logged by id
         ephemeral = EphemeralAdapters(store)
-        engine = await asyncio.to_thread(Engine, settings.engine_config(), ServedAdapters(store, ephemeral), metrics)
+        # the self-check's probe adapters are served, and its requests kept out of the metrics, by the harness
+        harness = ProbeHarness(ServedAdapters(store, ephemeral), metrics)
+        engine = await asyncio.to_thread(Engine, settings.engine_config(), harness, harness)
         metrics.set_max_loras(engine.config.max_loras)
         engine.start()
+        if settings.self_check == "on":
+            await _self_check(engine, harness)
         ephemeral.validate = engine.validate_adapter  # a merge's scaled weights are checked before it is served
         ephemeral.limits = MergeLimits(settings.max_merge_sources, engine.config.max_rank)
         limits = ArchiveLimits(max_compressed_bytes=settings.max_upload_bytes,

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="compute dtype; auto: bf16 on CUDA, fp32 on CPU")
     quantize: Literal["none", "nf4", "fp4", "int8"] = Field("none", description="bitsandbytes quantization of the base")
     device: str = Field("auto", description="auto (CUDA if present), cpu, cuda, cuda:N")
+    self_check: Literal["on", "off"] = Field(
+        "on", description="before /ready: serve a probe (base + two random LoRAs, mixed batch) and compare it with "
+                          "transformers/PEFT; a mismatch refuses the start. off: skip, for a model already checked")
 
     # network
     host: str = Field("127.0.0.1", description="address to bind")
