@@ -142,6 +142,7 @@ class MultiLoRALinear(nn.Module):
                                                    device=device), persistent=False)  # (S+1, r, in)
         self.register_buffer("lora_B", torch.zeros(n_slots + 1, self.out_features, max_rank, dtype=dtype,
                                                    device=device), persistent=False)  # (S+1, out, r)
+        self.slot_written = [0] * (n_slots + 1)  # per slot: rank columns [0, n) that may be non-zero
         # Per-row copies of the slot each batch row uses (rows mode); empty when not affordable.
         self.register_buffer("row_A", torch.zeros(row_capacity, row_rank, self.in_features, dtype=dtype,
                                                   device=device), persistent=False)  # (max_batch, r_row, in)
@@ -149,17 +150,19 @@ class MultiLoRALinear(nn.Module):
                                                   device=device), persistent=False)  # (max_batch, out, r_row)
 
     def load_slot(self, slot: int, weights: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """Copy (A (r, in), B*scaling (out, r)) into `slot`, zero-padding to r_max; None = zeros (not targeted)."""
-        if weights is None:
-            self.lora_A[slot].zero_()
-            self.lora_B[slot].zero_()
-            return
-        a, b = weights
-        r = a.shape[0]
-        self.lora_A[slot, :r].copy_(a, non_blocking=True)
-        self.lora_A[slot, r:].zero_()
-        self.lora_B[slot, :, :r].copy_(b, non_blocking=True)
-        self.lora_B[slot, :, r:].zero_()
+        """Copy (A (r, in), B*scaling (out, r)) into `slot`, zero-padding to r_max; None = zeros (not targeted).
+        Only the rank columns the slot's previous adapter wrote are cleared (`slot_written`): a rank-16 adapter
+        costs its own 16 columns, not r_max, and pages of a slot never written stay untouched (CPU: uncommitted)."""
+        r = 0 if weights is None else weights[0].shape[0]
+        dirty = self.slot_written[slot]
+        if weights is not None:
+            a, b = weights
+            self.lora_A[slot, :r].copy_(a, non_blocking=True)
+            self.lora_B[slot, :, :r].copy_(b, non_blocking=True)
+        if dirty > r:
+            self.lora_A[slot, r:dirty].zero_()
+            self.lora_B[slot, :, r:dirty].zero_()
+        self.slot_written[slot] = r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
         out = self.base_layer(x)  # (B, T, out)
