@@ -48,7 +48,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shape", choices=sorted(SHAPES), default="small")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--adapters", type=int, default=32)
+    p.add_argument("--adapters", default="32", help="adapters in rotation; a list (8,32) adds a phase per count")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
@@ -167,8 +167,9 @@ async def measure(args, servers: dict[str, Server], engine, phases, churn_jobs, 
                for name, s in servers.items()}
     if engine is not None:
         targets["olora-engine"] = lambda jobs: run_phase(engine, jobs, args.concurrency, args.new_tokens)
+    texts = [p for p, _ in phases["base"]]
+    warm = [(texts[i % len(texts)], f"a{i}") for i in range(args.adapters)] + phases["base"][:args.concurrency]
     for name, run in targets.items():  # warm-up: every adapter once, every target
-        warm = [(p, m) for p, m in phases["adapters"][:args.adapters]] + phases["base"][:args.concurrency]
         await run(warm)
         print(f"warm {name}", flush=True)
     rounds = report["rounds"] = {name: {phase: [] for phase in phases} for name in targets}
@@ -181,8 +182,8 @@ async def measure(args, servers: dict[str, Server], engine, phases, churn_jobs, 
                 print(f"round {r} {name} {phase}: {res['tokens_per_s']:.1f} tok/s", flush=True)
                 save()
     report["results"] = {name: {phase: statistics.median(v) for phase, v in by.items()} for name, by in rounds.items()}
-    report["per_round_ratio"] = {name: [round(a / b, 3) for a, b in zip(by["adapters"], by["base"])]
-                                 for name, by in rounds.items()}
+    report["per_round_ratio"] = {name: {ph: [round(a / b, 3) for a, b in zip(by[ph], by["base"])]
+                                        for ph in by if ph != "base"} for name, by in rounds.items()}
     if not args.skip_latency:
         report["latency"] = {name: {phase: await http_load(s.url, jobs, args.concurrency, args.new_tokens, stream=True)
                                     for phase, jobs in phases.items()} for name, s in servers.items()}
@@ -200,6 +201,8 @@ async def measure(args, servers: dict[str, Server], engine, phases, churn_jobs, 
 
 def main() -> None:
     args = parse_args()
+    counts = [int(k) for k in str(args.adapters).split(",")]
+    args.adapters = max(counts)
     from app.adapters.store.adapter_store import AdapterStore
     from app.engine.engine import Engine, EngineConfig
 
@@ -222,7 +225,9 @@ def main() -> None:
         for path in dirs:
             store.put(path.name, path, {"kind": "lora", "base_fingerprint": fingerprint})
         texts = users_load.prompts(args.requests)
-        phases = users_load.phases(texts, args.adapters)
+        phases = users_load.phases(texts, counts[0])
+        for k in counts[1:]:
+            phases[f"adapters{k}"] = users_load.phases(texts, k)["adapters"]
         churn_jobs = [(t, users_load.adapter_for(i, args.churn)) for i, t in enumerate(texts)] if args.churn else []
         port = free_port()
         env = dict(os.environ, OLORA_MODEL=str(base), OLORA_ADAPTER_DIR=str(work / "store"),
@@ -251,12 +256,12 @@ def main() -> None:
             shutil.copy(log, args.out / f"users_bench_{log.name}")
         shutil.rmtree(work, ignore_errors=True)
     res = report.get("results", {})
-    ratios = {f"{n} adapters/base": round(r["adapters"] / r["base"], 3) for n, r in res.items()}
+    ratios = {f"{n} {ph}/base": round(r[ph] / r["base"], 3) for n, r in res.items() for ph in r if ph != "base"}
     if "olora" in res and "olora-engine" in res:
         ratios["HTTP/in-process (adapters)"] = round(res["olora"]["adapters"] / res["olora-engine"]["adapters"], 3)
         ratios["HTTP/in-process (base)"] = round(res["olora"]["base"] / res["olora-engine"]["base"], 3)
     if "vllm" in res:
-        ratios.update({f"olora/vllm ({ph})": round(res["olora"][ph] / res["vllm"][ph], 3) for ph in ("base", "adapters")})
+        ratios.update({f"olora/vllm ({ph})": round(res["olora"][ph] / res["vllm"][ph], 3) for ph in res["vllm"]})
     report["ratios"] = ratios
     report["load_average_after"] = os.getloadavg()
     save()
