@@ -143,6 +143,7 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("lora_B", torch.zeros(n_slots + 1, self.out_features, max_rank, dtype=dtype,
                                                    device=device), persistent=False)  # (S+1, out, r)
         self.slot_written = [0] * (n_slots + 1)  # per slot: rank columns [0, n) that may be non-zero
+        self.active = True  # set per forward by LoRASlotBank.prepare: False = no row's adapter targets this module
         # Per-row copies of the slot each batch row uses (rows mode); empty when not affordable.
         self.register_buffer("row_A", torch.zeros(row_capacity, row_rank, self.in_features, dtype=dtype,
                                                   device=device), persistent=False)  # (max_batch, r_row, in)
@@ -167,7 +168,7 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
         out = self.base_layer(x)  # (B, T, out)
         meta = self.meta
-        if meta.mode == "none":
+        if meta.mode == "none" or not self.active:
             return out
         xa = x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
         r = meta.rank
@@ -275,7 +276,16 @@ class LoRASlotBank:
                 mode = "rows" if rank <= self.row_buffer_rank else "bgmv"
         if mode == "rows":
             self._bind(row_start, slots)
+        self._mark_active(distinct)
         self.meta.set(mode, slots, row_start, self.max_rank if mode == "reference" else rank)
+
+    def _mark_active(self, distinct: set[int]) -> None:
+        """A module none of this forward's adapters targets (its slots are all zeros) skips its delta: adapters on
+        q,k,v,o served with slots on every Linear no longer compute zero deltas for the MLP. Not on CUDA, where
+        a captured decode graph holds the set of layers it ran (its key does not include this set)."""
+        on_cuda = self.meta.device.type == "cuda"
+        for layer in self.layers.values():
+            layer.active = on_cuda or any(layer.slot_written[s] for s in distinct)
 
     def _bind(self, row_start: int, slots: list[int]) -> None:
         """Copy each row's slot into its row buffer unless it holds it already (rows that joined or moved): the
