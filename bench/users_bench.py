@@ -13,7 +13,7 @@ target in every round, the order of targets rotated each round; medians over rou
                 --max-lora-rank R --max-cpu-loras K, unless --skip-vllm
 Then, once per HTTP target: a streamed pass of each phase (TTFT and time per output token p50/p99, from the
 arrival of the SSE chunks), the first-request cost (a 1-token request to an adapter never used since start, against
-the same request to one in use), and with --churn M: M adapters, request i on a{7i mod M} (almost every request
+the same request to one in use; chunks count with empty text too), and with --churn M: M adapters, request i on a{7i mod M} (almost every request
 needs an adapter not in memory). Shapes: small = the 27M Llama (hidden 512, 8 layers, vocab 8000); 0.5b = a random
 Qwen2 shaped like Qwen2-0.5B (hidden 896, 24 layers, 14/2 heads, MLP 4864, vocab 151936, tied embeddings).
 Writes bench/out/users_bench[_<shape>].json.
@@ -110,8 +110,8 @@ async def http_load(url: str, jobs, concurrency: int, new_tokens: int, stream: b
                         event = json.loads(line[5:])
                         if event.get("usage"):
                             usage = event["usage"]["completion_tokens"]
-                        if event.get("choices") and event["choices"][0].get("text"):
-                            arrivals.append(time.perf_counter())
+                        if event.get("choices"):  # a token's chunk, its text possibly empty (ids the
+                            arrivals.append(time.perf_counter())  # random model draws outside the tokenizer)
                 if arrivals:
                     ttft.append(arrivals[0] - start)
                     if usage > 1:
