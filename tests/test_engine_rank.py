@@ -134,16 +134,22 @@ def test_choose_max_loras():
     small = choose_max_loras(0, 16, one, 1 << 30)  # 10% of 1 GiB = 5 slots of 20 MiB
     assert small.max_loras == int(SLOT_MEMORY_FRACTION * (1 << 30)) // one == 5 and "holds only 5" in small.reason
     assert choose_max_loras(0, 16, 1 << 40, 1 << 30).max_loras == 1  # always at least one slot
+    # from memory, not from the batch: as many slots as host-memory adapters where they fit (no thrash with
+    # 32 adapters in rotation over 16 rows), the memory bound still applies
+    assert choose_max_loras(0, 16, one, 16 << 30, max_cpu_adapters=64).max_loras == 64
+    assert choose_max_loras(0, 16, one, 16 << 30, max_cpu_adapters=4).max_loras == 16  # never below the rows
+    assert choose_max_loras(0, 16, one, 8 << 30, max_cpu_adapters=64).max_loras == int(0.1 * (8 << 30)) // one
     assert slot_bytes({"a": (512, 512), "b": (512, 1376)}, 64, torch.float32) == 64 * 4 * (1024 + 1888)
 
 
-def test_engine_default_slots_cover_the_batch(files, caplog):
+def test_engine_default_slots_cover_the_batch_and_the_host_tier(files, caplog):
     base, adapters = files
     with caplog.at_level(logging.INFO, logger="olora.engine"):
-        engine = make_engine(base, adapters, "auto", max_loras=0, max_batch_size=6)
-    assert engine.config.max_loras == engine.bank.n_slots == 6
-    assert engine.stats().max_loras == 6
-    assert any("max_loras=6 (auto" in r.getMessage() for r in caplog.records)
+        engine = make_engine(base, adapters, "auto", max_loras=0, max_batch_size=6, max_cpu_adapters=9)
+    assert engine.config.max_loras == engine.bank.n_slots == 9
+    assert engine.stats().max_loras == 9
+    assert any("max_loras=9 (auto" in r.getMessage() for r in caplog.records)
+    assert make_engine(base, adapters, "auto", max_loras=0, max_batch_size=6, max_cpu_adapters=2).bank.n_slots == 6
     assert EngineConfig().max_loras == 0, "the default is the automatic choice"
 
 

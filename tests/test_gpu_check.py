@@ -20,7 +20,7 @@ def test_gpu_check_smoke(tmp_path):
         run = phases[f"engine_{quantize}"]
         assert "error" not in run, run
         assert run["base"]["tokens"] == run["adapters"]["tokens"] == report["requests"] * report["new_tokens"]
-        assert run["gemm_floor_ms"] > 0 and run["max_loras"] == report["concurrency"]
+        assert run["gemm_floor_ms"] > 0 and run["max_loras"] >= report["concurrency"]  # auto: from memory, >= rows
         assert run["decode_step_adapters"]["lora_mode"] in ("rows", "bgmv", "grouped")
         assert run["decode_step_base"]["lora_mode"] == "none"
         # LoRA adds work per step: more ops than the base step (the profiler did see the step)

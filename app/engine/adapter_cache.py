@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Hashable, Literal, NamedTuple, Sequence
 
 import torch
 
@@ -66,6 +66,16 @@ class _Entry:
     @property
     def holds_nothing(self) -> bool:
         return self.host == "absent" and self.wanted == 0 and self.slot == 0
+
+
+def _victim(unpinned: list[_Entry], needed: Sequence[Hashable]) -> _Entry:
+    """The slot to overwrite: LRU among those nobody waiting needs, else the one needed last (Belady's rule on
+    the queue's known future)."""
+    order = {key: i for i, key in reversed(list(enumerate(needed)))}  # first position of each key
+    spare = [e for e in unpinned if e.key not in order]
+    if spare:
+        return min(spare, key=lambda e: e.slot_used)
+    return max(unpinned, key=lambda e: (order[e.key], -e.slot_used))
 
 
 @dataclass(frozen=True)
@@ -196,6 +206,25 @@ class AdapterCache:
                 return "device"
             return "host" if entry.host == "ready" else "loading"
 
+    def residency(self, key: AdapterKey) -> str | EngineError:
+        """Where `key` is, as the admission policy sees it: "pinned" (in a slot running rows use), "slot" (in a
+        slot nobody uses), "host" (host memory only), "loading", or the load error."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return "loading"
+            if entry.host == "failed":
+                return entry.error
+            if entry.slot:
+                return "pinned" if entry.pins else "slot"
+            return "host" if entry.host == "ready" else "loading"
+
+    def free_slots(self) -> int:
+        """Slots an adapter could take now: empty, or holding an adapter no running row uses."""
+        with self._lock:
+            pinned = sum(1 for e in self._entries.values() if e.slot and e.pins)
+            return self.bank.n_slots - pinned
+
     def invalidate(self, adapter_id: str, current_path: str | None = None) -> None:
         """Drop what is cached of `adapter_id`; later requests resolve it again. With `current_path` (the store's
         current version, as a store watcher sees it) nothing happens when every key this cache holds or waits
@@ -214,8 +243,10 @@ class AdapterCache:
         self._observer.on_cache_event("host", "invalidate", adapter_id)
 
     # ---- device slots (engine thread only) ---------------------------------------------------------------
-    def acquire_slot(self, key: AdapterKey) -> int | None:
-        """Pin a slot holding `key`, copying it from host memory if needed; None if it must wait."""
+    def acquire_slot(self, key: AdapterKey, needed: Sequence[Hashable] = ()) -> int | None:
+        """Pin a slot holding `key`, copying it from host memory if needed; None if it must wait. A slot to
+        overwrite is an empty one, else the least recently used of the unpinned slots whose adapter is not in
+        `needed` (the waiting queue's adapters, first needed first), else the unpinned one needed last."""
         evicted = None
         with self._lock:
             entry = self._entries.get(key)
@@ -232,7 +263,7 @@ class AdapterCache:
                     unpinned = [e for e in self._entries.values() if e.slot and e.pins == 0]
                     if not unpinned:
                         return None  # every slot is pinned: wait for a running sequence to finish
-                    victim = min(unpinned, key=lambda e: e.slot_used)
+                    victim = _victim(unpinned, needed)
                     slot, victim.slot = victim.slot, 0
                     evicted = victim.key.adapter_id
                     self._prune(victim)

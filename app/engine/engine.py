@@ -79,7 +79,8 @@ class Engine:
                                  f"target_modules={config.target_modules}")
         shapes = {n: layer_features(base.model.get_submodule(n)) for n in targets}
         choice = choose_max_loras(config.max_loras, config.max_batch_size,
-                                  slot_bytes(shapes, config.max_rank, base.dtype), device_memory_bytes(base.device))
+                                  slot_bytes(shapes, config.max_rank, base.dtype), device_memory_bytes(base.device),
+                                  config.max_cpu_adapters)
         log.info("device slots: %s", choice.reason)
         self.config = config = replace(config, max_loras=choice.max_loras)  # resolved, as stats() reports it
         self.bank = LoRASlotBank(base.model, targets, config.max_loras, config.max_rank, base.dtype, base.device,
@@ -131,32 +132,44 @@ class Engine:
     def submit(self, prompt_ids: list[int], adapter_id: str | None, params: SamplingParams) -> RequestHandle:
         """Queue a request. Raises AdapterNotFound / AdapterRejected / InputTooLong / QueueFull /
         InvalidRequest / EngineNotRunning."""
+        return self.submit_many([(prompt_ids, params)], adapter_id)[0]
+
+    def submit_many(self, jobs: list[tuple[list[int], SamplingParams]], adapter_id: str | None
+                    ) -> list[RequestHandle]:
+        """Queue the sequences of one request (OpenAI's n and prompt lists, TGI's best_of), one per
+        (prompt_ids, params) job, all with `adapter_id`: every one is queued or none is (the errors of submit)."""
         if self._thread is None or self._fatal is not None:
             died = f" (the engine loop died: {type(self._fatal).__name__})" if self._fatal is not None else ""
             raise EngineNotRunning(f"engine is not running{died}")
-        self.config.check_request(prompt_ids, params, self.runner.vocab_size)
+        for prompt_ids, params in jobs:
+            self.config.check_request(prompt_ids, params, self.runner.vocab_size)
         key = self.cache.resolve(adapter_id) if adapter_id is not None else None
         if key is not None and self.cache.status(key) == "loading":
             read_adapter_config(Path(key.path))  # cheap early refusal of unsupported configs
-        request_id = f"req-{next(self._ids)}"
-        sampler = RowSampler(params, self.device, len(prompt_ids))  # draws the seed of an unseeded sampled request
-        handle = RequestHandle(request_id, self.cancel, seed=sampler.seed)
-        seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), adapter_id=adapter_id, key=key,
-                       params=params, sampler=sampler, detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
-                       handle=handle)
-        self._by_id[request_id] = seq
+        seqs = []
+        for prompt_ids, params in jobs:
+            request_id = f"req-{next(self._ids)}"
+            sampler = RowSampler(params, self.device, len(prompt_ids))  # draws the seed of an unseeded request
+            handle = RequestHandle(request_id, self.cancel, seed=sampler.seed)
+            seqs.append(Sequence(request_id=request_id, prompt_ids=list(prompt_ids), adapter_id=adapter_id,
+                                 key=key, params=params, sampler=sampler,
+                                 detok=IncrementalDetokenizer(self.tokenizer, prompt_ids), handle=handle))
+        for seq in seqs:
+            self._by_id[seq.request_id] = seq
         try:
-            self.scheduler.enqueue(seq)
+            self.scheduler.enqueue(seqs)
         except EngineError:
-            self._by_id.pop(request_id, None)
+            for seq in seqs:
+                self._by_id.pop(seq.request_id, None)
             raise
         self._notify()
-        return handle
+        return [seq.handle for seq in seqs]
 
     def cancel(self, request_id: str) -> None:
         seq = self._by_id.get(request_id)
         if seq is not None:
             seq.cancelled = True
+            self.scheduler.withdraw(seq)  # a waiting one stops counting against max_waiting now
             self._notify()
 
     def invalidate(self, adapter_id: str, current_path: str | None = None) -> None:

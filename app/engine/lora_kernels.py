@@ -165,6 +165,7 @@ class LoRAPlan:
     rank: int = 0  # leading rank slice of the slot tensors this forward reads
     slot_index: torch.Tensor | None = None  # (B,) long on device: bgmv
     groups: list[RowGroup] = field(default_factory=list)  # grouped
+    skip: frozenset[int] = frozenset()  # MultiLoRALinear.index of layers no adapter of this forward targets
 
     @property
     def active(self) -> bool:

@@ -61,6 +61,8 @@ class MultiLoRALinear(nn.Module):
                                                    device=device), persistent=False)  # (S+1, r, in)
         self.register_buffer("lora_B", torch.zeros(n_slots + 1, self.out_features, max_rank, dtype=dtype,
                                                    device=device), persistent=False)  # (S+1, out, r)
+        self.slot_written = [0] * (n_slots + 1)  # per slot: rank columns [0, n) that may be non-zero
+        self.index = -1  # position in the bank (LoRAPlan.skip names layers by it)
         # Per-row copies of the slot each batch row uses (rows kernel); empty when not affordable.
         self.register_buffer("row_A", torch.zeros(row_capacity, row_rank, self.in_features, dtype=dtype,
                                                   device=device), persistent=False)  # (max_batch, r_row, in)
@@ -68,22 +70,24 @@ class MultiLoRALinear(nn.Module):
                                                   device=device), persistent=False)  # (max_batch, out, r_row)
 
     def load_slot(self, slot: int, weights: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """Copy (A (r, in), B*scaling (out, r)) into `slot`, zero-padding to r_max; None = zeros (not targeted)."""
-        if weights is None:
-            self.lora_A[slot].zero_()
-            self.lora_B[slot].zero_()
-            return
-        a, b = weights
-        r = a.shape[0]
-        self.lora_A[slot, :r].copy_(a, non_blocking=True)
-        self.lora_A[slot, r:].zero_()
-        self.lora_B[slot, :, :r].copy_(b, non_blocking=True)
-        self.lora_B[slot, :, r:].zero_()
+        """Copy (A (r, in), B*scaling (out, r)) into `slot`, zero-padding to r_max; None = zeros (not targeted).
+        Only the rank columns the slot's previous adapter wrote are cleared (`slot_written`): a rank-16 adapter
+        costs its own 16 columns, not r_max, and pages of a slot never written stay untouched (CPU: uncommitted)."""
+        r = 0 if weights is None else weights[0].shape[0]
+        dirty = self.slot_written[slot]
+        if weights is not None:
+            a, b = weights
+            self.lora_A[slot, :r].copy_(a, non_blocking=True)
+            self.lora_B[slot, :, :r].copy_(b, non_blocking=True)
+        if dirty > r:
+            self.lora_A[slot, r:dirty].zero_()
+            self.lora_B[slot, :, r:dirty].zero_()
+        self.slot_written[slot] = r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in), rows first
         out = self.base_layer(x)  # (..., out)
         batch = self.context.batch
-        if batch is None or not batch.lora.active:
+        if batch is None or not batch.lora.active or self.index in batch.lora.skip:
             return out
         rows = batch.n_rows
         if x.numel() % (rows * self.in_features):
@@ -150,6 +154,7 @@ class LoRASlotBank:
             wrapped = MultiLoRALinear(base, n_slots, max_rank, dtype, device, self.context, self.row_capacity,
                                       self.row_buffer_rank)
             setattr(model.get_submodule(parent_name), child, wrapped)
+            wrapped.index = len(self.layers)
             self.layers[name] = wrapped
 
     @property
@@ -185,8 +190,18 @@ class LoRASlotBank:
                         rank=self.max_rank if kernel.name == "reference" else rank)
         if kernel.name == "rows":
             self._bind(row_start, slots)
+        plan.skip = self._inactive_layers(distinct)
         kernel.prepare(plan, self.device)
         return plan
+
+    def _inactive_layers(self, distinct: set[int]) -> frozenset[int]:
+        """Layers none of this forward's adapters targets (their slots are all zeros) skip their delta: adapters on
+        q,k,v,o served with slots on every Linear no longer compute zero deltas for the MLP. Not on CUDA, where
+        a captured decode graph holds the set of layers it ran (its key does not include this set)."""
+        if self.device.type == "cuda" or not distinct:
+            return frozenset()
+        return frozenset(layer.index for layer in self.layers.values()
+                         if not any(layer.slot_written[s] for s in distinct))
 
     def _bind(self, row_start: int, slots: list[int]) -> None:
         """Copy each row's slot into its row buffer unless it holds it already (rows that joined or moved): the

@@ -1,25 +1,26 @@
-"""Continuous batching policy: the bounded waiting queue, admission into batch rows, and row compaction.
+"""Continuous batching: the bounded waiting queue, admission into batch rows, and row compaction.
 
 Running sequences occupy KV rows 0..B-1 in `running` order (running[i].row == i). Each scheduler iteration:
-remove finished/cancelled rows (the last row moves into each hole), then admit waiting requests FIFO while
-there are free rows and prefill-token budget. A request is admitted only when its adapter is in host memory and a
-device slot can be pinned for it; otherwise it is skipped (it stays queued, its load runs on the loader thread)
-and later requests may go first.
+remove finished/cancelled rows (the last row moves into each hole), then admit waiting requests. What to admit is
+decided by the pure policy of admission.py from a `QueueView` (rows, slots, prefill budget, each candidate's adapter
+residency); this module gathers the view (resolving invalidated adapters, reading the cache's states) and carries
+the plan out (pins slots, copying adapters into them). The queue itself is waiting_queue.py: a request of many
+sequences enters whole or not at all, and a cancelled sequence leaves it at once.
 """
 from __future__ import annotations
 
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from .adapter_cache import AdapterCache, AdapterKey
+from .admission import Candidate, QueueView, plan_admission
 from .config import EngineConfig
-from .errors import AdapterNotFound, EngineError, QueueFull
+from .errors import AdapterNotFound, EngineError
 from .handle import RequestHandle
 from .kv_cache import RowKVCache
 from .sampling import RowSampler, SamplingParams
 from .text import IncrementalDetokenizer
+from .waiting_queue import WaitingQueue
 
 
 @dataclass(eq=False)
@@ -40,6 +41,8 @@ class Sequence:
     admitted_at: float | None = None
     cancelled: bool = False
     prompt_logprobs: tuple[float, ...] | None = None  # set by the prefill when params.prompt_logprobs
+    dequeued: bool = False  # admit() took it off the waiting queue (admitted or dropped); engine thread only
+    bypassed: int = 0  # admission rounds that admitted a later arrival while this one was ready (admission.py)
 
     @property
     def cached_tokens(self) -> int:
@@ -60,72 +63,72 @@ class Scheduler:
         self.cache = cache
         self.kv = kv
         self.running: list[Sequence] = []  # engine thread only; index == KV row
-        self._waiting: deque[Sequence] = deque()
-        self._lock = threading.Lock()
+        self.queue: WaitingQueue[Sequence] = WaitingQueue(config.max_waiting)
 
     # ---- any thread --------------------------------------------------------------------------------------
-    def enqueue(self, seq: Sequence) -> None:
-        with self._lock:
-            if len(self._waiting) >= self.config.max_waiting:
-                raise QueueFull(f"waiting queue is full ({self.config.max_waiting} requests)")
-            self._waiting.append(seq)
-        if seq.key is not None:
-            self.cache.want(seq.key)
+    def enqueue(self, seqs: list[Sequence]) -> None:
+        """Queue the sequences of one request, all or none (QueueFull)."""
+        self.queue.put_all(seqs)
+        for seq in seqs:
+            if seq.key is not None:
+                self.cache.want(seq.key)
+
+    def withdraw(self, seq: Sequence) -> None:
+        """A cancelled sequence leaves the waiting queue now (it no longer counts against max_waiting); the next
+        admit() hands it back as dropped so the engine thread finishes it."""
+        self.queue.withdraw(seq)
 
     def waiting_snapshot(self) -> list[Sequence]:
-        with self._lock:
-            return list(self._waiting)
+        return self.queue.snapshot_all()
 
     @property
     def n_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self.queue)
 
     # ---- engine thread -----------------------------------------------------------------------------------
     def admit(self) -> tuple[list[Sequence], list[Dropped]]:
         """Pick newcomers for this iteration. Returns (admitted, dropped); dropped sequences were cancelled
         (error None) or failed while waiting (with their error) and must be finished by the caller."""
-        admitted: list[Sequence] = []
-        dropped: list[Dropped] = []
-        free_rows = self.config.max_batch_size - len(self.running)
-        longest = 0
-        with self._lock:
-            candidates = list(self._waiting)
-        for seq in candidates:
+        # a sequence withdrawn after a previous admit() took it (admitted: the step ends it; dropped) is done here
+        dropped: list[Dropped] = [(seq, None) for seq in self.queue.drain_withdrawn() if not seq.dequeued]
+        candidates: list[Sequence] = []
+        views: list[Candidate] = []
+        for seq in self.queue.snapshot():
             if seq.cancelled:
                 dropped.append((seq, None))
                 continue
-            if free_rows <= len(admitted):
-                continue
             error = self._refresh_key(seq) if seq.key is not None else None
+            residency = "pinned"
+            if error is None and seq.key is not None:
+                status = self.cache.residency(seq.key)
+                error = status if isinstance(status, EngineError) else None
+                residency = status if error is None else residency
             if error is not None:
                 dropped.append((seq, error))
                 continue
-            longest_after = max(longest, len(seq.prompt_ids))
-            if admitted and (len(admitted) + 1) * longest_after > self.config.max_batch_tokens:
-                break  # padded prefill budget used up; FIFO order resumes next iteration
-            slot = 0
-            if seq.key is not None:
-                status = self.cache.status(seq.key)
-                if isinstance(status, EngineError):
-                    dropped.append((seq, status))
-                    continue
-                if status == "loading":
-                    continue
-                slot = self.cache.acquire_slot(seq.key)
+            candidates.append(seq)
+            views.append(Candidate(len(seq.prompt_ids), seq.key, residency, seq.bypassed))
+        admitted: list[Sequence] = []
+        free_rows = self.config.max_batch_size - len(self.running)
+        if candidates and free_rows > 0:
+            plan = plan_admission(QueueView(tuple(views), free_rows, self.cache.free_slots(),
+                                            self.config.max_batch_tokens))
+            for i in plan.bypassed:
+                candidates[i].bypassed += 1
+            for i in plan.admit:
+                seq = candidates[i]
+                slot = 0 if seq.key is None else self.cache.acquire_slot(seq.key, plan.needed)
                 if slot is None:
-                    continue  # all slots pinned (or evicted from host meanwhile): stays queued
-            seq.slot = slot
-            seq.admitted_at = time.perf_counter()
-            longest = longest_after
-            admitted.append(seq)
+                    continue  # evicted from host memory since the view was taken: stays queued
+                seq.slot = slot
+                seq.admitted_at = time.perf_counter()
+                admitted.append(seq)
         gone = admitted + [seq for seq, _ in dropped]
-        if gone:
-            with self._lock:
-                ids = {id(s) for s in gone}
-                self._waiting = deque(s for s in self._waiting if id(s) not in ids)
-            for seq in gone:
-                if seq.key is not None:
-                    self.cache.unwant(seq.key)
+        self.queue.remove(gone)
+        for seq in gone:
+            seq.dequeued = True
+            if seq.key is not None:
+                self.cache.unwant(seq.key)
         return admitted, dropped
 
     def _refresh_key(self, seq: Sequence) -> EngineError | None:

@@ -84,33 +84,29 @@ def adapter_with_header(named: str | None, header: str | None, *, body_names_one
     return named
 
 
+def _prompt_ids(engine, prompt: str | list[int], truncate: int | None) -> list[int]:
+    """Tokenize (token ids are taken as they are) and keep the last `truncate` tokens (TGI's truncation side)."""
+    prompt_ids = engine.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+    return prompt_ids[-truncate:] if truncate is not None else prompt_ids
+
+
 def start(engine, *, request_id: str, prompt: str | list[int], adapter_id: str | None, params: SamplingParams,
           truncate: int | None = None) -> tuple[object, Generation]:
-    """The one way a router starts a generation: tokenize (token ids are taken as they are), keep the last
-    `truncate` tokens (TGI's truncation side), submit. Raises the engine's typed errors."""
-    prompt_ids = engine.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
-    if truncate is not None:
-        prompt_ids = prompt_ids[-truncate:]
-    handle = engine.submit(prompt_ids, adapter_id, params)
-    return handle, Generation(request_id=request_id, adapter_id=adapter_id, prompt_tokens=len(prompt_ids),
-                              seed=handle.seed, prompt_ids=prompt_ids)
+    """Start one generation: `start_many` with one job."""
+    return start_many(engine, request_id=request_id, adapter_id=adapter_id, jobs=[(prompt, params)],
+                      truncate=truncate)[0]
 
 
 def start_many(engine, *, request_id: str, adapter_id: str | None,
                jobs: Iterable[tuple[str | list[int], SamplingParams]], truncate: int | None = None
                ) -> list[tuple[object, Generation]]:
-    """Start the generations of one request (TGI's best_of, OpenAI's n and prompt lists), one per (prompt, params)
-    job, with `start`. If one cannot start, those already started are cancelled before the error goes up."""
-    runs: list[tuple[object, Generation]] = []
-    try:
-        for prompt, params in jobs:
-            runs.append(start(engine, request_id=request_id, prompt=prompt, adapter_id=adapter_id, params=params,
-                              truncate=truncate))
-    except Exception:
-        for handle, _ in runs:
-            handle.cancel()
-        raise
-    return runs
+    """The one way a router starts the generations of one request (TGI's best_of, OpenAI's n and prompt lists),
+    one per (prompt, params) job: tokenize, then queue them all at once with `engine.submit_many`, so the request
+    is queued whole or refused whole (QueueFull, or the typed error of the job that cannot run)."""
+    prepared = [(_prompt_ids(engine, prompt, truncate), params) for prompt, params in jobs]
+    handles = engine.submit_many(prepared, adapter_id)
+    return [(handle, Generation(request_id=request_id, adapter_id=adapter_id, prompt_tokens=len(ids),
+                                seed=handle.seed, prompt_ids=ids)) for handle, (ids, _) in zip(handles, prepared)]
 
 
 async def start_off_loop(start_runs: Callable[[], list[tuple[object, Generation]]], executor: Executor | None = None

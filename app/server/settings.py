@@ -44,8 +44,9 @@ class Settings(BaseSettings):
     # adapters
     adapter_dir: Path = Field(Path("adapters"), description="persistent adapter store (shared by replicas)")
     demo_adapters: bool = Field(True, description="register the shipped demo adapters at first start")
-    max_loras: int = Field(0, ge=0, description="device slots; 0 = auto: max_batch_size where they fit in a tenth "
-                                                "of the device's memory (the choice is logged at start)")
+    max_loras: int = Field(0, ge=0, description="device slots; 0 = auto: max(max_batch_size, max_cpu_adapters) "
+                                                "where they fit in a tenth of the device's memory (the choice is "
+                                                "logged at start)")
     max_cpu_adapters: int = Field(64, ge=1, description="host-memory LRU size")
     max_rank: int = Field(64, ge=1, description="largest adapter rank accepted (slot size)")
     max_merge_sources: int = Field(16, ge=1, le=MAX_MERGE_SOURCES, description="adapter ids in one merge (POST "
