@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, HTTPException, Request, status
@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.adapters.ephemeral import EphemeralAdapters
 from app.adapters.service import AdapterService
 from app.server.auth import role_of
+from app.server.drain import Drain
 from app.server.metrics import ServerMetrics
 from app.server.settings import Settings
 
@@ -27,6 +28,7 @@ class AppState:
     adapters: AdapterService
     metrics: ServerMetrics
     ephemeral: EphemeralAdapters  # per-request merges
+    drain: Drain = field(default_factory=Drain)  # the app's (create_app makes it before the lifespan)
 
     async def recount_adapters(self) -> int:
         """After a change to the store: the registered-adapters gauge, read off the event loop."""

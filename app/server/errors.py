@@ -19,7 +19,7 @@ from olora_core.errors import MergeError, NonFiniteError, OLoRAError
 from app.adapters.upload_plan import UploadRefused
 from app.engine.errors import (AdapterNotFound, AdapterRejected, EngineError, EngineNotRunning, InputTooLong,
                                InvalidRequest, NonFiniteLogits, QueueFull, StepFailed)
-from app.server.generation import AdapterHeaderMismatch, GenerationTimeout, UnsupportedOption
+from app.server.generation import AdapterHeaderMismatch, DrainTimeout, GenerationTimeout, UnsupportedOption
 from app.adapters.store.adapter_store import AdapterExists, AdapterMissing, InvalidAdapterId, StoreError
 from app.adapters.store.archive import ArchiveError
 
@@ -59,6 +59,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     EngineNotRunning: ErrorKind(503, "engine_unavailable", "server_error"),
     EngineError: INTERNAL,
     GenerationTimeout: ErrorKind(504, "timeout", "timeout"),
+    DrainTimeout: ErrorKind(503, "shutting_down", "server_error"),
     AdapterHeaderMismatch: ErrorKind(400, "adapter_header_mismatch", "invalid_request_error"),
     UnsupportedOption: ErrorKind(422, "unsupported_option", "invalid_request_error"),
 }

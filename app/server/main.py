@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from olora_core.errors import OLoRAError
 
@@ -28,6 +28,7 @@ from app.adapters.served import ServedAdapters
 from app.server.generation import GenerationError
 from app.server.metrics import ServerMetrics
 from app.server.auth import AuthMiddleware
+from app.server.drain import Drain, DrainMiddleware
 from app.server.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, UploadLimitMiddleware
 from app.server.settings import Settings
 from app.adapters.store.adapter_store import AdapterStore, StoreError
@@ -97,6 +98,7 @@ async def _watch_store(state: AppState, store: AdapterStore) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = ServerMetrics(settings.metrics_max_adapter_labels, settings.max_loras)
+    drain = Drain()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -112,7 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limits = ArchiveLimits(max_compressed_bytes=settings.max_upload_bytes,
                                max_unpacked_bytes=settings.max_unpacked_bytes)
         state = AppState(settings=settings, engine=engine, adapters=AdapterService(store, engine, limits),
-                         metrics=metrics, ephemeral=ephemeral)
+                         metrics=metrics, ephemeral=ephemeral, drain=drain)
         if settings.demo_adapters:
             from app.adapters.demo import register_demo_adapters
             await asyncio.to_thread(register_demo_adapters, state.adapters, settings.model)
@@ -133,6 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # /docs and /redoc with their assets served from the fastapi-offline package: no CDN, they work offline
     app = FastAPIOffline(title="olora-serve", version=__version__, lifespan=lifespan,
                          description="Many OLoRA/LoRA adapters on one base model: TGI/LoRAX- and OpenAI-compatible.")
+    app.state.drain = drain  # cli_serve's server starts it on SIGTERM
     _install_error_handlers(app)
     from app.server.routers import adapters, generate, ops, openai_compat
     routers = (generate.router, openai_compat.router, adapters.router, ops.router)
@@ -140,10 +143,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router, responses=errors.openapi_error_responses())
     # the routes a request refused before routing is counted under (docs' routes, then the API's)
     routes = [r for r in app.routes if isinstance(r, Route)] + [r for router in routers for r in router.routes]
-    # outermost last: access log -> keys (headers only) -> upload bound -> body size -> routes
+    generation_routes = [r for router in (generate.router, openai_compat.router) for r in router.routes
+                         if "POST" in getattr(r, "methods", ())]
+
+    def starts_generation(scope) -> bool:
+        return any(r.matches(scope)[0] is Match.FULL for r in generation_routes)
+
+    # outermost last: access log -> drain -> keys (headers only) -> upload bound -> body size -> routes
     app.add_middleware(BodySizeLimitMiddleware, max_json_bytes=settings.max_request_bytes,
                        max_upload_bytes=settings.max_upload_bytes)
     app.add_middleware(UploadLimitMiddleware, max_uploads=settings.max_concurrent_uploads)
     app.add_middleware(AuthMiddleware, settings=settings)
+    app.add_middleware(DrainMiddleware, drain=drain, refused_while_draining=starts_generation)
     app.add_middleware(AccessLogMiddleware, metrics=metrics, routes=routes)
     return app

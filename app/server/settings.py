@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     metrics_max_adapter_labels: int = Field(100, ge=0, description="per-adapter metric label cardinality bound")
     metrics_require_key: bool = Field(
         False, description="with keys set, /metrics needs an API key too (its labels name adapter ids)")
+    drain_timeout: float = Field(30.0, ge=0, description="on SIGTERM: seconds running generations may take to "
+                                                          "finish (new ones get 503); then they end with an error event")
     max_concurrent_uploads: int = Field(2, ge=1, description="adapter uploads in progress at once; past it: 429")
 
     # auth (comma-separated lists in the environment)

@@ -27,6 +27,9 @@ async def health(request: Request):
 @router.get("/ready")
 @router.get("/v2/health/ready")
 async def ready(request: Request):
+    """Readiness: 200 once the model is loaded; 503 while starting, draining (SIGTERM) or with the engine dead."""
+    if request.app.state.drain.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
     state = getattr(request.app.state, "olora", None)
     if state is None:
         return JSONResponse({"status": "starting"}, status_code=503)
