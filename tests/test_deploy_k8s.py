@@ -118,7 +118,7 @@ def test_k8s_objects_fit_together():
     # GPU, probes, security
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert container["startupProbe"]["httpGet"]["path"] == "/health"
+    assert container["startupProbe"]["httpGet"]["path"] == "/ready"  # /health is 200 `loading` while starting
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     # drain: the grace period covers the preStop pause, the drain timeout and the server's close after it

@@ -143,11 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=log_level.upper(), format="%(message)s")
     if warning:
         print(warning, file=sys.stderr)
-    app = create_app(settings)
+    app = create_app(settings, load_in_background=True)  # the port opens at once; /ready says when it is loaded
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    draining_server(config, app.state.drain, settings.drain_timeout).run()
-    return 0
+    server = draining_server(config, app.state.drain, settings.drain_timeout)
+    app.state.startup.on_failure.append(lambda: setattr(server, "should_exit", True))
+    server.run()
+    return 1 if app.state.startup.error is not None else 0
 
 
 if __name__ == "__main__":

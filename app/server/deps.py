@@ -29,6 +29,7 @@ class AppState:
     metrics: ServerMetrics
     ephemeral: EphemeralAdapters  # per-request merges
     drain: Drain = field(default_factory=Drain)  # the app's (create_app makes it before the lifespan)
+    watcher: asyncio.Task | None = None  # the store watcher the lifespan runs
 
     async def recount_adapters(self) -> int:
         """After a change to the store: the registered-adapters gauge, read off the event loop."""

@@ -29,6 +29,7 @@ from app.server.generation import GenerationError
 from app.server.metrics import ServerMetrics
 from app.server.auth import AuthMiddleware
 from app.server.drain import Drain, DrainMiddleware
+from app.server.startup import Startup
 from app.server.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, UploadLimitMiddleware
 from app.server.settings import Settings
 from app.adapters.store.adapter_store import AdapterStore, StoreError
@@ -95,47 +96,84 @@ async def _watch_store(state: AppState, store: AdapterStore) -> None:
         state.metrics.count_registered(current)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
-    metrics = ServerMetrics(settings.metrics_max_adapter_labels, settings.max_loras)
-    drain = Drain()
+async def _build_state(settings: Settings, metrics: ServerMetrics, drain: Drain, startup: Startup) -> AppState:
+    """Everything the app serves with, phase by phase (app/server/startup.py names them)."""
+    from app.engine.engine import Engine
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        from app.engine.engine import Engine
-
+    with startup.enter("store"):
         store = AdapterStore(settings.adapter_dir)  # removes crashed writers' staging folders
         await asyncio.to_thread(store.sweep)
         ephemeral = EphemeralAdapters(store)
-        engine = await asyncio.to_thread(Engine, settings.engine_config(), ServedAdapters(store, ephemeral), metrics)
+    with startup.enter("model"):
+        engine = await asyncio.to_thread(Engine, settings.engine_config(), ServedAdapters(store, ephemeral),
+                                         metrics)
+    try:
         metrics.set_max_loras(engine.config.max_loras)
         engine.start()
         ephemeral.validate = engine.validate_adapter  # a merge's scaled weights are checked before it is served
-        limits = ArchiveLimits(max_compressed_bytes=settings.max_upload_bytes,
-                               max_unpacked_bytes=settings.max_unpacked_bytes)
-        state = AppState(settings=settings, engine=engine, adapters=AdapterService(store, engine, limits),
-                         metrics=metrics, ephemeral=ephemeral, drain=drain)
-        if settings.demo_adapters:
-            from app.adapters.demo import register_demo_adapters
-            await asyncio.to_thread(register_demo_adapters, state.adapters, settings.model)
-        registered = await state.recount_adapters()
+        # checks of the built engine, before it takes traffic, run here as `with startup.enter("self_check")`
+        with startup.enter("adapters"):
+            limits = ArchiveLimits(max_compressed_bytes=settings.max_upload_bytes,
+                                   max_unpacked_bytes=settings.max_unpacked_bytes)
+            state = AppState(settings=settings, engine=engine, adapters=AdapterService(store, engine, limits),
+                             metrics=metrics, ephemeral=ephemeral, drain=drain)
+            if settings.demo_adapters:
+                from app.adapters.demo import register_demo_adapters
+                await asyncio.to_thread(register_demo_adapters, state.adapters, settings.model)
+            registered = await state.recount_adapters()
+    except BaseException:
+        await asyncio.to_thread(engine.shutdown)
+        raise
+    log.info("serving %s (fingerprint %s) with %d adapters", engine.base.name, engine.base.fingerprint,
+             registered)
+    return state
+
+
+def create_app(settings: Settings | None = None, *, load_in_background: bool = False) -> FastAPI:
+    """The app. `load_in_background`: the lifespan returns at once (the server binds its port) and the model loads
+    meanwhile, reported by /health and /ready (`olora serve` does this); else the lifespan returns once loaded."""
+    settings = settings or Settings()
+    metrics = ServerMetrics(settings.metrics_max_adapter_labels, settings.max_loras)
+    drain = Drain()
+    startup = Startup()
+
+    async def load_and_serve(app: FastAPI) -> AppState:
+        try:
+            state = await _build_state(settings, metrics, drain, startup)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            startup.fail(exc)
+            raise
         app.state.olora = state
-        watcher = asyncio.create_task(_watch_store(state, store))
-        log.info("serving %s (fingerprint %s) with %d adapters", engine.base.name, engine.base.fingerprint,
-                 registered)
+        state.watcher = asyncio.create_task(_watch_store(state, state.adapters.store))
+        startup.done()
+        return state
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loading = asyncio.create_task(load_and_serve(app))
+        if not load_in_background:
+            await asyncio.shield(loading)
         try:
             yield
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            loading.cancel()  # a start still running (its thread finishes the step it is in)
+            with contextlib.suppress(BaseException):
+                await loading
+            state = getattr(app.state, "olora", None)
             app.state.olora = None
-            await asyncio.to_thread(engine.shutdown)
+            if state is not None:
+                state.watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await state.watcher
+                await asyncio.to_thread(state.engine.shutdown)
 
     # /docs and /redoc with their assets served from the fastapi-offline package: no CDN, they work offline
     app = FastAPIOffline(title="olora-serve", version=__version__, lifespan=lifespan,
                          description="Many OLoRA/LoRA adapters on one base model: TGI/LoRAX- and OpenAI-compatible.")
     app.state.drain = drain  # cli_serve's server starts it on SIGTERM
+    app.state.startup = startup  # /health and /ready report it; cli_serve exits 1 when it fails
     _install_error_handlers(app)
     from app.server.routers import adapters, generate, ops, openai_compat
     routers = (generate.router, openai_compat.router, adapters.router, ops.router)

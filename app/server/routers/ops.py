@@ -17,7 +17,13 @@ router = APIRouter(tags=["operations"])
 @router.get("/health")
 @router.get("/v2/health/live")
 async def health(request: Request):
-    """Liveness: 200 while starting and serving; 503 once the engine loop died (restart the process)."""
+    """Liveness: 200 while starting (`loading`, with the start-up phase) and serving; 503 once the start failed
+    or the engine loop died (restart the process)."""
+    startup = request.app.state.startup
+    if startup.error is not None:
+        return JSONResponse(startup.progress(), status_code=503)
+    if startup.loading:
+        return startup.progress()
     state = getattr(request.app.state, "olora", None)
     if state is not None and not state.engine.stats().alive:
         return JSONResponse({"status": "engine stopped", "model": state.engine.base.name}, status_code=503)
@@ -32,7 +38,7 @@ async def ready(request: Request):
         return JSONResponse({"status": "draining"}, status_code=503)
     state = getattr(request.app.state, "olora", None)
     if state is None:
-        return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse(request.app.state.startup.progress(), status_code=503)
     if not state.engine.stats().alive:  # the engine loop died: take this replica out of rotation
         return JSONResponse({"status": "engine stopped", "model": state.engine.base.name}, status_code=503)
     return {"status": "ready", "model": state.engine.base.name}
