@@ -13,6 +13,7 @@ from app.adapters.service import AdapterService
 from app.server.auth import role_of
 from app.server.drain import Drain
 from app.server.metrics import ServerMetrics
+from app.server.router_metrics import RouterProtocolMetrics
 from app.server.settings import Settings
 
 if TYPE_CHECKING:  # the engine module imports torch: the lifespan imports it, not the app's import
@@ -29,6 +30,7 @@ class AppState:
     metrics: ServerMetrics
     ephemeral: EphemeralAdapters  # per-request merges
     drain: Drain = field(default_factory=Drain)  # the app's (create_app makes it before the lifespan)
+    router_metrics: RouterProtocolMetrics | None = None  # vLLM's gauges, on the metrics' registry
     watcher: asyncio.Task | None = None  # the store watcher the lifespan runs
 
     async def recount_adapters(self) -> int:

@@ -30,6 +30,7 @@ from app.server.metrics import ServerMetrics
 from app.server.auth import AuthMiddleware
 from app.server.drain import Drain, DrainMiddleware
 from app.server.startup import Startup
+from app.server.router_metrics import RouterProtocolMetrics
 from app.server.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, UploadLimitMiddleware
 from app.server.settings import Settings
 from app.adapters.store.adapter_store import AdapterStore, StoreError
@@ -116,7 +117,8 @@ async def _build_state(settings: Settings, metrics: ServerMetrics, drain: Drain,
             limits = ArchiveLimits(max_compressed_bytes=settings.max_upload_bytes,
                                    max_unpacked_bytes=settings.max_unpacked_bytes)
             state = AppState(settings=settings, engine=engine, adapters=AdapterService(store, engine, limits),
-                             metrics=metrics, ephemeral=ephemeral, drain=drain)
+                             metrics=metrics, ephemeral=ephemeral, drain=drain,
+                             router_metrics=RouterProtocolMetrics(metrics.registry))
             if settings.demo_adapters:
                 from app.adapters.demo import register_demo_adapters
                 await asyncio.to_thread(register_demo_adapters, state.adapters, settings.model)

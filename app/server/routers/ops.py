@@ -77,5 +77,7 @@ async def cache(state: State) -> dict:
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(state: State) -> Response:
-    state.metrics.refresh(state.engine.stats())
+    stats = state.engine.stats()  # one snapshot for both families
+    state.metrics.refresh(stats)
+    state.router_metrics.refresh(stats, state.engine.base.name, str(state.engine.base.dtype).removeprefix("torch."))
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
