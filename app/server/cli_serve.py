@@ -144,8 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     if warning:
         print(warning, file=sys.stderr)
     app = create_app(settings, load_in_background=True)  # the port opens at once; /ready says when it is loaded
+    from app.server.connections import header_timeout_protocol
+
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                            http=header_timeout_protocol(settings.header_timeout),
+                            timeout_keep_alive=settings.keep_alive_timeout, limit_concurrency=settings.max_connections)
     server = draining_server(config, app.state.drain, settings.drain_timeout)
     app.state.startup.on_failure.append(lambda: setattr(server, "should_exit", True))
     server.run()

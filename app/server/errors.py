@@ -71,6 +71,7 @@ BY_STATUS: dict[int, ErrorKind] = {
     403: ErrorKind(403, "forbidden", "permission_error"),
     404: ErrorKind(404, "not_found", "not_found_error"),
     405: ErrorKind(405, "method_not_allowed", "invalid_request_error"),
+    408: ErrorKind(408, "request_timeout", "timeout"),
     409: ErrorKind(409, "conflict", "invalid_request_error"),
     413: ErrorKind(413, "payload_too_large", "invalid_request_error"),
     415: ErrorKind(415, "unsupported_media_type", "invalid_request_error"),

@@ -9,6 +9,7 @@ import uuid
 
 from typing import Sequence
 
+from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 
 from app.server.auth import send_error
@@ -17,8 +18,12 @@ from app.server.metrics import ServerMetrics
 access_log = logging.getLogger("olora.access")
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` once the bytes received pass the limit. An HTTPException, so FastAPI's body parsing
+    passes it on (any other error there becomes 400 "error parsing the body") and the handlers answer 413."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body larger than {limit} bytes")
 
 
 UNMATCHED = "unmatched"  # the route label of a path no route serves (bounded: never the raw path)
@@ -103,7 +108,7 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge()
+                    raise BodyTooLarge(limit)
             return message
 
         async def tracking_send(message):

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     metrics_max_adapter_labels: int = Field(100, ge=0, description="per-adapter metric label cardinality bound")
     metrics_require_key: bool = Field(
         False, description="with keys set, /metrics needs an API key too (its labels name adapter ids)")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a connection may take to send a request's headers "
+                                                         "(from opening or the previous response); then it is closed")
+    body_timeout: float = Field(30.0, gt=0, description="seconds a request body may stall between two reads; then 408 "
+                                                       "and the connection closes (a stalled upload frees its slot)")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="seconds an idle keep-alive connection stays open")
+    max_connections: int = Field(1024, ge=1, description="connections and requests at once; past it: 503")
     drain_timeout: float = Field(30.0, ge=0, description="on SIGTERM: seconds running generations may take to "
                                                           "finish (new ones get 503); then they end with an error event")
     max_concurrent_uploads: int = Field(2, ge=1, description="adapter uploads in progress at once; past it: 429")
