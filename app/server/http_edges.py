@@ -2,9 +2,11 @@
 
 Semantics:
 * One spelling per path: a path with a control character (`%0A` decodes to one: Starlette's route regexes end
-  in `$`, which matches before a trailing newline, while the key and size middlewares compare strings), an empty
-  segment (`//`), a `.`/`..` segment or a trailing slash is answered 404 here, so the key check, the body limits
-  and the routers all see the same canonical paths and agree on which route a request is for.
+  in `$`, which matches before a trailing newline, while the key and size middlewares compare strings), a
+  `.`/`..` segment or a trailing slash is answered 404 here, so the key check, the body limits and the routers
+  see the same paths and agree on which route a request is for. Empty segments (`//`) pass: `/v1/models/{id}`
+  takes model ids that are absolute directories; the routers match them literally (no route begins with `//`)
+  and the key check asks an API key of any path it does not know.
 * `Content-Length` together with `Transfer-Encoding` (a request-smuggling shape, RFC 9112 section 6.3) is refused
   with 400 and `Connection: close`: the connection is not reused.
 * HEAD is answered wherever GET is: the GET route runs and its body is dropped (headers, Content-Length included,
@@ -26,7 +28,7 @@ def canonical_path(path: str) -> bool:
     if path == "/":
         return True
     segments = path[1:].split("/")
-    return all(segment not in ("", ".", "..") for segment in segments)
+    return not path.endswith("/") and all(segment not in (".", "..") for segment in segments)
 
 
 class HttpEdgeMiddleware:
@@ -38,7 +40,7 @@ class HttpEdgeMiddleware:
             return await self.app(scope, receive, send)
         if not canonical_path(scope.get("path", "")):
             return await send_error(send, scope, 404, "no route for this path (paths have one spelling: no "
-                                                      "trailing slash, no empty, '.' or '..' segment)")
+                                                      "control character, trailing slash, '.' or '..' segment)")
         names = {name.lower() for name, _ in scope.get("headers") or []}
         if b"content-length" in names and b"transfer-encoding" in names:
             return await send_error(send, scope, 400, "Content-Length together with Transfer-Encoding is refused",

@@ -31,6 +31,7 @@ from app.server.auth import AuthMiddleware
 from app.server.drain import Drain, DrainMiddleware
 from app.server.http_edges import HttpEdgeMiddleware
 from app.server.connections import BodyTimeoutMiddleware
+from app.server.tenants import TenantLimitMiddleware, TenantMetrics
 from app.server.startup import Startup
 from app.server.router_metrics import RouterProtocolMetrics
 from app.server.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, UploadLimitMiddleware
@@ -191,12 +192,14 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = F
     def starts_generation(scope) -> bool:
         return any(r.matches(scope)[0] is Match.FULL for r in generation_routes)
 
-    # outermost last: access log -> http edges -> drain -> keys (headers only) -> upload bound -> body size
+    # outermost last: access log -> http edges -> drain -> keys (headers only) -> tenant limit -> upload bound -> body size
     # -> body timeout -> routes
     app.add_middleware(BodyTimeoutMiddleware, body_timeout=settings.body_timeout)
     app.add_middleware(BodySizeLimitMiddleware, max_json_bytes=settings.max_request_bytes,
                        max_upload_bytes=settings.max_upload_bytes)
     app.add_middleware(UploadLimitMiddleware, max_uploads=settings.max_concurrent_uploads)
+    app.add_middleware(TenantLimitMiddleware, metrics=TenantMetrics(metrics.registry),
+                       max_concurrent=settings.tenant_max_concurrent, starts_generation=starts_generation)
     app.add_middleware(AuthMiddleware, settings=settings)
     app.add_middleware(DrainMiddleware, drain=drain, refused_while_draining=starts_generation)
     app.add_middleware(HttpEdgeMiddleware)  # canonical paths, CL+TE refused, HEAD as GET: before keys and limits

@@ -77,7 +77,7 @@ class AccessLogMiddleware:
                 "ts": time.time(), "request_id": request_id, "method": scope.get("method"),
                 "path": scope.get("path"), "route": route_label, "status": status_holder["status"],
                 "duration_ms": round(seconds * 1000, 2),
-                "adapter_id": scope["state"].get("adapter_id"),
+                "adapter_id": scope["state"].get("adapter_id"), "tenant": scope["state"].get("tenant"),
                 "client": (scope.get("client") or [None])[0]}))
 
 

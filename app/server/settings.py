@@ -73,8 +73,11 @@ class Settings(BaseSettings):
                                                           "finish (new ones get 503); then they end with an error event")
     max_concurrent_uploads: int = Field(2, ge=1, description="adapter uploads in progress at once; past it: 429")
 
-    # auth (comma-separated lists in the environment)
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="keys for generation and reading")
+    tenant_max_concurrent: int = Field(0, ge=0, description="generation requests in flight per tenant (API key name); "
+                                                            "past it: 429; 0 = no limit")
+
+    # auth (comma-separated lists in the environment; an entry `name:key` names its tenant)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="keys for generation and reading; `name:key` names the tenant")
     admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="keys for upload/delete/merge (API keys act as admin keys when none is set)")
 
     @field_validator("api_keys", "admin_keys", mode="before")
