@@ -140,13 +140,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {settings.host}:{settings.port} is in use by another program; pick another --port",
               file=sys.stderr)
         return 2
-    logging.basicConfig(level=log_level.upper(), format="%(message)s")
+    import logging.config
+
+    from app.server.log_format import logging_config
+
+    log_config = logging_config(log_level, settings.log_format)
+    logging.config.dictConfig(log_config)
     if warning:
-        print(warning, file=sys.stderr)
+        logging.getLogger("olora.server").warning(warning)
     app = create_app(settings, load_in_background=True)  # the port opens at once; /ready says when it is loaded
     from app.server.connections import header_timeout_protocol
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
+                            log_config=log_config,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                             http=header_timeout_protocol(settings.header_timeout),
                             timeout_keep_alive=settings.keep_alive_timeout, limit_concurrency=settings.max_connections)

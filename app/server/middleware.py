@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 
 from app.server.auth import send_error
+from app.server.log_format import request_context, trace_id_of
 from app.server.metrics import ServerMetrics
 
 access_log = logging.getLogger("olora.access")
@@ -57,6 +58,8 @@ class AccessLogMiddleware:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = given if 0 < len(given) <= 64 and given.replace("-", "").isalnum() else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        context = request_context.set({"request_id": request_id,
+                                       "trace_id": trace_id_of(headers.get(b"traceparent", b"").decode("latin-1"))})
         started = time.perf_counter()
         status_holder = {"status": 500}
 
@@ -79,6 +82,7 @@ class AccessLogMiddleware:
                 "duration_ms": round(seconds * 1000, 2),
                 "adapter_id": scope["state"].get("adapter_id"), "tenant": scope["state"].get("tenant"),
                 "client": (scope.get("client") or [None])[0]}))
+            request_context.reset(context)
 
 
 class BodySizeLimitMiddleware:

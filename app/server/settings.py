@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     # network
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, description="port to bind")
+    log_format: Literal["text", "json"] = Field("text", description="json: every log line (uvicorn, engine, "
+                                                                    "access, errors) one JSON object with the "
+                                                                    "request id and trace id")
     allow_public_without_keys: bool = Field(
         False, description="bind a non-loopback host even though no API keys are configured")
 
