@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Iterable
 
 from app.engine.handle import GenerationResult, TokenEvent
 from app.engine.sampling import SamplingParams
+from app.server.tracing import record_generation
 
 if TYPE_CHECKING:
     from app.server.drain import Drain
@@ -153,6 +154,7 @@ async def stream_tokens(handle, generation: Generation, *, timeout_s: float,
     `drain` that times out cancels it too, and the iteration then raises DrainTimeout (an in-band error)."""
     watcher = asyncio.create_task(_watch_disconnect(disconnected, handle)) if disconnected else None
     cut_key = drain.register(handle.cancel) if drain is not None else None
+    started, first_token_s = time.monotonic(), None
     deadline = time.monotonic() + timeout_s
     timeout = GenerationTimeout(f"generation exceeded the request timeout of {timeout_s:g} s")
     events = handle.__aiter__()
@@ -170,6 +172,8 @@ async def stream_tokens(handle, generation: Generation, *, timeout_s: float,
             except asyncio.TimeoutError:
                 raise timeout from None
             generation.add(event)
+            if first_token_s is None:
+                first_token_s = time.monotonic() - started
             yield event
             if event.finish_reason is not None:
                 break
@@ -179,6 +183,7 @@ async def stream_tokens(handle, generation: Generation, *, timeout_s: float,
             handle.cancel()  # no-op for a finished request; frees the row of an abandoned one
         if cut_key is not None:
             drain.unregister(cut_key)
+        record_generation(generation.prompt_tokens, len(generation.tokens), first_token_s)
         if watcher is not None:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -32,9 +32,10 @@ from app.server.drain import Drain, DrainMiddleware
 from app.server.http_edges import HttpEdgeMiddleware
 from app.server.connections import BodyTimeoutMiddleware
 from app.server.tenants import TenantLimitMiddleware, TenantMetrics
+from app.server.tracing import TracingMiddleware, tracer_provider_from_env
 from app.server.startup import Startup
 from app.server.router_metrics import RouterProtocolMetrics
-from app.server.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, UploadLimitMiddleware
+from app.server.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, UploadLimitMiddleware, route_template
 from app.server.settings import Settings
 from app.adapters.store.adapter_store import AdapterStore, StoreError
 from app.adapters.store.archive import ArchiveError, ArchiveLimits
@@ -173,6 +174,9 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = F
                 with contextlib.suppress(asyncio.CancelledError):
                     await state.watcher
                 await asyncio.to_thread(state.engine.shutdown)
+            provider = getattr(app.state, "tracer_provider", None)
+            if provider is not None:
+                await asyncio.to_thread(provider.shutdown)  # the last spans are exported
 
     # /docs and /redoc with their assets served from the fastapi-offline package: no CDN, they work offline
     app = FastAPIOffline(title="olora-serve", version=__version__, lifespan=lifespan,
@@ -204,4 +208,8 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = F
     app.add_middleware(DrainMiddleware, drain=drain, refused_while_draining=starts_generation)
     app.add_middleware(HttpEdgeMiddleware)  # canonical paths, CL+TE refused, HEAD as GET: before keys and limits
     app.add_middleware(AccessLogMiddleware, metrics=metrics, routes=routes)
+    provider = tracer_provider_from_env()  # OTLP export when OTEL_EXPORTER_OTLP_* says where; else no spans
+    if provider is not None:
+        app.add_middleware(TracingMiddleware, provider=provider, route_of=lambda scope: route_template(scope, routes))
+        app.state.tracer_provider = provider  # flushed at shutdown
     return app
