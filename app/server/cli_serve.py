@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import socket
 import sys
 import typing
