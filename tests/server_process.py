@@ -20,9 +20,9 @@ class Replica:
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, OLORA_MODEL=str(base_dir), OLORA_ADAPTER_DIR=str(store),
-                   OLORA_DEMO_ADAPTERS="false", OLORA_MAX_BATCH_SIZE="8", OLORA_MAX_LORAS="4",
-                   OLORA_MAX_CPU_ADAPTERS="16", **(extra_env or {}))
+        env = {**os.environ, "OLORA_MODEL": str(base_dir), "OLORA_ADAPTER_DIR": str(store),
+               "OLORA_DEMO_ADAPTERS": "false", "OLORA_MAX_BATCH_SIZE": "8", "OLORA_MAX_LORAS": "4",
+               "OLORA_MAX_CPU_ADAPTERS": "16", **(extra_env or {})}  # extra_env wins
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "olora_core.cli", "serve", "--port", str(self.port)],

@@ -118,9 +118,13 @@ def test_k8s_objects_fit_together():
     # GPU, probes, security
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert container["startupProbe"]["httpGet"]["path"] == "/health"
+    assert container["startupProbe"]["httpGet"]["path"] == "/ready"  # /health is 200 `loading` while starting
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    # drain: the grace period covers the preStop pause, the drain timeout and the server's close after it
+    from app.server.cli_serve import GRACEFUL_SHUTDOWN_S
+    pre_stop_s = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert spec["terminationGracePeriodSeconds"] >= pre_stop_s + float(env["OLORA_DRAIN_TIMEOUT"]) + GRACEFUL_SHUTDOWN_S
     sc = container["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"]["drop"] == ["ALL"] and spec["securityContext"]["runAsNonRoot"] is True

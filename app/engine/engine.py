@@ -58,6 +58,10 @@ class EngineStats:
     pending_loads: int
     steps: int
     alive: bool
+    kv_rows: int = 0  # rows of the KV cache: one per running sequence, each holding up to kv_row_tokens positions
+    kv_rows_used: int = 0  # rows held by a sequence now (running, finished ones until the step frees them)
+    kv_row_tokens: int = 0  # positions a row can hold (max_total_tokens)
+    kv_tokens_used: int = 0  # positions written across the rows in use
 
 
 class Engine:
@@ -185,7 +189,8 @@ class Engine:
 
     def stats(self) -> EngineStats:
         snap = self.cache.snapshot()
-        running = [s for s in list(self.scheduler.running) if not s.done]
+        rows = list(self.scheduler.running)  # index == KV row
+        running = [s for s in rows if not s.done]
         waiting = [s for s in self.scheduler.waiting_snapshot() if not s.cancelled]
         return EngineStats(
             waiting=len(waiting), running=len(running),
@@ -197,7 +202,9 @@ class Engine:
             host_adapters=len(snap.host_adapter_ids), host_adapter_ids=snap.host_adapter_ids,
             host_bytes=snap.host_bytes,
             max_cpu_adapters=self.config.max_cpu_adapters, pending_loads=snap.pending_loads, steps=self.steps,
-            alive=self._thread is not None and self._thread.is_alive() and self._fatal is None)
+            alive=self._thread is not None and self._thread.is_alive() and self._fatal is None,
+            kv_rows=self.runner.kv.max_batch, kv_rows_used=len(rows), kv_row_tokens=self.runner.kv.max_tokens,
+            kv_tokens_used=sum(max(s.cached_tokens, 0) for s in rows))
 
     # ---- internals ---------------------------------------------------------------------------------------
     def _find_eos_ids(self) -> set[int]:

@@ -1,5 +1,8 @@
 """API keys, checked from the request headers before any body is read (pure ASGI middleware).
 
+Keys may carry a tenant name (`name:key` in the settings): it is put on the request (`scope["state"]["tenant"]`)
+for the access log, the `tenant` metric label and the per-tenant limit (app/server/tenants.py).
+
 Roles: an admin key may do everything; an API key may generate and read. When no key is configured every
 request passes. Open without a key: the probes (`/health`, `/ready`, `/v2/health/*`) and `/metrics` (unless
 `metrics_require_key`). Admin routes: every method but GET/HEAD under `/adapters` (upload, delete, merge,
@@ -23,11 +26,31 @@ PROBE_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/rea
 READ_METHODS = frozenset({"GET", "HEAD"})
 
 
-def _matches(token: str, keys: list[str]) -> bool:
-    found = False
-    for key in keys:  # no early exit: every key is compared, each in constant time
-        found |= hmac.compare_digest(token.encode(), key.encode())
+def split_key(entry: str) -> tuple[str | None, str]:
+    """A configured key `name:key` -> (tenant name, key); a key without a name -> (None, key)."""
+    name, sep, key = entry.partition(":")
+    return (name, key) if sep and name and key else (None, entry)
+
+
+def _matching(token: str, keys: list[str]) -> str | None:
+    """The configured entry `token` is the key of, else None."""
+    found = None
+    for entry in keys:  # no early exit: every key is compared, each in constant time
+        if hmac.compare_digest(token.encode(), split_key(entry)[1].encode()):
+            found = entry
     return found
+
+
+def _matches(token: str, keys: list[str]) -> bool:
+    return _matching(token, keys) is not None
+
+
+def tenant_of(settings: Settings, token: str | None) -> str | None:
+    """The tenant name a bearer token's configured entry carries (`name:key`); None for an unnamed or unknown key."""
+    if not token:
+        return None
+    entry = _matching(token, settings.admin_keys) or _matching(token, settings.api_keys)
+    return None if entry is None else split_key(entry)[0]
 
 
 def role_of(settings: Settings, token: str | None) -> Role | None:
@@ -78,6 +101,9 @@ class AuthMiddleware:
         authorization = headers.get(b"authorization", b"").decode("latin-1") or None
         refused = refusal(self.settings, scope.get("method", "GET"), scope.get("path", ""), authorization)
         if refused is None:
+            scheme, _, token = (authorization or "").partition(" ")
+            tenant = tenant_of(self.settings, token.strip()) if scheme.lower() == "bearer" else None
+            scope.setdefault("state", {})["tenant"] = tenant
             return await self.app(scope, receive, send)
         status, message = refused
         await send_error(send, scope, status, message,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import socket
 import sys
 import typing
@@ -80,6 +79,46 @@ def port_holder(host: str, port: int) -> str | None:
         return "other"
 
 
+GRACEFUL_SHUTDOWN_S = 5  # after the drain: uvicorn's wait for connections to close
+
+
+def draining_server(config, drain, timeout_s: float):
+    """A uvicorn.Server that drains first: the first SIGTERM/SIGINT starts `drain.run(timeout_s)` (the port stays
+    open: /ready says 503, new generations get 503 + Retry-After, running ones finish), and only then is uvicorn
+    told to exit, so the process exits 0. A second signal is uvicorn's own: exit now."""
+    import asyncio
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def __init__(self) -> None:
+            super().__init__(config)
+            self.drain_requested = False
+            self.drain_task: asyncio.Task | None = None
+            self.loop: asyncio.AbstractEventLoop | None = None
+
+        async def serve(self, sockets=None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.drain_requested or self.loop is None:
+                return super().handle_exit(sig, frame)
+            self.drain_requested = True  # not recorded as a captured signal: uvicorn does not re-raise it
+            self.loop.call_soon_threadsafe(self.start_drain)
+
+        def start_drain(self) -> None:
+            self.drain_task = self.loop.create_task(self.drain_then_exit())
+
+        async def drain_then_exit(self) -> None:
+            try:
+                await drain.run(timeout_s)
+            finally:
+                self.should_exit = True
+
+    return DrainingServer()
+
+
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
@@ -100,12 +139,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {settings.host}:{settings.port} is in use by another program; pick another --port",
               file=sys.stderr)
         return 2
-    logging.basicConfig(level=log_level.upper(), format="%(message)s")
+    import logging.config
+
+    from app.server.log_format import logging_config
+
+    log_config = logging_config(log_level, settings.log_format)
+    logging.config.dictConfig(log_config)
     if warning:
-        print(warning, file=sys.stderr)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                access_log=False, timeout_graceful_shutdown=10)
-    return 0
+        logging.getLogger("olora.server").warning(warning)
+    app = create_app(settings, load_in_background=True)  # the port opens at once; /ready says when it is loaded
+    from app.server.connections import header_timeout_protocol
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
+                            log_config=log_config,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                            http=header_timeout_protocol(settings.header_timeout),
+                            timeout_keep_alive=settings.keep_alive_timeout, limit_concurrency=settings.max_connections)
+    server = draining_server(config, app.state.drain, settings.drain_timeout)
+    app.state.startup.on_failure.append(lambda: setattr(server, "should_exit", True))
+    server.run()
+    return 1 if app.state.startup.error is not None else 0
 
 
 if __name__ == "__main__":

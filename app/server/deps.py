@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, HTTPException, Request, status
@@ -12,7 +12,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.adapters.ephemeral import EphemeralAdapters
 from app.adapters.service import AdapterService
 from app.server.auth import role_of
+from app.server.drain import Drain
 from app.server.metrics import ServerMetrics
+from app.server.router_metrics import RouterProtocolMetrics
 from app.server.settings import Settings
 
 if TYPE_CHECKING:  # the engine module imports torch: the lifespan imports it, not the app's import
@@ -29,6 +31,9 @@ class AppState:
     metrics: ServerMetrics
     ephemeral: EphemeralAdapters  # per-request merges
     starts: ThreadPoolExecutor  # generation starts only (start_off_loop): never behind store I/O or merges
+    drain: Drain = field(default_factory=Drain)  # the app's (create_app makes it before the lifespan)
+    router_metrics: RouterProtocolMetrics | None = None  # vLLM's gauges, on the metrics' registry
+    watcher: asyncio.Task | None = None  # the store watcher the lifespan runs
 
     async def recount_adapters(self) -> int:
         """After a change to the store: the registered-adapters gauge, read off the event loop."""

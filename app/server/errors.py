@@ -19,7 +19,7 @@ from olora_core.errors import MergeError, NonFiniteError, OLoRAError
 from app.adapters.upload_plan import UploadRefused
 from app.engine.errors import (AdapterNotFound, AdapterRejected, AdapterUnavailable, EngineError, EngineNotRunning,
                                InputTooLong, InvalidRequest, NonFiniteLogits, QueueFull, StepFailed)
-from app.server.generation import AdapterHeaderMismatch, GenerationTimeout, UnsupportedOption
+from app.server.generation import AdapterHeaderMismatch, DrainTimeout, GenerationTimeout, UnsupportedOption
 from app.adapters.store.adapter_store import AdapterExists, AdapterMissing, InvalidAdapterId, StoreError
 from app.adapters.store.archive import ArchiveError
 
@@ -60,6 +60,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     AdapterUnavailable: ErrorKind(503, "adapter_unavailable", "server_error"),
     EngineError: INTERNAL,
     GenerationTimeout: ErrorKind(504, "timeout", "timeout"),
+    DrainTimeout: ErrorKind(503, "shutting_down", "server_error"),
     AdapterHeaderMismatch: ErrorKind(400, "adapter_header_mismatch", "invalid_request_error"),
     UnsupportedOption: ErrorKind(422, "unsupported_option", "invalid_request_error"),
 }
@@ -71,6 +72,7 @@ BY_STATUS: dict[int, ErrorKind] = {
     403: ErrorKind(403, "forbidden", "permission_error"),
     404: ErrorKind(404, "not_found", "not_found_error"),
     405: ErrorKind(405, "method_not_allowed", "invalid_request_error"),
+    408: ErrorKind(408, "request_timeout", "timeout"),
     409: ErrorKind(409, "conflict", "invalid_request_error"),
     413: ErrorKind(413, "payload_too_large", "invalid_request_error"),
     415: ErrorKind(415, "unsupported_media_type", "invalid_request_error"),

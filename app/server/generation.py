@@ -9,10 +9,14 @@ import functools
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Iterable
 
 from app.engine.handle import GenerationResult, TokenEvent
 from app.engine.sampling import SamplingParams
+from app.server.tracing import record_generation
+
+if TYPE_CHECKING:
+    from app.server.drain import Drain
 
 Disconnected = Callable[[], Awaitable[bool]]
 DISCONNECT_POLL_S = 0.1
@@ -26,6 +30,12 @@ class GenerationError(Exception):
 
 class GenerationTimeout(GenerationError):
     status_code = 504
+
+
+class DrainTimeout(GenerationError):
+    """The server shut down and the drain timeout passed before this generation ended."""
+
+    status_code = 503
 
 
 class AdapterHeaderMismatch(GenerationError):
@@ -139,9 +149,13 @@ async def _watch_disconnect(disconnected: Disconnected, handle) -> None:
 
 
 async def stream_tokens(handle, generation: Generation, *, timeout_s: float,
-                        disconnected: Disconnected | None = None) -> AsyncIterator[TokenEvent]:
-    """Yield the request's tokens as they come; cancel the request on timeout, disconnect or consumer exit."""
+                        disconnected: Disconnected | None = None, drain: Drain | None = None
+                        ) -> AsyncIterator[TokenEvent]:
+    """Yield the request's tokens as they come; cancel the request on timeout, disconnect or consumer exit. A
+    `drain` that times out cancels it too, and the iteration then raises DrainTimeout (an in-band error)."""
     watcher = asyncio.create_task(_watch_disconnect(disconnected, handle)) if disconnected else None
+    cut_key = drain.register(handle.cancel) if drain is not None else None
+    started, first_token_s = time.monotonic(), None
     deadline = time.monotonic() + timeout_s
     timeout = GenerationTimeout(f"generation exceeded the request timeout of {timeout_s:g} s")
     events = handle.__aiter__()
@@ -153,10 +167,14 @@ async def stream_tokens(handle, generation: Generation, *, timeout_s: float,
             try:
                 event = await asyncio.wait_for(events.__anext__(), timeout=remaining)
             except StopAsyncIteration:
+                if drain is not None and drain.expired:
+                    raise DrainTimeout("the server is shutting down and its drain timeout passed") from None
                 break
             except asyncio.TimeoutError:
                 raise timeout from None
             generation.add(event)
+            if first_token_s is None:
+                first_token_s = time.monotonic() - started
             yield event
             if event.finish_reason is not None:
                 break
@@ -164,6 +182,9 @@ async def stream_tokens(handle, generation: Generation, *, timeout_s: float,
         if generation.finish_reason is None:
             generation.finish_reason = handle.finish_reason or "cancelled"
             handle.cancel()  # no-op for a finished request; frees the row of an abandoned one
+        if cut_key is not None:
+            drain.unregister(cut_key)
+        record_generation(generation.prompt_tokens, len(generation.tokens), first_token_s)
         if watcher is not None:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -171,21 +192,23 @@ async def stream_tokens(handle, generation: Generation, *, timeout_s: float,
 
 
 async def collect(handle, generation: Generation, *, timeout_s: float,
-                  disconnected: Disconnected | None = None) -> Generation:
-    async for _ in stream_tokens(handle, generation, timeout_s=timeout_s, disconnected=disconnected):
+                  disconnected: Disconnected | None = None, drain: Drain | None = None) -> Generation:
+    async for _ in stream_tokens(handle, generation, timeout_s=timeout_s, disconnected=disconnected, drain=drain):
         pass
     return generation
 
 
 async def merged_tokens(runs: list[tuple[object, Generation]], *, timeout_s: float,
-                        disconnected: Disconnected | None = None) -> AsyncIterator[tuple[int, TokenEvent | None]]:
+                        disconnected: Disconnected | None = None, drain: Drain | None = None
+                        ) -> AsyncIterator[tuple[int, TokenEvent | None]]:
     """Tokens of several generations as they come: (run index, token), and (run index, None) when one ends.
     Leaving the iteration cancels the runs still going; the first error ends it."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, handle, generation: Generation) -> None:
         try:
-            async for token in stream_tokens(handle, generation, timeout_s=timeout_s, disconnected=disconnected):
+            async for token in stream_tokens(handle, generation, timeout_s=timeout_s, disconnected=disconnected,
+                                             drain=drain):
                 await queue.put((i, token, None))
             await queue.put((i, None, None))
         except Exception as exc:  # noqa: BLE001 - handed to the consumer

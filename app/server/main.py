@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from olora_core.errors import OLoRAError
 
@@ -30,7 +30,14 @@ from app.adapters.served import ServedAdapters
 from app.server.generation import GenerationError
 from app.server.metrics import ServerMetrics
 from app.server.auth import AuthMiddleware
-from app.server.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, UploadLimitMiddleware
+from app.server.drain import Drain, DrainMiddleware
+from app.server.http_edges import HttpEdgeMiddleware
+from app.server.connections import BodyTimeoutMiddleware
+from app.server.tenants import TenantLimitMiddleware, TenantMetrics
+from app.server.tracing import TracingMiddleware, tracer_provider_from_env
+from app.server.startup import Startup
+from app.server.router_metrics import RouterProtocolMetrics
+from app.server.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, UploadLimitMiddleware, route_template
 from app.server.settings import Settings
 from app.adapters.store.adapter_store import AdapterStore, StoreError, StoreFinding
 from app.adapters.store.archive import ArchiveError, ArchiveLimits
@@ -114,14 +121,11 @@ async def _watch_store(state: AppState, store: AdapterStore, findings: StoreFind
 
 
 async def _self_check(engine, harness) -> None:
-    """Serve the start-time probe (app/engine/self_check.py); on a mismatch the engine stops and the start fails."""
+    """Serve the start-time probe (app/engine/self_check.py); on a mismatch the start fails (the caller stops the
+    engine)."""
     from app.engine.self_check import run_self_check
 
-    try:
-        report = await asyncio.to_thread(run_self_check, engine, harness)
-    except BaseException:
-        await asyncio.to_thread(engine.shutdown)
-        raise
+    report = await asyncio.to_thread(run_self_check, engine, harness)
     log.info("self-check passed: %s, %d log-probs within %.3g of transformers/PEFT (max distance %.3g, %s) in "
              "%.1f s", report.model_type, report.compared, report.max_tolerance, report.max_distance, report.dtype,
              report.seconds)
@@ -129,56 +133,100 @@ async def _self_check(engine, harness) -> None:
         log.warning("self-check: %s", note)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
-    metrics = ServerMetrics(settings.metrics_max_adapter_labels, settings.max_loras)
+async def _build_state(settings: Settings, metrics: ServerMetrics, drain: Drain,
+                       startup: Startup) -> tuple[AppState, StoreFindingsLog]:
+    """Everything the app serves with, phase by phase (app/server/startup.py names them), and the log of store
+    damage the watcher goes on reporting."""
+    from app.engine.engine import Engine
+    from app.engine.self_check import ProbeHarness
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        from app.engine.engine import Engine
-        from app.engine.self_check import ProbeHarness
-
+    with startup.enter("store"):
         store = AdapterStore(settings.adapter_dir)  # removes crashed writers' staging folders
         findings = StoreFindingsLog()
         findings.report(await asyncio.to_thread(store.sweep))  # damage found at start is logged by id
         ephemeral = EphemeralAdapters(store)
+    with startup.enter("model"):
         # the self-check's probe adapters are served, and its requests kept out of the metrics, by the harness
         harness = ProbeHarness(ServedAdapters(store, ephemeral), metrics)
         engine = await asyncio.to_thread(Engine, settings.engine_config(), harness, harness)
+    try:
         metrics.set_max_loras(engine.config.max_loras)
         engine.start()
-        if settings.self_check == "on":
-            await _self_check(engine, harness)
         ephemeral.validate = engine.validate_adapter  # a merge's scaled weights are checked before it is served
-        ephemeral.limits = MergeLimits(settings.max_merge_sources, engine.config.max_rank)
-        limits = ArchiveLimits(max_compressed_bytes=settings.max_upload_bytes,
-                               max_unpacked_bytes=settings.max_unpacked_bytes)
-        starts = ThreadPoolExecutor(settings.start_threads, thread_name_prefix="olora-start")
-        state = AppState(settings=settings, engine=engine,
-                         adapters=AdapterService(store, engine, limits, settings.max_merge_sources),
-                         metrics=metrics, ephemeral=ephemeral, starts=starts)
-        if settings.demo_adapters:
-            from app.adapters.demo import register_demo_adapters
-            await asyncio.to_thread(register_demo_adapters, state.adapters, settings.model)
-        registered = await state.recount_adapters()
+        if settings.self_check == "on":
+            with startup.enter("self_check"):
+                await _self_check(engine, harness)
+        with startup.enter("adapters"):
+            ephemeral.limits = MergeLimits(settings.max_merge_sources, engine.config.max_rank)
+            limits = ArchiveLimits(max_compressed_bytes=settings.max_upload_bytes,
+                                   max_unpacked_bytes=settings.max_unpacked_bytes)
+            starts = ThreadPoolExecutor(settings.start_threads, thread_name_prefix="olora-start")
+            state = AppState(settings=settings, engine=engine,
+                             adapters=AdapterService(store, engine, limits, settings.max_merge_sources),
+                             metrics=metrics, ephemeral=ephemeral, starts=starts, drain=drain,
+                             router_metrics=RouterProtocolMetrics(metrics.registry))
+            if settings.demo_adapters:
+                from app.adapters.demo import register_demo_adapters
+                await asyncio.to_thread(register_demo_adapters, state.adapters, settings.model)
+            registered = await state.recount_adapters()
+    except BaseException:
+        await asyncio.to_thread(engine.shutdown)
+        raise
+    log.info("serving %s (fingerprint %s) with %d adapters", engine.base.name, engine.base.fingerprint,
+             registered)
+    return state, findings
+
+
+def create_app(settings: Settings | None = None, *, load_in_background: bool = False) -> FastAPI:
+    """The app. `load_in_background`: the lifespan returns at once (the server binds its port) and the model loads
+    meanwhile, reported by /health and /ready (`olora serve` does this); else the lifespan returns once loaded."""
+    settings = settings or Settings()
+    metrics = ServerMetrics(settings.metrics_max_adapter_labels, settings.max_loras)
+    drain = Drain()
+    startup = Startup()
+
+    async def load_and_serve(app: FastAPI) -> AppState:
+        try:
+            state, findings = await _build_state(settings, metrics, drain, startup)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            startup.fail(exc)
+            raise
         app.state.olora = state
-        watcher = asyncio.create_task(_watch_store(state, store, findings))
-        log.info("serving %s (fingerprint %s) with %d adapters", engine.base.name, engine.base.fingerprint,
-                 registered)
+        state.watcher = asyncio.create_task(_watch_store(state, state.adapters.store, findings))
+        startup.done()
+        return state
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loading = asyncio.create_task(load_and_serve(app))
+        if not load_in_background:
+            await asyncio.shield(loading)
         try:
             yield
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            loading.cancel()  # a start still running (its thread finishes the step it is in)
+            with contextlib.suppress(BaseException):
+                await loading
+            state = getattr(app.state, "olora", None)
             app.state.olora = None
-            await asyncio.to_thread(engine.shutdown)
-            starts.shutdown(wait=False, cancel_futures=True)
-            await asyncio.to_thread(ephemeral.close)
+            if state is not None:
+                state.watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await state.watcher
+                await asyncio.to_thread(state.engine.shutdown)
+                state.starts.shutdown(wait=False, cancel_futures=True)
+                await asyncio.to_thread(state.ephemeral.close)
+            provider = getattr(app.state, "tracer_provider", None)
+            if provider is not None:
+                await asyncio.to_thread(provider.shutdown)  # the last spans are exported
 
     # /docs and /redoc with their assets served from the fastapi-offline package: no CDN, they work offline
     app = FastAPIOffline(title="olora-serve", version=__version__, lifespan=lifespan,
                          description="Many OLoRA/LoRA adapters on one base model: TGI/LoRAX- and OpenAI-compatible.")
+    app.state.drain = drain  # cli_serve's server starts it on SIGTERM
+    app.state.startup = startup  # /health and /ready report it; cli_serve exits 1 when it fails
     _install_error_handlers(app)
     from app.server.routers import adapters, generate, ops, openai_compat
     routers = (generate.router, openai_compat.router, adapters.router, ops.router)
@@ -186,10 +234,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router, responses=errors.openapi_error_responses())
     # the routes a request refused before routing is counted under (docs' routes, then the API's)
     routes = [r for r in app.routes if isinstance(r, Route)] + [r for router in routers for r in router.routes]
-    # outermost last: access log -> keys (headers only) -> upload bound -> body size -> routes
+    generation_routes = [r for router in (generate.router, openai_compat.router) for r in router.routes
+                         if "POST" in getattr(r, "methods", ())]
+
+    def starts_generation(scope) -> bool:
+        return any(r.matches(scope)[0] is Match.FULL for r in generation_routes)
+
+    # outermost last: access log -> http edges -> drain -> keys (headers only) -> tenant limit -> upload bound -> body size
+    # -> body timeout -> routes
+    app.add_middleware(BodyTimeoutMiddleware, body_timeout=settings.body_timeout)
     app.add_middleware(BodySizeLimitMiddleware, max_json_bytes=settings.max_request_bytes,
                        max_upload_bytes=settings.max_upload_bytes)
     app.add_middleware(UploadLimitMiddleware, max_uploads=settings.max_concurrent_uploads)
+    app.add_middleware(TenantLimitMiddleware, metrics=TenantMetrics(metrics.registry),
+                       max_concurrent=settings.tenant_max_concurrent, starts_generation=starts_generation)
     app.add_middleware(AuthMiddleware, settings=settings)
+    app.add_middleware(DrainMiddleware, drain=drain, refused_while_draining=starts_generation)
+    app.add_middleware(HttpEdgeMiddleware)  # canonical paths, CL+TE refused, HEAD as GET: before keys and limits
     app.add_middleware(AccessLogMiddleware, metrics=metrics, routes=routes)
+    provider = tracer_provider_from_env()  # OTLP export when OTEL_EXPORTER_OTLP_* says where; else no spans
+    if provider is not None:
+        app.add_middleware(TracingMiddleware, provider=provider, route_of=lambda scope: route_template(scope, routes))
+        app.state.tracer_provider = provider  # flushed at shutdown
     return app

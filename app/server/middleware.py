@@ -9,16 +9,22 @@ import uuid
 
 from typing import Sequence
 
+from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 
 from app.server.auth import send_error
+from app.server.log_format import request_context, trace_id_of
 from app.server.metrics import ServerMetrics
 
 access_log = logging.getLogger("olora.access")
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` once the bytes received pass the limit. An HTTPException, so FastAPI's body parsing
+    passes it on (any other error there becomes 400 "error parsing the body") and the handlers answer 413."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body larger than {limit} bytes")
 
 
 UNMATCHED = "unmatched"  # the route label of a path no route serves (bounded: never the raw path)
@@ -53,6 +59,8 @@ class AccessLogMiddleware:
         sane = 0 < len(given) <= 64 and given.isascii() and given.replace("-", "").isalnum()  # ASCII: echoed as sent
         request_id = given if sane else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        context = request_context.set({"request_id": request_id,
+                                       "trace_id": trace_id_of(headers.get(b"traceparent", b"").decode("latin-1"))})
         started = time.perf_counter()
         status_holder = {"status": 500}
 
@@ -73,8 +81,9 @@ class AccessLogMiddleware:
                 "ts": time.time(), "request_id": request_id, "method": scope.get("method"),
                 "path": scope.get("path"), "route": route_label, "status": status_holder["status"],
                 "duration_ms": round(seconds * 1000, 2),
-                "adapter_id": scope["state"].get("adapter_id"),
+                "adapter_id": scope["state"].get("adapter_id"), "tenant": scope["state"].get("tenant"),
                 "client": (scope.get("client") or [None])[0]}))
+            request_context.reset(context)
 
 
 class BodySizeLimitMiddleware:
@@ -104,7 +113,7 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge()
+                    raise BodyTooLarge(limit)
             return message
 
         async def tracking_send(message):

@@ -30,7 +30,8 @@ class OpenAIRequest(BaseModel):
     """Fields /v1/completions and /v1/chat/completions share."""
     model_config = ConfigDict(extra="forbid")
     _ONLY: ClassVar[dict[str, tuple]] = {"logit_bias": (None, {}), "stream_options.include_obfuscation":
-                                         (None, False)}
+                                         (None, False), "skip_special_tokens": (None, True),
+                                         "no_stop_trim": (None, False), "return_hidden_states": (None, False)}
 
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
@@ -45,6 +46,10 @@ class OpenAIRequest(BaseModel):
     logit_bias: dict[str, Any] | None = None
     user: str | None = None  # an end-user id for the caller's own bookkeeping: changes nothing here
     ignore_eos: bool = False  # vLLM's extra parameter: generate max_tokens even past EOS (benchmarks)
+    # vLLM / SGLang extras that vllm-router always forwards, at their defaults (what this server does anyway)
+    skip_special_tokens: bool | None = None
+    no_stop_trim: bool | None = None
+    return_hidden_states: bool | None = None
 
     @model_validator(mode="after")
     def _refuse_unhonoured(self):

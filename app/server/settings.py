@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     # network
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, description="port to bind")
+    log_format: Literal["text", "json"] = Field("text", description="json: every log line (uvicorn, engine, "
+                                                                    "access, errors) one JSON object with the "
+                                                                    "request id and trace id")
     allow_public_without_keys: bool = Field(
         False, description="bind a non-loopback host even though no API keys are configured")
 
@@ -73,10 +76,21 @@ class Settings(BaseSettings):
         False, description="with keys set, /metrics needs an API key too (its labels name adapter ids)")
     start_threads: int = Field(4, ge=1, description="threads that start generations (tokenize, submit); store I/O "
                                                     "and merges run elsewhere and cannot hold them up")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a connection may take to send a request's headers "
+                                                         "(from opening or the previous response); then it is closed")
+    body_timeout: float = Field(30.0, gt=0, description="seconds a request body may stall between two reads; then 408 "
+                                                       "and the connection closes (a stalled upload frees its slot)")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="seconds an idle keep-alive connection stays open")
+    max_connections: int = Field(1024, ge=1, description="connections and requests at once; past it: 503")
+    drain_timeout: float = Field(30.0, ge=0, description="on SIGTERM: seconds running generations may take to "
+                                                          "finish (new ones get 503); then they end with an error event")
     max_concurrent_uploads: int = Field(2, ge=1, description="adapter uploads in progress at once; past it: 429")
 
-    # auth (comma-separated lists in the environment)
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="keys for generation and reading")
+    tenant_max_concurrent: int = Field(0, ge=0, description="generation requests in flight per tenant (API key name); "
+                                                            "past it: 429; 0 = no limit")
+
+    # auth (comma-separated lists in the environment; an entry `name:key` names its tenant)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="keys for generation and reading; `name:key` names the tenant")
     admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="keys for upload/delete/merge (API keys act as admin keys when none is set)")
 
     @field_validator("api_keys", "admin_keys", mode="before")

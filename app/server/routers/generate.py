@@ -41,7 +41,7 @@ async def _generate(body: GenerateRequest, request: Request, state: AppState,
                     header_adapter: str | None) -> GenerateResponse:
     runs = await _start_all(state, request, body, header_adapter, stream=False)
     await asyncio.gather(*(collect(h, g, timeout_s=state.settings.request_timeout_s,
-                                   disconnected=request.is_disconnected) for h, g in runs))
+                                   disconnected=request.is_disconnected, drain=state.drain) for h, g in runs))
     best, others = tgi.best_of([g for _, g in runs])
     render = tgi.Renderer(state.engine.tokenizer, body.parameters)
     details = render.details(body.inputs, best, others) if body.parameters.details else None
@@ -63,7 +63,7 @@ async def _generate_stream(body: GenerateRequest, request: Request, state: AppSt
         pending = None
         try:
             async for token in stream_tokens(handle, generation, timeout_s=state.settings.request_timeout_s,
-                                             disconnected=request.is_disconnected):
+                                             disconnected=request.is_disconnected, drain=state.drain):
                 if pending is not None:
                     yield _event(pending.model_dump(exclude_none=False))
                 pending = render.stream_event(len(generation.tokens), token)

@@ -83,7 +83,7 @@ def _sse(state: AppState, request: Request, runs: list[tuple[object, Generation]
         pending: list[list[TokenEvent]] = [[] for _ in runs]  # tokens not yet sent in a chunk
         try:
             async for i, token in merged_tokens(runs, timeout_s=state.settings.request_timeout_s,
-                                                disconnected=request.is_disconnected):
+                                                disconnected=request.is_disconnected, drain=state.drain):
                 g = runs[i][1]
                 if token is not None:
                     pending[i].append(token)
@@ -161,7 +161,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
 
 async def _collect_all(state: AppState, request: Request, runs: list[tuple[object, Generation]]) -> None:
     async for _ in merged_tokens(runs, timeout_s=state.settings.request_timeout_s,
-                                 disconnected=request.is_disconnected):
+                                 disconnected=request.is_disconnected, drain=state.drain):
         pass
 
 

@@ -20,7 +20,13 @@ router = APIRouter(tags=["operations"])
 @router.get("/health")
 @router.get("/v2/health/live")
 async def health(request: Request):
-    """Liveness: 200 while starting and serving; 503 once the engine loop died (restart the process)."""
+    """Liveness: 200 while starting (`loading`, with the start-up phase) and serving; 503 once the start failed
+    or the engine loop died (restart the process)."""
+    startup = request.app.state.startup
+    if startup.error is not None:
+        return JSONResponse(startup.progress(), status_code=503)
+    if startup.loading:
+        return startup.progress()
     state = getattr(request.app.state, "olora", None)
     if state is not None and not state.engine.stats().alive:
         return JSONResponse({"status": "engine stopped", "model": state.engine.base.name}, status_code=503)
@@ -30,9 +36,12 @@ async def health(request: Request):
 @router.get("/ready")
 @router.get("/v2/health/ready")
 async def ready(request: Request):
+    """Readiness: 200 once the model is loaded; 503 while starting, draining (SIGTERM) or with the engine dead."""
+    if request.app.state.drain.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
     state = getattr(request.app.state, "olora", None)
     if state is None:
-        return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse(request.app.state.startup.progress(), status_code=503)
     if not state.engine.stats().alive:  # the engine loop died: take this replica out of rotation
         return JSONResponse({"status": "engine stopped", "model": state.engine.base.name}, status_code=503)
     return {"status": "ready", "model": state.engine.base.name}
@@ -79,5 +88,7 @@ async def cache(state: State, credentials: Credentials) -> dict:
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(state: State) -> Response:
-    state.metrics.refresh(state.engine.stats())
+    stats = state.engine.stats()  # one snapshot for both families
+    state.metrics.refresh(stats)
+    state.router_metrics.refresh(stats, state.engine.base.name, str(state.engine.base.dtype).removeprefix("torch."))
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
