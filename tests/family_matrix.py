@@ -10,6 +10,10 @@ row (longer than any window), a medium and a short one, each with its adapter or
 
 Every request asks for prompt log-probabilities (TGI's decoder_input_details) and decodes greedily; its tokens
 must equal transformers/PEFT's greedy tokens and every log-probability (prompt and generated) must be within TOL.
+
+Before those requests, the engine runs the server's start-time self-check (app/engine/self_check.py), as the
+server would: it must pass on every served family (its reference is a weight-sharing copy of the engine's model
+with PEFT injected; the requests below compare with a fresh model loaded from disk).
 """
 from __future__ import annotations
 
@@ -27,8 +31,9 @@ from transformers import AutoModelForCausalLM
 
 from app.engine import DirectoryAdapterSource, Engine, EngineConfig, SamplingParams
 from app.engine.errors import AdapterRejected, BaseModelError
-from app.engine.lora_layers import find_target_modules
+from app.engine.lora_layers import MultiLoRALinear, find_target_modules
 from app.engine.observer import EngineObserver
+from app.engine.self_check import ProbeHarness, run_self_check
 from olora_core.convert import convert
 from olora_core.olora_init import apply_olora
 
@@ -94,12 +99,39 @@ def save_family(family: Family, root: Path) -> FamilyFiles:
     return FamilyFiles(base, adapters)
 
 
-def start_engine(files: FamilyFiles, max_total: int = MAX_TOTAL, **overrides) -> Engine:
+def start_engine(files: FamilyFiles, max_total: int = MAX_TOTAL, self_check: bool = False, **overrides) -> Engine:
+    """A started engine over the family's files, its adapter source and observer wrapped by the self-check's
+    ProbeHarness as in the server; `self_check`: run the start-time self-check first (SelfCheckFailed propagates)."""
     config = dict(model=files.base, dtype="fp32", device="cpu", max_loras=3, max_rank=16, max_batch_size=8,
                   max_input_tokens=max_total - NEW_TOKENS, max_total_tokens=max_total, max_batch_tokens=8 * max_total)
-    engine = Engine(EngineConfig(**{**config, **overrides}), DirectoryAdapterSource(files.adapters))
+    harness = ProbeHarness(DirectoryAdapterSource(files.adapters))
+    engine = Engine(EngineConfig(**{**config, **overrides}), harness, harness)
     engine.start()
+    if self_check:
+        before = model_tensors(engine.model)
+        try:
+            report = run_self_check(engine, harness)
+        except BaseException:
+            engine.shutdown()
+            raise
+        # no note: a probe row passes the window (MAX_TOTAL > WINDOW) and the probe LoRAs move log-probs by more
+        # than 3x the tolerance, so the check is sensitive on this family
+        assert report.compared > 0 and not report.notes, report
+        # the reference shares the engine's tensors: undoing the engine's overrides on it must not write them
+        after = model_tensors(engine.model)
+        changed = [name for name in before if not torch.equal(before[name], after[name])]
+        assert after.keys() == before.keys() and not changed, f"the self-check changed the engine's {changed}"
     return engine
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the model's parameters and buffers, except the LoRA slot buffers (which the probe fills)."""
+    tensors = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for prefix, module in model.named_modules():
+        if not isinstance(module, MultiLoRALinear):
+            tensors.update({f"{prefix}.{name}".lstrip("."): b.clone()
+                            for name, b in module.named_buffers(recurse=False)})
+    return tensors
 
 
 def prompt_of(length: int, salt: int) -> list[int]:
@@ -223,7 +255,7 @@ def check_family_or_refusal(family: Family, root: Path) -> None:
         assert family.refusal in str(refused.value)
         return
     files = save_family(family, root)
-    engine = start_engine(files)
+    engine = start_engine(files, self_check=True)
     try:
         check_family(files, engine)
         if family.expert_parameters:

@@ -21,12 +21,16 @@ engine cannot run is refused at start, never accepted and then failed per reques
   model gets from the runner's 4-D mask through an instance override (`_prepare_bloom`). MPT's bias is relative
   to the last key (a per-row constant shift, which softmax ignores) and its mask is the 4-D one turned to bool: it
   runs as is. Falcon with alibi=True builds its bias from the 2-D mask in module code: refused.
+Overrides (GPT-Neo's local bias, Bloom's ALiBi builder) change the engine's module tree in place; each comes with
+its undo (`undo_overrides`), which the self-check's reference, a weight-sharing copy of that tree, applies so that
+it runs transformers' own code (reference_model.py).
 LoRA targets: nn.Linear and transformers Conv1D modules of the numbered blocks (fused qkv_proj / gate_up_proj /
 query_key_value / c_attn are plain Linear/Conv1D modules: one slot pair each, as PEFT targets them).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -126,11 +130,18 @@ def describe_architecture(model: nn.Module) -> Architecture:
     arch = Architecture(model_type=model_type, n_layers=n_layers, layer_windows=windows, layer_types=layer_types,
                         mask_form=mask_form, kv=_kv_layout(cfg),
                         mask_free_ok=all(w is None for w in windows) and model_type not in _ALIBI_MASKED)
-    if mask_form == MASK_PER_MODULE:
-        _prepare_gpt_neo(model)
-    if model_type == "bloom":
-        _prepare_bloom(model)
+    override = _OVERRIDES.get(model_type)
+    if override is not None:
+        override.apply(model)
     return arch
+
+
+def undo_overrides(model: nn.Module) -> None:
+    """Give `model`, a copy of an engine's model whose tensors are the engine's own (reference_model.py), back the
+    transformers state that `describe_architecture` overrode, without modifying any tensor the copy shares."""
+    override = _OVERRIDES.get(str(model.config.model_type))
+    if override is not None:
+        override.undo(model)
 
 
 def _prepare_bloom(model: nn.Module) -> None:
@@ -147,6 +158,10 @@ def _prepare_bloom(model: nn.Module) -> None:
     model.transformer.build_alibi_tensor = row_alibi
 
 
+def _undo_bloom(model: nn.Module) -> None:
+    del model.transformer.build_alibi_tensor  # the instance attribute: BloomModel's own method shows again
+
+
 def _prepare_gpt_neo(model: nn.Module) -> None:
     """GPT-Neo's local attention keeps a (P, P) bool bias and reads rows [key_length - query_length, key_length),
     which assumes every row of the batch ends at the last key: replace the local layers' bias by the causal one of
@@ -155,6 +170,26 @@ def _prepare_gpt_neo(model: nn.Module) -> None:
         attention = block.attn.attention
         if attention.attention_type == "local":
             attention.bias = torch.tril(torch.ones_like(attention.bias))
+
+
+def _undo_gpt_neo(model: nn.Module) -> None:
+    """transformers' local bias (GPTNeoSelfAttention.__init__: the causal bias XOR the keys window_size or more
+    behind), as a new buffer of this module: the engine's causal buffer, shared with the copy, stays as it is."""
+    window = int(model.config.window_size)
+    for block in model.transformer.h:
+        attention = block.attn.attention
+        if attention.attention_type == "local":
+            causal = torch.tril(torch.ones_like(attention.bias))  # (1, 1, P, P) bool
+            attention.bias = torch.bitwise_xor(causal, torch.tril(causal, -window))
+
+
+@dataclass(frozen=True)
+class _Override:
+    apply: Callable[[nn.Module], None]  # on the engine's model, at start
+    undo: Callable[[nn.Module], None]  # on a weight-sharing copy of it: must not write a shared tensor
+
+
+_OVERRIDES = {"gpt_neo": _Override(_prepare_gpt_neo, _undo_gpt_neo), "bloom": _Override(_prepare_bloom, _undo_bloom)}
 
 
 def window_modules(model: nn.Module, arch: Architecture) -> list[tuple[nn.Module, int]]:
