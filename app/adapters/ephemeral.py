@@ -17,6 +17,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
+from app.adapters.store.adapter_store import StoredAdapter
+
 from olora_core.adapter_io import load_adapter_dir, save_adapter_dir
 from olora_core.errors import OutputExistsError
 
@@ -26,8 +28,12 @@ EPHEMERAL_PREFIX = "~merged-"
 
 
 class EphemeralAdapters:
-    def __init__(self, store: AdapterStore, max_entries: int = 32):
+    def __init__(self, store: AdapterStore, max_entries: int = 32,
+                 lookup: Callable[[str], StoredAdapter | None] | None = None):
+        """`store`: where this process's merge folder lives (anything with `process_dir`/`clean_process_dirs`);
+        `lookup`: how a source id is found (the adapter index: no store read; `store.get` when not given)."""
         self.store = store
+        self.lookup = lookup or store.get
         # Merges do not outlive the process. Replicas share the store: each process keeps its own folder and
         # removes only what dead processes left (a shared `.ephemeral` wiped at start cut off the other replicas).
         store.clean_process_dirs(".ephemeral")
@@ -44,7 +50,7 @@ class EphemeralAdapters:
 
         sources = []
         for adapter_id in ids:
-            stored = self.store.get(adapter_id)
+            stored = self.lookup(adapter_id)
             if stored is None:
                 raise AdapterMissing(f"merged_adapters: adapter {adapter_id!r} not found")
             sources.append(stored)

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 from olora_core.adapter_io import MUTATED_INIT_KINDS, adapter_kind, load_adapter_dir, save_adapter_dir
 from olora_core.convert import convert
 
-from app.adapters.store.adapter_store import AdapterMissing, AdapterStore, StoredAdapter, check_adapter_id
+from app.adapters.index import AdapterIndex
+from app.adapters.store.adapter_store import AdapterMissing, StoredAdapter, check_adapter_id
 from app.adapters.store.archive import ArchiveLimits, extract_archive
 from app.adapters.upload_plan import UploadPath, UploadPlan, UploadRefused, UploadRequest, choose_plan
 
@@ -72,8 +73,12 @@ def _sha256(path: Path) -> str:
 
 
 class AdapterService:
-    def __init__(self, store: AdapterStore, engine: Engine, archive_limits: ArchiveLimits):
-        self.store = store
+    def __init__(self, repository, engine: Engine, archive_limits: ArchiveLimits,
+                 index: AdapterIndex | None = None):
+        """`repository`: the AdapterRepository adapters are written to (app/adapters/repository.py; the local
+        directory store by default); `index`: its in-memory index (built here when not given)."""
+        self.repository = repository
+        self.index = index if index is not None else AdapterIndex(repository)
         self.engine = engine
         self.archive_limits = archive_limits
 
@@ -95,21 +100,38 @@ class AdapterService:
             sources=meta.get("sources"), problem=problem, warnings=list(meta.get("warnings") or []), tier=tier)
 
     def get(self, adapter_id: str) -> AdapterSummary:
-        stored = self.store.get(adapter_id)
+        stored = self.index.lookup(adapter_id)
         if stored is None:
             raise AdapterMissing(f"adapter {adapter_id!r} not found")
         return self.summary(stored)
 
     def list(self) -> list[AdapterSummary]:
-        return [self.summary(s) for s in self.store.list()]
+        """From the in-memory index: no repository read."""
+        return [self.summary(s) for s in self.index.all()]
+
+    def stored(self, adapter_id: str) -> StoredAdapter:
+        """The live version of `adapter_id` as a local folder (AdapterMissing if there is none)."""
+        stored = self.index.lookup(adapter_id)
+        if stored is None:
+            raise AdapterMissing(f"adapter {adapter_id!r} not found")
+        return stored
+
+    def reading(self, stored: StoredAdapter):
+        """Hold a version folder while a long stream reads it (the store's sweep leaves it alone meanwhile)."""
+        return self.repository.reading(stored)
+
+    def staging_dir(self) -> Path:
+        """A fresh private work folder (on the local store's filesystem: its renames are atomic)."""
+        return self.repository.staging_dir()
 
     # ---- writing ---------------------------------------------------------------------------------------
     def upload(self, adapter_id: str, archive: Path, initial_archive: Path | None = None, *,
                overwrite: bool = False, recompute_init: bool = False, init_dtype: str | None = None,
-               quant_aware: bool | None = None) -> AdapterSummary:
+               quant_aware: bool | None = None, origin: dict[str, Any] | None = None) -> AdapterSummary:
+        """`origin`: where the archives came from when not from a client (an on-demand load), kept in metadata."""
         check_adapter_id(adapter_id)
         request = UploadRequest(adapter_id, initial_archive is not None, recompute_init, init_dtype, quant_aware)
-        work = self.store.staging_dir()
+        work = self.repository.staging_dir()
         try:
             (work / "trained").mkdir()
             trained_dir = extract_archive(archive, work / "trained", self.archive_limits)
@@ -125,6 +147,8 @@ class AdapterService:
             else:
                 adapter_dir, extra = work / "converted", self._convert(plan, work, trained_dir, initial_dir,
                                                                     files.config)
+            if origin:
+                extra = dict(extra, origin=origin)
             return self._commit(adapter_id, adapter_dir, plan.stored_kind, overwrite, extra)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -198,12 +222,14 @@ class AdapterService:
             kind=kind, rank=info.rank, alpha=config.get("lora_alpha"), target_modules=list(info.target_kinds),
             use_rslora=info.use_rslora, sha256=_sha256(weights), size_bytes=weights.stat().st_size,
             base_fingerprint=self.engine.base.fingerprint, created=time.time(), **(extra or {}))
-        stored = self.store.put(adapter_id, adapter_dir, metadata, overwrite=overwrite)
+        stored = self.repository.put(adapter_id, adapter_dir, metadata, overwrite=overwrite)
+        self.index.note(stored)
         self.engine.invalidate(adapter_id)
         return self.summary(stored)
 
     def delete(self, adapter_id: str) -> AdapterSummary:
-        stored = self.store.delete(adapter_id)
+        stored = self.repository.delete(adapter_id)
+        self.index.forget(adapter_id)
         self.engine.invalidate(adapter_id)
         return self.summary(stored)
 
@@ -215,13 +241,13 @@ class AdapterService:
         check_adapter_id(adapter_id)
         loaded = []
         for source_id, weight in sources:
-            stored = self.store.get(source_id)
+            stored = self.index.lookup(source_id)
             if stored is None:
                 raise AdapterMissing(f"merge source adapter {source_id!r} not found")
             loaded.append((load_adapter_dir(stored.path), float(weight)))
         config, tensors = merge_adapters(loaded, method, density=density, majority_sign_method=majority_sign_method,
                                          svd_rank=svd_rank, seed=seed)
-        work = self.store.staging_dir()
+        work = self.repository.staging_dir()
         try:
             save_adapter_dir(work / "merged", config, tensors)
             extra = {"sources": [{"id": i, "weight": w} for i, w in sources], "merge_method": method}

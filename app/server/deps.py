@@ -9,6 +9,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.adapters.ephemeral import EphemeralAdapters
+from app.adapters.on_demand import OnDemandLoader
 from app.adapters.service import AdapterService
 from app.server.auth import role_of
 from app.server.metrics import ServerMetrics
@@ -27,10 +28,11 @@ class AppState:
     adapters: AdapterService
     metrics: ServerMetrics
     ephemeral: EphemeralAdapters  # per-request merges
+    loader: OnDemandLoader  # adapters loaded from the configured sources on first request
 
     async def recount_adapters(self) -> int:
-        """After a change to the store: the registered-adapters gauge, read off the event loop."""
-        return self.metrics.count_registered(await asyncio.to_thread(self.adapters.store.versions))
+        """After a change to the store: the registered-adapters gauge, from the in-memory index (no store read)."""
+        return self.metrics.count_registered(self.adapters.index.versions())
 
 
 def get_state(request: Request) -> AppState:

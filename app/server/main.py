@@ -30,7 +30,12 @@ from app.server.metrics import ServerMetrics
 from app.server.auth import AuthMiddleware
 from app.server.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, UploadLimitMiddleware
 from app.server.settings import Settings
-from app.adapters.store.adapter_store import AdapterStore, StoreError
+from app.adapters.index import AdapterIndex
+from app.adapters.on_demand import OnDemandLoader
+from app.adapters.repository import RepositoryUnavailable
+from app.adapters.store.adapter_store import StoreError
+from app.adapters.store.local_repository import LocalDirectoryRepository
+from app.adapters.store.peft_folder import PeftFolderRepository
 from app.adapters.store.archive import ArchiveError, ArchiveLimits
 
 log = logging.getLogger("olora.server")
@@ -63,7 +68,7 @@ def _install_error_handlers(app: FastAPI) -> None:
                       exc_info=exc if kind is errors.INTERNAL else None)
         return _error_response(request, kind, message)
 
-    for family in (EngineError, StoreError, ArchiveError, UploadRefused, GenerationError, OLoRAError,
+    for family in (EngineError, StoreError, RepositoryUnavailable, ArchiveError, UploadRefused, GenerationError, OLoRAError,
                    ValidationError, UnicodeError, OSError, Exception):
         app.add_exception_handler(family, _typed)
 
@@ -71,27 +76,30 @@ def _install_error_handlers(app: FastAPI) -> None:
 SWEEP_EVERY_S = 30.0  # retired adapter versions are removed this often (after their grace period)
 
 
-async def _watch_store(state: AppState, store: AdapterStore) -> None:
-    """Pick up adapters changed or deleted by other replicas sharing the store directory; sweep retired versions."""
-    known = await asyncio.to_thread(store.versions)
-    last_sweep = time.monotonic()
+async def _watch_store(state: AppState, repository: LocalDirectoryRepository, index: AdapterIndex) -> None:
+    """Keep the in-memory index current: each poll applies what the repository's change journal names (its cost
+    grows with the changes, not with the adapters); a full rebuild every `store_rescan_s` repairs anything missed.
+    The engine drops cached copies of changed or deleted adapters; retired versions are swept."""
+    last_sweep = last_rescan = time.monotonic()
     while True:
         await asyncio.sleep(state.settings.store_poll_s)
         try:
-            current = await asyncio.to_thread(store.versions)
+            if time.monotonic() - last_rescan > state.settings.store_rescan_s:
+                last_rescan = time.monotonic()
+                changed = await asyncio.to_thread(index.rebuild)
+            else:
+                changed = await asyncio.to_thread(index.refresh)
             if time.monotonic() - last_sweep > SWEEP_EVERY_S:
                 last_sweep = time.monotonic()
-                await asyncio.to_thread(store.sweep)
+                await asyncio.to_thread(repository.sweep)
         except OSError as exc:  # a store that went away or read-only must not end the watcher
             log.warning("adapter store watcher: %s", exc)
             continue
-        for adapter_id in set(known) | set(current):
-            if known.get(adapter_id) != current.get(adapter_id):
-                version = current.get(adapter_id)  # None: deleted
-                path = None if version is None else str(store.root / adapter_id / version)
-                state.engine.invalidate(adapter_id, current_path=path)  # an up-to-date cache is left alone
-        known = current
-        state.metrics.count_registered(current)
+        for change in changed:
+            path = None if change.stored is None else str(change.stored.path)  # None: deleted
+            state.engine.invalidate(change.adapter_id, current_path=path)  # an up-to-date cache is left alone
+        if changed:
+            state.metrics.count_registered(index.versions())
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -102,23 +110,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         from app.engine.engine import Engine
 
-        store = AdapterStore(settings.adapter_dir)  # removes crashed writers' staging folders
-        await asyncio.to_thread(store.sweep)
-        ephemeral = EphemeralAdapters(store)
-        engine = await asyncio.to_thread(Engine, settings.engine_config(), ServedAdapters(store, ephemeral), metrics)
+        repository = LocalDirectoryRepository(settings.adapter_dir)  # removes crashed writers' staging folders
+        await asyncio.to_thread(repository.sweep)
+        index = AdapterIndex(repository)
+        await asyncio.to_thread(index.rebuild)
+        ephemeral = EphemeralAdapters(repository, lookup=index.lookup)
+        loader_box: list[OnDemandLoader] = []  # the loader needs the service, which needs the engine
+
+        def fetch(adapter_id: str):
+            return loader_box[0].fetch(adapter_id) if loader_box else index.lookup(adapter_id)
+
+        engine = await asyncio.to_thread(Engine, settings.engine_config(), ServedAdapters(fetch, ephemeral), metrics)
         metrics.set_max_loras(engine.config.max_loras)
         engine.start()
         ephemeral.validate = engine.validate_adapter  # a merge's scaled weights are checked before it is served
         limits = ArchiveLimits(max_compressed_bytes=settings.max_upload_bytes,
                                max_unpacked_bytes=settings.max_unpacked_bytes)
-        state = AppState(settings=settings, engine=engine, adapters=AdapterService(store, engine, limits),
-                         metrics=metrics, ephemeral=ephemeral)
+        service = AdapterService(repository, engine, limits, index)
+        loader = OnDemandLoader(service, [PeftFolderRepository(d) for d in settings.peft_dirs],
+                                timeout_s=settings.fetch_timeout_s)
+        loader_box.append(loader)
+        state = AppState(settings=settings, engine=engine, adapters=service, metrics=metrics, ephemeral=ephemeral,
+                         loader=loader)
         if settings.demo_adapters:
             from app.adapters.demo import register_demo_adapters
             await asyncio.to_thread(register_demo_adapters, state.adapters, settings.model)
         registered = await state.recount_adapters()
         app.state.olora = state
-        watcher = asyncio.create_task(_watch_store(state, store))
+        watcher = asyncio.create_task(_watch_store(state, repository, index))
         log.info("serving %s (fingerprint %s) with %d adapters", engine.base.name, engine.base.fingerprint,
                  registered)
         try:
@@ -128,14 +147,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             app.state.olora = None
+            loader.close()
             await asyncio.to_thread(engine.shutdown)
 
     # /docs and /redoc with their assets served from the fastapi-offline package: no CDN, they work offline
     app = FastAPIOffline(title="olora-serve", version=__version__, lifespan=lifespan,
                          description="Many OLoRA/LoRA adapters on one base model: TGI/LoRAX- and OpenAI-compatible.")
     _install_error_handlers(app)
-    from app.server.routers import adapters, generate, ops, openai_compat
-    routers = (generate.router, openai_compat.router, adapters.router, ops.router)
+    from app.server.routers import adapters, generate, ops, openai_compat, vllm_lora
+    routers = (generate.router, openai_compat.router, adapters.router, ops.router, vllm_lora.router)
     for router in routers:
         app.include_router(router, responses=errors.openapi_error_responses())
     # the routes a request refused before routing is counted under (docs' routes, then the API's)

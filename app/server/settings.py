@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     max_cpu_adapters: int = Field(64, ge=1, description="host-memory LRU size")
     max_rank: int = Field(64, ge=1, description="largest adapter rank accepted (slot size)")
     store_poll_s: float = Field(1.0, gt=0, description="how often other replicas' store changes are picked up")
+    store_rescan_s: float = Field(60.0, gt=0, description="how often the adapter index is rebuilt from the whole "
+                                                          "store (a repair; each poll reads only the changes)")
+    peft_dirs: list[Path] = Field(
+        [], description="read-only folders of PEFT saves (<dir>/<id>/adapter_config.json): an id not in the store "
+                        "is loaded from them on first request; the only roots /v1/load_lora_adapter may name")
+    fetch_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer for an on-demand adapter load "
+                                                           "gets 504 (the load goes on)")
 
     # batching and limits
     max_batch_size: int = Field(16, ge=1, description="sequences in the running batch")
