@@ -40,8 +40,10 @@ class OnDemandLoader:
     def fetch(self, adapter_id: str) -> StoredAdapter | None:
         """The live local version of `adapter_id`, loading it from a source when only a source holds it."""
         stored = self.service.index.lookup(adapter_id)
-        if stored is not None or not self.sources:
-            return stored
+        if stored is not None:
+            return self.service.repository.localize(stored)  # local store: no I/O; object store: download once
+        if not self.sources:
+            return None
         found = self._find(adapter_id)
         if found is None:
             return None

@@ -1,7 +1,8 @@
 """The adapter repository: the one interface through which everything above the engine reaches stored adapters.
 
     resolve(id)        -> VersionRef | None   the live version of an id: (id, version, digest), immutable
-    materialize(ref)   -> StoredAdapter       that version as a local PEFT folder (+ its metadata.json)
+    materialize(ref)   -> StoredAdapter       that version: its metadata and the local folder it has or will have
+    localize(stored)   -> StoredAdapter       its files present in that folder (downloaded once, digest checked)
     list()             -> [VersionRef]        every live adapter
     put(id, dir, meta) -> StoredAdapter       a new version, made live atomically (AdapterExists unless overwrite)
     delete(id)         -> StoredAdapter       the id stops resolving
@@ -53,6 +54,8 @@ class AdapterRepository(Protocol):
     def resolve(self, adapter_id: str) -> VersionRef | None: ...
 
     def materialize(self, ref: VersionRef) -> Any: ...  # StoredAdapter (app/adapters/store/adapter_store.py)
+
+    def localize(self, stored: Any) -> Any: ...
 
     def list(self) -> list[VersionRef]: ...
 

@@ -114,7 +114,7 @@ class AdapterService:
         stored = self.index.lookup(adapter_id)
         if stored is None:
             raise AdapterMissing(f"adapter {adapter_id!r} not found")
-        return stored
+        return self.repository.localize(stored)
 
     def reading(self, stored: StoredAdapter):
         """Hold a version folder while a long stream reads it (the store's sweep leaves it alone meanwhile)."""
@@ -244,6 +244,7 @@ class AdapterService:
             stored = self.index.lookup(source_id)
             if stored is None:
                 raise AdapterMissing(f"merge source adapter {source_id!r} not found")
+            stored = self.repository.localize(stored)
             loaded.append((load_adapter_dir(stored.path), float(weight)))
         config, tensors = merge_adapters(loaded, method, density=density, majority_sign_method=majority_sign_method,
                                          svd_rank=svd_rank, seed=seed)

@@ -76,7 +76,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 SWEEP_EVERY_S = 30.0  # retired adapter versions are removed this often (after their grace period)
 
 
-async def _watch_store(state: AppState, repository: LocalDirectoryRepository, index: AdapterIndex) -> None:
+async def _watch_store(state: AppState, repository, index: AdapterIndex) -> None:
     """Keep the in-memory index current: each poll applies what the repository's change journal names (its cost
     grows with the changes, not with the adapters); a full rebuild every `store_rescan_s` repairs anything missed.
     The engine drops cached copies of changed or deleted adapters; retired versions are swept."""
@@ -92,7 +92,7 @@ async def _watch_store(state: AppState, repository: LocalDirectoryRepository, in
             if time.monotonic() - last_sweep > SWEEP_EVERY_S:
                 last_sweep = time.monotonic()
                 await asyncio.to_thread(repository.sweep)
-        except OSError as exc:  # a store that went away or read-only must not end the watcher
+        except (OSError, RepositoryUnavailable) as exc:  # a store gone away or read-only must not end the watcher
             log.warning("adapter store watcher: %s", exc)
             continue
         for change in changed:
@@ -100,6 +100,18 @@ async def _watch_store(state: AppState, repository: LocalDirectoryRepository, in
             state.engine.invalidate(change.adapter_id, current_path=path)  # an up-to-date cache is left alone
         if changed:
             state.metrics.count_registered(index.versions())
+
+
+def _repository(settings: Settings):
+    """The adapter repository the settings name (app/adapters/repository.py)."""
+    if settings.store == "s3":
+        from app.adapters.store.s3_repository import S3Repository
+
+        if not settings.s3_bucket:
+            raise ValueError("OLORA_STORE=s3 needs OLORA_S3_BUCKET")
+        return S3Repository(settings.s3_bucket, settings.s3_prefix, settings.adapter_dir,
+                            endpoint_url=settings.s3_endpoint_url, timeout_s=settings.s3_timeout_s)
+    return LocalDirectoryRepository(settings.adapter_dir)  # removes crashed writers' staging folders
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -110,15 +122,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         from app.engine.engine import Engine
 
-        repository = LocalDirectoryRepository(settings.adapter_dir)  # removes crashed writers' staging folders
+        repository = _repository(settings)
         await asyncio.to_thread(repository.sweep)
         index = AdapterIndex(repository)
         await asyncio.to_thread(index.rebuild)
-        ephemeral = EphemeralAdapters(repository, lookup=index.lookup)
+
+        def local(adapter_id: str):  # the live version with its files on this machine (None: no such adapter)
+            stored = index.lookup(adapter_id)
+            return None if stored is None else repository.localize(stored)
+
+        ephemeral = EphemeralAdapters(repository, lookup=local)
         loader_box: list[OnDemandLoader] = []  # the loader needs the service, which needs the engine
 
         def fetch(adapter_id: str):
-            return loader_box[0].fetch(adapter_id) if loader_box else index.lookup(adapter_id)
+            return loader_box[0].fetch(adapter_id) if loader_box else local(adapter_id)
 
         engine = await asyncio.to_thread(Engine, settings.engine_config(), ServedAdapters(fetch, ephemeral), metrics)
         metrics.set_max_loras(engine.config.max_loras)

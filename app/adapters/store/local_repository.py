@@ -53,6 +53,10 @@ class LocalDirectoryRepository:
             raise AdapterMissing(f"adapter {ref.adapter_id!r} version {ref.version!r} not found") from None
         return StoredAdapter(ref.adapter_id, ref.version, path, metadata)
 
+    def localize(self, stored: StoredAdapter) -> StoredAdapter:
+        """Already local: nothing to do (no I/O)."""
+        return stored
+
     def get(self, adapter_id: str) -> StoredAdapter | None:
         """resolve + materialize in one read (the local store's version folder is the materialized one)."""
         return self.store.get(adapter_id)

@@ -72,6 +72,7 @@ class S3Repository:
         self.root = self.cache.root
         self._s3 = _client(endpoint_url, timeout_s)
         self._materialize_lock = threading.Lock()
+        self._metadata: dict[tuple[str, str], dict] = {}  # (id, version) -> metadata, from the pointers read
 
     # ---- errors ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -126,42 +127,62 @@ class S3Repository:
         if found is None:
             return None
         pointer, _ = found
+        if isinstance(pointer.get("metadata"), dict):
+            self._metadata[(adapter_id, str(pointer["version"]))] = pointer["metadata"]
         return VersionRef(adapter_id, str(pointer["version"]), str(pointer.get("digest", "")))
 
     def materialize(self, ref: VersionRef) -> StoredAdapter:
-        """The version's files in the local cache (downloaded once; the weights' digest checked)."""
+        """The version with its metadata; its files are downloaded by `localize` (on the first request that
+        needs them), so indexing 10,000 adapters downloads nothing."""
         from botocore.exceptions import ClientError
 
-        local = self.root / ref.adapter_id / ref.version
+        metadata = self._metadata.get((ref.adapter_id, ref.version))
+        if metadata is None:
+            try:
+                with self._talking(f"adapter {ref.adapter_id!r}"):
+                    body = self._s3.get_object(Bucket=self.bucket, Key=self._key(
+                        ref.adapter_id, "versions", ref.version, "metadata.json"))["Body"].read()
+            except ClientError:
+                raise AdapterMissing(f"adapter {ref.adapter_id!r} version {ref.version!r} not found") from None
+            metadata = json.loads(body)
+        return StoredAdapter(ref.adapter_id, ref.version, self.root / ref.adapter_id / ref.version, metadata)
+
+    def localize(self, stored: StoredAdapter) -> StoredAdapter:
+        """Download the version's files into the local cache once; the weights' sha256 must match the digest
+        recorded at upload (a corrupt or missing object is a 503 naming the adapter, never served)."""
+        from botocore.exceptions import ClientError
+
+        local = stored.path
         if (local / "metadata.json").is_file():
-            return StoredAdapter(ref.adapter_id, ref.version, local, json.loads((local / "metadata.json").read_text()))
+            return stored
         staged = self.cache.staging_dir()
         try:
             for name in (*ADAPTER_FILES, "metadata.json"):
                 try:
-                    with self._talking(f"adapter {ref.adapter_id!r}"):
-                        self._s3.download_file(self.bucket, self._key(ref.adapter_id, "versions", ref.version, name),
-                                               str(staged / name))
+                    with self._talking(f"adapter {stored.adapter_id!r}"):
+                        self._s3.download_file(self.bucket, self._key(stored.adapter_id, "versions", stored.version,
+                                                                      name), str(staged / name))
                 except ClientError as exc:
                     if self._code(exc) in ("NoSuchKey", "404"):
-                        raise RepositoryUnavailable(f"adapter {ref.adapter_id!r}: object {name} of version "
-                                                    f"{ref.version} is missing from {self.name}") from None
-                    raise
-            if ref.digest and _sha256(staged / "adapter_model.safetensors") != ref.digest:
-                raise RepositoryUnavailable(f"adapter {ref.adapter_id!r}: the weights of version {ref.version} in "
-                                            f"{self.name} do not match their digest (a corrupt object)")
-            metadata = json.loads((staged / "metadata.json").read_text())
+                        raise RepositoryUnavailable(f"adapter {stored.adapter_id!r}: object {name} of version "
+                                                    f"{stored.version} is missing from {self.name}") from None
+                    raise RepositoryUnavailable(f"adapter {stored.adapter_id!r}: {self.name} answered "
+                                                f"{self._code(exc)}") from None
+            digest = stored.metadata.get("sha256")
+            if not digest or _sha256(staged / "adapter_model.safetensors") != digest:
+                raise RepositoryUnavailable(f"adapter {stored.adapter_id!r}: the weights of version {stored.version} "
+                                            f"in {self.name} do not match their digest (a corrupt object)")
             with self._materialize_lock:
                 local.parent.mkdir(parents=True, exist_ok=True)
                 if not local.exists():
                     staged.rename(local)
-            return StoredAdapter(ref.adapter_id, ref.version, local, metadata)
+            return stored
         finally:
             shutil.rmtree(staged, ignore_errors=True)
 
     def get(self, adapter_id: str) -> StoredAdapter | None:
         ref = self.resolve(adapter_id)
-        return None if ref is None else self.materialize(ref)
+        return None if ref is None else self.localize(self.materialize(ref))
 
     def list(self) -> list[VersionRef]:
         refs = []
@@ -192,7 +213,7 @@ class S3Repository:
                                      self._key(adapter_id, "versions", version, name))
             self._s3.put_object(Bucket=self.bucket, Key=self._key(adapter_id, "versions", version, "metadata.json"),
                                 Body=json.dumps(meta, indent=2, sort_keys=True).encode())
-        pointer = json.dumps({"version": version, "digest": digest}).encode()
+        pointer = json.dumps({"version": version, "digest": digest, "metadata": meta}).encode()
         for _ in range(SWITCH_RETRIES):
             current = self._pointer(adapter_id)
             if current is not None and not overwrite:
@@ -213,6 +234,7 @@ class S3Repository:
         else:
             raise RepositoryUnavailable(f"adapter {adapter_id!r}: its live version kept changing under this write")
         self._note_change(adapter_id)
+        self._metadata[(adapter_id, version)] = meta
         local = self.root / adapter_id / version
         if not local.exists():  # this replica serves what it wrote without downloading it again
             staged = self.cache.staging_dir()
