@@ -83,13 +83,14 @@ class AdapterService:
         self.archive_limits = archive_limits
 
     # ---- reading ---------------------------------------------------------------------------------------
-    def summary(self, stored: StoredAdapter) -> AdapterSummary:
+    def summary(self, stored: StoredAdapter, stats=None) -> AdapterSummary:
+        """`stats`: the engine's stats when summarizing many adapters (read once for all of them)."""
         meta = stored.metadata
         bound, served = meta.get("base_fingerprint", ""), self.engine.base.fingerprint
         servable = bound == served
         problem = None if servable else (
             f"adapter {stored.adapter_id!r} is bound to base {bound}, this server serves {served}")
-        stats = self.engine.stats()
+        stats = stats if stats is not None else self.engine.stats()
         tier = ("device" if stored.adapter_id in stats.slot_adapters else
                 "host" if stored.adapter_id in stats.host_adapter_ids else "disk")
         return AdapterSummary(
@@ -107,7 +108,8 @@ class AdapterService:
 
     def list(self) -> list[AdapterSummary]:
         """From the in-memory index: no repository read."""
-        return [self.summary(s) for s in self.index.all()]
+        stats = self.engine.stats()
+        return [self.summary(s, stats) for s in self.index.all()]
 
     def stored(self, adapter_id: str) -> StoredAdapter:
         """The live version of `adapter_id` as a local folder (AdapterMissing if there is none)."""
