@@ -1,7 +1,6 @@
 """FastAPI dependencies: the per-app state and API-key checks (the rules and comparison live in app/server/auth.py)."""
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
