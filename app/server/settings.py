@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     max_cpu_adapters: int = Field(64, ge=1, description="host-memory LRU size")
     max_rank: int = Field(64, ge=1, description="largest adapter rank accepted (slot size)")
     store_poll_s: float = Field(1.0, gt=0, description="how often other replicas' store changes are picked up")
-    store_rescan_s: float = Field(60.0, gt=0, description="how often the adapter index is rebuilt from the whole "
+    store_rescan_s: float = Field(600.0, gt=0, description="how often the adapter index is rebuilt from the whole "
                                                           "store (a repair; each poll reads only the changes)")
     peft_dirs: list[Path] = Field(
         [], description="read-only folders of PEFT saves (<dir>/<id>/adapter_config.json): an id not in the store "
