@@ -28,6 +28,7 @@ class AdapterIndex:
         self._entries: dict[str, StoredAdapter] = {}
         self._lock = threading.Lock()
         self._cursor: object | None = None
+        self.generation = 0  # bumped at every change of the entries (listings cached on it)
 
     # ---- reading (no repository I/O) ---------------------------------------------------------------------
     def get(self, adapter_id: str) -> StoredAdapter | None:
@@ -48,10 +49,12 @@ class AdapterIndex:
     def note(self, stored: StoredAdapter) -> None:
         with self._lock:
             self._entries[stored.adapter_id] = stored
+            self.generation += 1
 
     def forget(self, adapter_id: str) -> None:
         with self._lock:
             self._entries.pop(adapter_id, None)
+            self.generation += 1
 
     # ---- following the repository (blocking: call it from a worker thread) -------------------------------------
     def lookup(self, adapter_id: str) -> StoredAdapter | None:
@@ -77,6 +80,7 @@ class AdapterIndex:
         with self._lock:
             old, self._entries = self._entries, entries
             self._cursor = changes.cursor
+            self.generation += 1
         return [IndexChange(i, entries.get(i)) for i in set(old) | set(entries)
                 if _version(old.get(i)) != _version(entries.get(i))]
 
@@ -95,6 +99,8 @@ class AdapterIndex:
                     self._entries.pop(adapter_id, None)
                 else:
                     self._entries[adapter_id] = stored
+                if _version(before) != _version(stored):
+                    self.generation += 1
             if _version(before) != _version(stored):
                 out.append(IndexChange(adapter_id, stored))
         self._cursor = changes.cursor
