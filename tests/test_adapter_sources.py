@@ -122,6 +122,14 @@ def test_admission_of_a_known_adapter_reads_nothing_from_the_store(tmp_path, bas
         assert counting.reads == []
         assert gen(c, "unknown-id").status_code == 404  # an id the index lacks is looked up once
         assert counting.reads == ["resolve"]
+        service.repository = service.index.repository = counting.inner
+
+        def model_ids():
+            return [m["id"] for m in c.get("/v1/models").json()["data"]]
+        assert "known" in model_ids()  # the cached listing follows the index's changes
+        assert c.delete("/adapters/known").status_code == 200
+        assert "known" not in model_ids()
+        assert upload(c, "again", tar_gz(lora_dir)).status_code == 201 and "again" in model_ids()
 
 
 # ---- a folder of PEFT saves, loaded on demand ---------------------------------------------------------------
