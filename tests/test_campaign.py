@@ -76,7 +76,7 @@ def test_races_on_one_adapter_end_in_defined_answers(tmp_path, base_dir, loras):
 
         def sweeper():
             for _ in range(8):
-                state.adapters.store.sweep()
+                state.adapters.repository.sweep()
 
         def record(what: str, response) -> None:
             with lock:
@@ -95,4 +95,4 @@ def test_races_on_one_adapter_end_in_defined_answers(tmp_path, base_dir, loras):
         assert upload(c, "hot", archive, overwrite=True).status_code == 201
         r = c.post("/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "hot", "max_new_tokens": 2}})
         assert r.status_code == 200 and json.loads(r.text)["generated_text"]
-        assert state.adapters.store.sweep() == []  # the races left no damage behind
+        assert state.adapters.repository.sweep() == []  # the races left no damage behind

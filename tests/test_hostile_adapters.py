@@ -64,7 +64,7 @@ def assert_clean_refusal(client, response, statuses=(422,), must_name=""):
     body = response.json()
     assert isinstance(body["error"], str) and must_name in body["error"], body
     assert len(response.content) < 1024
-    root = str(client.app.state.olora.adapters.store.root)
+    root = str(client.app.state.olora.adapters.repository.root)
     assert root not in response.text and "/tmp" not in response.text
     assert [a["id"] for a in client.get("/adapters").json()["adapters"]] == ["good"]
 

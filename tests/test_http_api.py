@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.server.main import create_app
 from app.server.settings import Settings
-from app.adapters.store.adapter_store import AdapterStore
+from app.adapters.store.local_repository import LocalDirectoryRepository
 from helpers import save_random_lora, save_tiny_checkpoint
 from http_helpers import peft_greedy_text, tar_gz, upload
 
@@ -349,7 +349,7 @@ def test_store_watcher_keeps_a_fresh_upload_cached(tmp_path, base_dir, lora_dirs
         _time.sleep(0.6)  # several polls
         assert "fresh" in c.get("/cache").json()["host_cache"]
         state = c.app.state.olora
-        other = AdapterStore(state.settings.adapter_dir)  # another replica overwriting the adapter
+        other = LocalDirectoryRepository(state.settings.adapter_dir)  # another replica overwriting the adapter
         other.put("fresh", lora_dirs["qv4b"], dict(other.get("fresh").metadata), overwrite=True)
         deadline = _time.monotonic() + 5
         while "fresh" in c.get("/cache").json()["host_cache"] and _time.monotonic() < deadline:

@@ -211,7 +211,7 @@ def test_store_errors_are_json(client, lora_dirs, monkeypatch, error, status, ki
     assert _small_json_error(r, status)["error_type"] == kind
     monkeypatch.undo()
     assert client.get("/adapters/later").status_code == 404
-    store_root = client.app.state.olora.adapters.store.root
+    store_root = client.app.state.olora.adapters.repository.root
     assert list((store_root / ".staging").iterdir()) == []
 
 
@@ -257,7 +257,7 @@ def test_rejections_name_files_without_absolute_paths(client, lora_dirs, tmp_pat
     (bad / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     body = _small_json_error(upload(client, "dora", tar_gz(bad)), 422)
     assert "adapter_config.json" in body["error"] and "use_dora" in body["error"]
-    assert str(client.app.state.olora.adapters.store.root) not in body["error"]
+    assert str(client.app.state.olora.adapters.repository.root) not in body["error"]
 
 
 def test_health_fails_when_the_engine_loop_died(tmp_path, base_dir, monkeypatch):

@@ -64,7 +64,7 @@ def client(tmp_path, base_dir):
 
 
 def store_is_empty(client) -> bool:
-    root = Path(client.app.state.olora.adapters.store.root)
+    root = Path(client.app.state.olora.adapters.repository.root)
     staging = list((root / ".staging").iterdir())
     return client.get("/adapters").json()["adapters"] == [] and staging == []
 

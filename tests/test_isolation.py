@@ -115,11 +115,11 @@ def test_merge_racing_the_deletion_of_its_source(tmp_path, base_dir, lora, monke
         state = c.app.state.olora
         for adapter_id in ("keep", "doomed"):
             assert upload(c, adapter_id, tar_gz(lora)).status_code == 201
-        doomed_dir = state.adapters.store.get("doomed").path
+        doomed_dir = state.adapters.repository.get("doomed").path
         real_load = service.load_adapter_dir
 
         def load_while_deleted(path, *args, **kwargs):
-            if Path(path) == doomed_dir and state.adapters.store.get("doomed") is not None:
+            if Path(path) == doomed_dir and state.adapters.repository.get("doomed") is not None:
                 state.adapters.delete("doomed")  # another client's DELETE lands mid-merge
             return real_load(path, *args, **kwargs)
 
@@ -127,7 +127,7 @@ def test_merge_racing_the_deletion_of_its_source(tmp_path, base_dir, lora, monke
         r = c.post("/adapters/merge", json={"adapter_id": "m", "sources": [{"id": "keep"}, {"id": "doomed"}]})
         assert r.status_code == 201, r.text
         assert c.get("/adapters/doomed").status_code == 404
-        state.adapters.store.sweep()
+        state.adapters.repository.sweep()
         assert not doomed_dir.exists()
         r = c.post("/adapters/merge", json={"adapter_id": "m2", "sources": [{"id": "keep"}, {"id": "doomed"}]})
         assert r.status_code == 404, r.text

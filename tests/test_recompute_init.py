@@ -193,7 +193,7 @@ def _upload(client, adapter_id: str, trained: Path, initial: Path | None = None,
 
 
 def _stored(client, adapter_id: str) -> Path:
-    return Path(client.app.state.olora.adapters.store.get(adapter_id).path)
+    return Path(client.app.state.olora.adapters.repository.get(adapter_id).path)
 
 
 def test_http_upload_with_recompute_init(base_dir, olora_fp32, tmp_path):
@@ -215,7 +215,7 @@ def test_http_upload_with_recompute_init(base_dir, olora_fp32, tmp_path):
         moved = _edit_config(olora_fp32 / "trained", tmp_path / "moved", base_model_name_or_path="/elsewhere/tiny")
         r = _upload(client, "moved", moved, recompute_init="true")
         assert r.status_code == 201, r.text
-        metadata = client.app.state.olora.adapters.store.get("moved").metadata
+        metadata = client.app.state.olora.adapters.repository.get("moved").metadata
         assert metadata["init"] == "recomputed" and "same name" in metadata["warnings"][0]
         other = _edit_config(olora_fp32 / "trained", tmp_path / "other", base_model_name_or_path="meta-llama/Llama-2-7b-hf")
         r = _upload(client, "other", other, recompute_init="true")

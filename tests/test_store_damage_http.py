@@ -32,7 +32,7 @@ def _gen(client, adapter_id: str):
 
 
 def _version_dir(client, adapter_id: str) -> Path:
-    return client.app.state.olora.adapters.store.get(adapter_id).path
+    return client.app.state.olora.adapters.repository.get(adapter_id).path
 
 
 def test_damage_is_logged_at_start_and_shown(tmp_path, base_dir, lora, caplog):

@@ -26,7 +26,7 @@ def register_demo_adapters(service: AdapterService, base_model: str | None) -> l
         return []  # trained for the embedded model only
     registered = []
     for adapter_id, path in demo_adapter_dirs().items():
-        if service.store.get(adapter_id) is not None:
+        if service.index.lookup(adapter_id) is not None:
             continue
         try:
             service.register_dir(adapter_id, path, "olora-converted", extra={"demo": True})

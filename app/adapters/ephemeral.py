@@ -20,6 +20,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
+from app.adapters.store.adapter_store import StoredAdapter
+
 from olora_core.adapter_io import load_adapter_dir, save_adapter_dir
 from olora_core.errors import OutputExistsError
 
@@ -31,8 +33,15 @@ EPHEMERAL_PREFIX = "~merged-"
 
 
 class EphemeralAdapters:
-    def __init__(self, store: AdapterStore, max_entries: int = 32, limits: MergeLimits | None = None):
+    def __init__(self, store: AdapterStore, max_entries: int = 32, limits: MergeLimits | None = None,
+                 lookup: Callable[[str], StoredAdapter | None] | None = None,
+                 held: Callable[[str], contextlib.AbstractContextManager[StoredAdapter]] | None = None):
+        """`store`: where this process's merge folder lives (anything with `process_dir`/`clean_process_dirs`);
+        `lookup`: how a source id is found (the adapter index: no store read; `store.get` when not given);
+        `held`: the source's live version with its files held while a merge reads them (`store.held`)."""
         self.store = store
+        self.lookup = lookup or store.get
+        self.held = held or store.held
         # Merges do not outlive the process. Replicas share the store: each process keeps its own folder and
         # removes only what dead processes left (a shared `.ephemeral` wiped at start cut off the other replicas).
         # A read-only store keeps them in a private temporary folder instead.
@@ -51,17 +60,23 @@ class EphemeralAdapters:
         """Remove this process's merges (at shutdown)."""
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def _rank_of(self, adapter_id: str) -> int:
-        stored = self.store.get(adapter_id)
+    def _live(self, adapter_id: str) -> StoredAdapter:
+        stored = self.lookup(adapter_id)
         if stored is None:
             raise AdapterMissing(f"merged_adapters: adapter {adapter_id!r} not found")
-        return int(stored.metadata.get("rank", 0))
+        if stored.problem is not None:
+            raise AdapterUnavailable(f"merged_adapters: adapter {adapter_id!r} is damaged in the store "
+                                     f"({stored.problem})")
+        return stored
+
+    def _rank_of(self, adapter_id: str) -> int:
+        return int(self._live(adapter_id).metadata.get("rank", 0))
 
     def adapter_id_for(self, ids: list[str], weights: list[float], strategy: str, density: float | None,
                        majority_sign_method: str) -> str:
         """Build (or reuse) the merged adapter and return the id to submit to the engine. The bounds
-        (app/adapters/merge_plan.py) are checked on the store's metadata before anything is loaded; the sources
-        are held while they are read."""
+        (app/adapters/merge_plan.py) are checked on the sources' metadata before anything is loaded; a merge
+        already built is found from the index alone; the sources of a new one are held while they are read."""
         from olora_core.merge import merge_adapters
 
         # LoRAX's `linear` is the weighted sum of the adapters' deltas: PEFT's exact form of it is `cat`.
@@ -69,15 +84,29 @@ class EphemeralAdapters:
         plan = list(zip(ids, weights))
         if self.limits is not None:
             plan = plan_merge(plan, method, None, self.limits, self._rank_of)
-        with contextlib.ExitStack() as held:
-            sources = [(held.enter_context(self.store.held(adapter_id)), w) for adapter_id, w in plan]
-            for stored, _ in sources:
-                if stored.problem is not None:
-                    raise AdapterUnavailable(f"merged_adapters: adapter {stored.adapter_id!r} is damaged in the "
-                                             f"store ({stored.problem})")
+
+        def key_of(sources: list[tuple[StoredAdapter, float]]) -> str:
             spec = json.dumps([[s.adapter_id, s.version, w] for s, w in sources] + [strategy, density,
                                                                                    majority_sign_method])
-            key = hashlib.sha256(spec.encode()).hexdigest()[:24]
+            return hashlib.sha256(spec.encode()).hexdigest()[:24]
+
+        key = key_of([(self._live(adapter_id), w) for adapter_id, w in plan])
+        with self._lock:
+            if key in self._lru and self._lru[key].is_dir():
+                self._lru.move_to_end(key)
+                return EPHEMERAL_PREFIX + key
+        with contextlib.ExitStack() as held:
+            sources = []
+            for adapter_id, w in plan:
+                try:
+                    stored = held.enter_context(self.held(adapter_id))
+                except AdapterMissing:
+                    raise AdapterMissing(f"merged_adapters: adapter {adapter_id!r} not found") from None
+                if stored.problem is not None:
+                    raise AdapterUnavailable(f"merged_adapters: adapter {adapter_id!r} is damaged in the store "
+                                             f"({stored.problem})")
+                sources.append((stored, w))
+            key = key_of(sources)  # the versions actually read (one may have changed since the lookup)
             with self._lock:
                 if key in self._lru and self._lru[key].is_dir():
                     self._lru.move_to_end(key)

@@ -25,14 +25,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Iterator, Any
 
 from olora_core.adapter_io import MUTATED_INIT_KINDS, adapter_kind, load_adapter_dir, save_adapter_dir
 from olora_core.convert import convert
 
+from app.adapters.index import AdapterIndex
 from app.adapters.merge_plan import MergeLimits, plan_merge
 from app.engine.errors import AdapterUnavailable
-from app.adapters.store.adapter_store import AdapterMissing, AdapterStore, StoredAdapter, check_adapter_id
+from app.adapters.store.adapter_store import AdapterMissing, StoredAdapter, check_adapter_id
 from app.adapters.store.archive import ArchiveLimits, extract_archive
 from app.adapters.upload_plan import UploadPath, UploadPlan, UploadRefused, UploadRequest, choose_plan
 
@@ -75,15 +76,19 @@ def _sha256(path: Path) -> str:
 
 
 class AdapterService:
-    def __init__(self, store: AdapterStore, engine: Engine, archive_limits: ArchiveLimits,
-                 max_merge_sources: int = 16):
-        self.store = store
+    def __init__(self, repository, engine: Engine, archive_limits: ArchiveLimits,
+                 index: AdapterIndex | None = None, max_merge_sources: int = 16):
+        """`repository`: the AdapterRepository adapters are written to (app/adapters/repository.py; the local
+        directory store by default); `index`: its in-memory index (built here when not given)."""
+        self.repository = repository
+        self.index = index if index is not None else AdapterIndex(repository)
         self.engine = engine
         self.archive_limits = archive_limits
         self.max_merge_sources = max_merge_sources
 
     # ---- reading ---------------------------------------------------------------------------------------
-    def summary(self, stored: StoredAdapter) -> AdapterSummary:
+    def summary(self, stored: StoredAdapter, stats=None) -> AdapterSummary:
+        """`stats`: the engine's stats when summarizing many adapters (read once for all of them)."""
         meta = stored.metadata
         bound, served = meta.get("base_fingerprint", ""), self.engine.base.fingerprint
         load_error = self.engine.cache.load_error(stored.adapter_id)  # its last load failed (and still stands)
@@ -91,7 +96,7 @@ class AdapterService:
             None if bound == served else f"adapter {stored.adapter_id!r} is bound to base {bound}, this server "
                                          f"serves {served}")
         servable = problem is None
-        stats = self.engine.stats()
+        stats = stats if stats is not None else self.engine.stats()
         tier = ("device" if stored.adapter_id in stats.slot_adapters else
                 "host" if stored.adapter_id in stats.host_adapter_ids else "disk")
         return AdapterSummary(
@@ -102,21 +107,52 @@ class AdapterService:
             sources=meta.get("sources"), problem=problem, warnings=list(meta.get("warnings") or []), tier=tier)
 
     def get(self, adapter_id: str) -> AdapterSummary:
-        stored = self.store.get(adapter_id)
+        stored = self.index.lookup(adapter_id)
         if stored is None:
             raise AdapterMissing(f"adapter {adapter_id!r} not found")
         return self.summary(stored)
 
     def list(self) -> list[AdapterSummary]:
-        return [self.summary(s) for s in self.store.list()]
+        """From the in-memory index: no repository read."""
+        stats = self.engine.stats()
+        return [self.summary(s, stats) for s in self.index.all()]
+
+    def stored(self, adapter_id: str) -> StoredAdapter:
+        """The live version of `adapter_id` as a local folder (AdapterMissing if there is none)."""
+        stored = self.index.lookup(adapter_id)
+        if stored is None:
+            raise AdapterMissing(f"adapter {adapter_id!r} not found")
+        return self.repository.localize(stored)
+
+    def reading(self, stored: StoredAdapter):
+        """Hold a version folder while a long stream reads it (the store's sweep leaves it alone meanwhile)."""
+        return self.repository.reading(stored)
+
+    @contextlib.contextmanager
+    def held(self, adapter_id: str, what: str) -> Iterator[StoredAdapter]:
+        """The live version of `adapter_id`, its files on this machine and held while the caller reads them: a
+        delete or overwrite racing the reader (a merge reading its sources) cannot remove them in between.
+        AdapterMissing / AdapterUnavailable (damaged in the store) name `what`."""
+        try:
+            with self.repository.held(adapter_id) as stored:
+                if stored.problem is not None:
+                    raise AdapterUnavailable(f"{what} is damaged in the store ({stored.problem})")
+                yield stored
+        except AdapterMissing:
+            raise AdapterMissing(f"{what} not found") from None
+
+    def staging_dir(self) -> Path:
+        """A fresh private work folder (on the local store's filesystem: its renames are atomic)."""
+        return self.repository.staging_dir()
 
     # ---- writing ---------------------------------------------------------------------------------------
     def upload(self, adapter_id: str, archive: Path, initial_archive: Path | None = None, *,
                overwrite: bool = False, recompute_init: bool = False, init_dtype: str | None = None,
-               quant_aware: bool | None = None) -> AdapterSummary:
+               quant_aware: bool | None = None, origin: dict[str, Any] | None = None) -> AdapterSummary:
+        """`origin`: where the archives came from when not from a client (an on-demand load), kept in metadata."""
         check_adapter_id(adapter_id)
         request = UploadRequest(adapter_id, initial_archive is not None, recompute_init, init_dtype, quant_aware)
-        work = self.store.staging_dir()
+        work = self.repository.staging_dir()
         try:
             (work / "trained").mkdir()
             trained_dir = extract_archive(archive, work / "trained", self.archive_limits)
@@ -132,6 +168,8 @@ class AdapterService:
             else:
                 adapter_dir, extra = work / "converted", self._convert(plan, work, trained_dir, initial_dir,
                                                                     files.config)
+            if origin:
+                extra = dict(extra, origin=origin)
             return self._commit(adapter_id, adapter_dir, plan.stored_kind, overwrite, extra)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -205,12 +243,14 @@ class AdapterService:
             kind=kind, rank=info.rank, alpha=config.get("lora_alpha"), target_modules=list(info.target_kinds),
             use_rslora=info.use_rslora, sha256=_sha256(weights), size_bytes=weights.stat().st_size,
             base_fingerprint=self.engine.base.fingerprint, created=time.time(), **(extra or {}))
-        stored = self.store.put(adapter_id, adapter_dir, metadata, overwrite=overwrite)
+        stored = self.repository.put(adapter_id, adapter_dir, metadata, overwrite=overwrite)
+        self.index.note(stored)
         self.engine.invalidate(adapter_id)
         return self.summary(stored)
 
     def delete(self, adapter_id: str) -> AdapterSummary:
-        stored = self.store.delete(adapter_id)
+        stored = self.repository.delete(adapter_id)
+        self.index.forget(adapter_id)
         self.engine.invalidate(adapter_id)
         return self.summary(stored)
 
@@ -227,16 +267,11 @@ class AdapterService:
         with contextlib.ExitStack() as held:
             loaded = []
             for source_id, weight in plan:
-                try:
-                    stored = held.enter_context(self.store.held(source_id))
-                except AdapterMissing:
-                    raise AdapterMissing(f"merge source adapter {source_id!r} not found") from None
-                if stored.problem is not None:
-                    raise AdapterUnavailable(f"merge source adapter {source_id!r} is damaged ({stored.problem})")
+                stored = held.enter_context(self.held(source_id, f"merge source adapter {source_id!r}"))
                 loaded.append((load_adapter_dir(stored.path), float(weight)))
             config, tensors = merge_adapters(loaded, method, density=density,
                                              majority_sign_method=majority_sign_method, svd_rank=svd_rank, seed=seed)
-        work = self.store.staging_dir()
+        work = self.repository.staging_dir()
         try:
             save_adapter_dir(work / "merged", config, tensors)
             extra = {"sources": [{"id": i, "weight": w} for i, w in plan], "merge_method": method}
@@ -245,7 +280,7 @@ class AdapterService:
             shutil.rmtree(work, ignore_errors=True)
 
     def _source_rank(self, source_id: str) -> int:
-        stored = self.store.get(source_id)
+        stored = self.index.lookup(source_id)
         if stored is None:
             raise AdapterMissing(f"merge source adapter {source_id!r} not found")
         return int(stored.metadata.get("rank", 0))

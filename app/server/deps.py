@@ -10,6 +10,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.adapters.ephemeral import EphemeralAdapters
+from app.adapters.on_demand import OnDemandLoader
 from app.adapters.service import AdapterService
 from app.server.auth import role_of
 from app.server.drain import Drain
@@ -34,10 +35,11 @@ class AppState:
     drain: Drain = field(default_factory=Drain)  # the app's (create_app makes it before the lifespan)
     router_metrics: RouterProtocolMetrics | None = None  # vLLM's gauges, on the metrics' registry
     watcher: asyncio.Task | None = None  # the store watcher the lifespan runs
+    loader: OnDemandLoader  # adapters loaded from the configured sources on first request
 
     async def recount_adapters(self) -> int:
-        """After a change to the store: the registered-adapters gauge, read off the event loop."""
-        return self.metrics.count_registered(await asyncio.to_thread(self.adapters.store.versions))
+        """After a change to the store: the registered-adapters gauge, from the in-memory index (no store read)."""
+        return self.metrics.count_registered(self.adapters.index.versions())
 
 
 def get_state(request: Request) -> AppState:

@@ -20,6 +20,7 @@ from app.adapters.upload_plan import UploadRefused
 from app.engine.errors import (AdapterNotFound, AdapterRejected, AdapterUnavailable, EngineError, EngineNotRunning,
                                InputTooLong, InvalidRequest, NonFiniteLogits, QueueFull, StepFailed)
 from app.server.generation import AdapterHeaderMismatch, DrainTimeout, GenerationTimeout, UnsupportedOption
+from app.adapters.repository import RepositoryTimeout, RepositoryUnavailable
 from app.adapters.store.adapter_store import AdapterExists, AdapterMissing, InvalidAdapterId, StoreError
 from app.adapters.store.archive import ArchiveError
 
@@ -49,6 +50,8 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     AdapterExists: ErrorKind(409, "adapter_exists", "invalid_request_error"),
     InvalidAdapterId: ErrorKind(422, "invalid_adapter_id", "invalid_request_error"),
     StoreError: ErrorKind(422, "store_refused", "invalid_request_error"),
+    RepositoryUnavailable: ErrorKind(503, "adapter_source_unavailable", "server_error"),
+    RepositoryTimeout: ErrorKind(504, "adapter_source_timeout", "timeout"),
     AdapterRejected: ErrorKind(422, "adapter_rejected", "invalid_request_error"),
     OLoRAError: ErrorKind(422, "invalid_adapter", "invalid_request_error"),
     NonFiniteError: ErrorKind(422, "non_finite", "invalid_request_error"),

@@ -39,7 +39,12 @@ from app.server.startup import Startup
 from app.server.router_metrics import RouterProtocolMetrics
 from app.server.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, UploadLimitMiddleware, route_template
 from app.server.settings import Settings
-from app.adapters.store.adapter_store import AdapterStore, StoreError, StoreFinding
+from app.adapters.index import AdapterIndex
+from app.adapters.on_demand import OnDemandLoader
+from app.adapters.repository import RepositoryUnavailable
+from app.adapters.store.adapter_store import StoreError, StoreFinding
+from app.adapters.store.local_repository import LocalDirectoryRepository
+from app.adapters.store.peft_folder import PeftFolderRepository
 from app.adapters.store.archive import ArchiveError, ArchiveLimits
 
 log = logging.getLogger("olora.server")
@@ -72,7 +77,7 @@ def _install_error_handlers(app: FastAPI) -> None:
                       exc_info=exc if kind is errors.INTERNAL else None)
         return _error_response(request, kind, message)
 
-    for family in (EngineError, StoreError, ArchiveError, UploadRefused, GenerationError, OLoRAError,
+    for family in (EngineError, StoreError, RepositoryUnavailable, ArchiveError, UploadRefused, GenerationError, OLoRAError,
                    ValidationError, UnicodeError, OSError, Exception):
         app.add_exception_handler(family, _typed)
 
@@ -96,28 +101,46 @@ class StoreFindingsLog:
             del self._logged[adapter_id]  # sound again (repaired, overwritten or deleted)
 
 
-async def _watch_store(state: AppState, store: AdapterStore, findings: StoreFindingsLog) -> None:
-    """Pick up adapters changed or deleted by other replicas sharing the store directory; sweep retired versions,
-    repair or report damage (logged by id)."""
-    known = await asyncio.to_thread(store.versions)
-    last_sweep = time.monotonic()
+async def _watch_store(state: AppState, repository, index: AdapterIndex, findings: StoreFindingsLog) -> None:
+    """Keep the in-memory index current: each poll applies what the repository's change journal names (its cost
+    grows with the changes, not with the adapters); a full rebuild every `store_rescan_s` repairs anything missed.
+    The engine drops cached copies of changed or deleted adapters; retired versions are swept and store damage is
+    repaired or reported (logged by id)."""
+    last_sweep = last_rescan = time.monotonic()
     while True:
         await asyncio.sleep(state.settings.store_poll_s)
         try:
+            if time.monotonic() - last_rescan > state.settings.store_rescan_s:
+                last_rescan = time.monotonic()
+                changed = await asyncio.to_thread(index.rebuild)
+            else:
+                changed = await asyncio.to_thread(index.refresh)
             if time.monotonic() - last_sweep > SWEEP_EVERY_S:
                 last_sweep = time.monotonic()
-                findings.report(await asyncio.to_thread(store.sweep))
-            current = await asyncio.to_thread(store.versions)
-        except (OSError, ValueError) as exc:  # a store that went away or read-only must not end the watcher
+                found = await asyncio.to_thread(repository.sweep)
+                findings.report(found)
+                # a repaired CURRENT names another version: the index reads those ids again
+                changed += await asyncio.to_thread(index.recheck, [f.adapter_id for f in found if f.repaired])
+        except (OSError, ValueError, RepositoryUnavailable) as exc:  # a store gone away or read-only must not end it
             log.warning("adapter store watcher: %s", exc)
             continue
-        for adapter_id in set(known) | set(current):
-            if known.get(adapter_id) != current.get(adapter_id):
-                version = current.get(adapter_id)  # None: deleted
-                path = None if version is None else str(store.root / adapter_id / version)
-                state.engine.invalidate(adapter_id, current_path=path)  # an up-to-date cache is left alone
-        known = current
-        state.metrics.count_registered(current)
+        for change in changed:
+            path = None if change.stored is None else str(change.stored.path)  # None: deleted
+            state.engine.invalidate(change.adapter_id, current_path=path)  # an up-to-date cache is left alone
+        if changed:
+            state.metrics.count_registered(index.versions())
+
+
+def _repository(settings: Settings):
+    """The adapter repository the settings name (app/adapters/repository.py)."""
+    if settings.store == "s3":
+        from app.adapters.store.s3_repository import S3Repository
+
+        if not settings.s3_bucket:
+            raise ValueError("OLORA_STORE=s3 needs OLORA_S3_BUCKET")
+        return S3Repository(settings.s3_bucket, settings.s3_prefix, settings.adapter_dir,
+                            endpoint_url=settings.s3_endpoint_url, timeout_s=settings.s3_timeout_s)
+    return LocalDirectoryRepository(settings.adapter_dir)  # removes crashed writers' staging folders
 
 
 async def _self_check(engine, harness) -> None:
@@ -141,14 +164,27 @@ async def _build_state(settings: Settings, metrics: ServerMetrics, drain: Drain,
     from app.engine.self_check import ProbeHarness
 
     with startup.enter("store"):
-        store = AdapterStore(settings.adapter_dir)  # removes crashed writers' staging folders
+        repository = _repository(settings)
         findings = StoreFindingsLog()
-        findings.report(await asyncio.to_thread(store.sweep))  # damage found at start is logged by id
-        ephemeral = EphemeralAdapters(store)
+        findings.report(await asyncio.to_thread(repository.sweep))  # damage found at start is logged by id
+        index = AdapterIndex(repository)
+        await asyncio.to_thread(index.rebuild)
+
+        def local(adapter_id: str):  # the live version with its files on this machine (None: no such adapter)
+            stored = index.lookup(adapter_id)
+            return None if stored is None else repository.localize(stored)
+
+        ephemeral = EphemeralAdapters(repository, lookup=local, held=repository.held)
+        loader_box: list[OnDemandLoader] = []  # the loader needs the service, which needs the engine
+
+        def fetch(adapter_id: str):
+            return loader_box[0].fetch(adapter_id) if loader_box else local(adapter_id)
+
     with startup.enter("model"):
         # the self-check's probe adapters are served, and its requests kept out of the metrics, by the harness
-        harness = ProbeHarness(ServedAdapters(store, ephemeral), metrics)
+        harness = ProbeHarness(ServedAdapters(fetch, ephemeral), metrics)
         engine = await asyncio.to_thread(Engine, settings.engine_config(), harness, harness)
+    loader = None
     try:
         metrics.set_max_loras(engine.config.max_loras)
         engine.start()
@@ -160,16 +196,21 @@ async def _build_state(settings: Settings, metrics: ServerMetrics, drain: Drain,
             ephemeral.limits = MergeLimits(settings.max_merge_sources, engine.config.max_rank)
             limits = ArchiveLimits(max_compressed_bytes=settings.max_upload_bytes,
                                    max_unpacked_bytes=settings.max_unpacked_bytes)
+            service = AdapterService(repository, engine, limits, index, settings.max_merge_sources)
+            loader = OnDemandLoader(service, [PeftFolderRepository(d) for d in settings.peft_dirs],
+                                    timeout_s=settings.fetch_timeout_s)
+            loader_box.append(loader)
             starts = ThreadPoolExecutor(settings.start_threads, thread_name_prefix="olora-start")
-            state = AppState(settings=settings, engine=engine,
-                             adapters=AdapterService(store, engine, limits, settings.max_merge_sources),
-                             metrics=metrics, ephemeral=ephemeral, starts=starts, drain=drain,
+            state = AppState(settings=settings, engine=engine, adapters=service, metrics=metrics,
+                             ephemeral=ephemeral, starts=starts, loader=loader, drain=drain,
                              router_metrics=RouterProtocolMetrics(metrics.registry))
             if settings.demo_adapters:
                 from app.adapters.demo import register_demo_adapters
                 await asyncio.to_thread(register_demo_adapters, state.adapters, settings.model)
             registered = await state.recount_adapters()
     except BaseException:
+        if loader is not None:
+            loader.close()
         await asyncio.to_thread(engine.shutdown)
         raise
     log.info("serving %s (fingerprint %s) with %d adapters", engine.base.name, engine.base.fingerprint,
@@ -194,7 +235,7 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = F
             startup.fail(exc)
             raise
         app.state.olora = state
-        state.watcher = asyncio.create_task(_watch_store(state, state.adapters.store, findings))
+        state.watcher = asyncio.create_task(_watch_store(state, state.adapters.repository, state.adapters.index, findings))
         startup.done()
         return state
 
@@ -217,6 +258,7 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = F
                     await state.watcher
                 await asyncio.to_thread(state.engine.shutdown)
                 state.starts.shutdown(wait=False, cancel_futures=True)
+                state.loader.close()
                 await asyncio.to_thread(state.ephemeral.close)
             provider = getattr(app.state, "tracer_provider", None)
             if provider is not None:
@@ -228,8 +270,8 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = F
     app.state.drain = drain  # cli_serve's server starts it on SIGTERM
     app.state.startup = startup  # /health and /ready report it; cli_serve exits 1 when it fails
     _install_error_handlers(app)
-    from app.server.routers import adapters, generate, ops, openai_compat
-    routers = (generate.router, openai_compat.router, adapters.router, ops.router)
+    from app.server.routers import adapters, generate, ops, openai_compat, vllm_lora
+    routers = (generate.router, openai_compat.router, adapters.router, ops.router, vllm_lora.router)
     for router in routers:
         app.include_router(router, responses=errors.openapi_error_responses())
     # the routes a request refused before routing is counted under (docs' routes, then the API's)

@@ -55,6 +55,22 @@ class Settings(BaseSettings):
     max_merge_sources: int = Field(16, ge=1, le=MAX_MERGE_SOURCES, description="adapter ids in one merge (POST "
                                    "/adapters/merge, merged_adapters); a repeated id is combined into one source")
     store_poll_s: float = Field(1.0, gt=0, description="how often other replicas' store changes are picked up")
+    store_rescan_s: float = Field(600.0, gt=0, description="how often the adapter index is rebuilt from the whole "
+                                                          "store (a repair; each poll reads only the changes)")
+    peft_dirs: list[Path] = Field(
+        [], description="read-only folders of PEFT saves (<dir>/<id>/adapter_config.json): an id not in the store "
+                        "is loaded from them on first request; the only roots /v1/load_lora_adapter may name")
+    store: Literal["local", "s3"] = Field(
+        "local", description="where adapters are stored: local (adapter_dir, shared by replicas as one volume) or s3 "
+                             "(an S3-compatible bucket; adapter_dir is then this replica's local cache)")
+    s3_bucket: str = Field("", description="store=s3: the bucket")
+    s3_prefix: str = Field("adapters", description="store=s3: the key prefix under which adapters live")
+    s3_endpoint_url: str | None = Field(None, description="store=s3: the endpoint of a non-AWS store (MinIO, Ceph, "
+                                                           "R2...); credentials come from the standard AWS chain")
+    s3_timeout_s: float = Field(10.0, gt=0, description="store=s3: connect and read timeout of one request (504 past "
+                                                         "it for the adapter asked)")
+    fetch_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer for an on-demand adapter load "
+                                                           "gets 504 (the load goes on)")
 
     # batching and limits
     max_batch_size: int = Field(16, ge=1, description="sequences in the running batch")

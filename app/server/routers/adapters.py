@@ -13,7 +13,6 @@ from pydantic import BaseModel, Field
 from app.adapters.service import AdapterSummary
 from app.server.schemas import MAX_MERGE_SOURCES
 from app.server.deps import AdminKey, ApiKey, State
-from app.adapters.store.adapter_store import AdapterMissing
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -65,7 +64,7 @@ async def upload_adapter(
     init_dtype: Annotated[Literal["float32", "bfloat16", "float16"] | None, Form()] = None,
     quant_aware: Annotated[bool | None, Form()] = None,
 ) -> AdapterSummary:
-    work = await asyncio.to_thread(state.adapters.store.staging_dir)
+    work = await asyncio.to_thread(state.adapters.staging_dir)
     try:
         trained = await _spool(archive, work, "trained.archive")
         initial = await _spool(initial_archive, work, "initial.archive") if initial_archive is not None else None
@@ -116,12 +115,10 @@ async def merge_into_base(adapter_id: str, state: State) -> StreamingResponse:
     Memory-bounded: the base is read one tensor at a time from its original safetensors files."""
     from olora_core.merge_into_base import iter_merged_model_tar
 
-    stored = await asyncio.to_thread(state.adapters.store.get, adapter_id)
-    if stored is None:
-        raise AdapterMissing(f"adapter {adapter_id!r} not found")
+    stored = await asyncio.to_thread(state.adapters.stored, adapter_id)
     # The store keeps a version this stream reads (`reading`), so an overwrite during the stream does not cut it.
     def held():
-        with state.adapters.store.reading(stored) as path:
+        with state.adapters.reading(stored) as path:
             yield from iter_merged_model_tar(state.engine.base.path, path)
 
     return StreamingResponse(  # a sync iterator: Starlette runs it in its threadpool

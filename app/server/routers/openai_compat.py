@@ -9,10 +9,11 @@ import asyncio
 import json
 import time
 import uuid
+import weakref
 from typing import Callable
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
 from app.server import openai_render as oai
@@ -212,9 +213,27 @@ def _cards(state: AppState) -> list[ModelCard]:
         for a in state.adapters.list() if a.servable]
 
 
+# adapter index -> (its generation, the adapters' cards as JSON); weak: an app's entry goes with its index
+_ADAPTER_CARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _models_json(state: AppState) -> str:
+    """The ModelList as JSON; the adapters' cards are serialized once per change of the adapter index (10,000
+    adapters through pydantic take longer than the 50 ms a listing may), the base card on every call."""
+    index = state.adapters.index
+    generation = index.generation
+    cached = _ADAPTER_CARDS.get(index)
+    if cached is None or cached[0] != generation:
+        cards = _cards(state)[1:]
+        cached = (generation, ",".join(card.model_dump_json() for card in cards))
+        _ADAPTER_CARDS[index] = cached
+    base = ModelCard(id=state.engine.base.name, created=int(time.time())).model_dump_json()
+    return f'{{"object":"list","data":[{base}{"," if cached[1] else ""}{cached[1]}]}}'
+
+
 @router.get("/models", response_model=ModelList)
-async def models(state: State) -> ModelList:
-    return ModelList(data=await asyncio.to_thread(_cards, state))
+async def models(state: State) -> Response:
+    return Response(await asyncio.to_thread(_models_json, state), media_type="application/json")
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard)

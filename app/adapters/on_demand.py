@@ -1,0 +1,98 @@
+"""On-demand loading: a request for an id this server has never seen, held by a configured source (a folder of
+PEFT saves), is fetched, validated exactly as an upload is, written to the local store and served.
+
+    fetch(id): index hit                       -> the local version (no I/O)
+               the store has it (another replica) -> indexed, served
+               a source has it                  -> one load per id at a time (concurrent first requests wait on
+                                                   the same one), at most `timeout_s` of waiting: 504 after it
+                                                   (the load goes on and the next request finds it); a source
+                                                   that cannot be read: 503; every other refusal is the upload's.
+
+A load packs the source's files as upload archives (app/adapters/store/peft_folder.py) and calls
+`AdapterService.upload`: the same archive checks, OLoRA/PiSSA conversion and provenance rule, engine check and
+refusals as a client's upload; the stored metadata says where it came from (`origin`).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import shutil
+import threading
+from pathlib import Path
+
+from app.adapters.repository import RepositoryTimeout, VersionRef
+from app.adapters.store.adapter_store import AdapterExists, StoredAdapter
+from app.adapters.store.peft_folder import PeftFolderRepository, folder_archives
+
+log = logging.getLogger("olora.adapters")
+
+
+class OnDemandLoader:
+    def __init__(self, service, sources: list[PeftFolderRepository], timeout_s: float = 30.0, workers: int = 2):
+        self.service = service
+        self.sources = list(sources)
+        self.timeout_s = timeout_s
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="adapter-fetch")
+        self._inflight: dict[str, concurrent.futures.Future] = {}
+        self._lock = threading.Lock()
+        self.loads = 0  # loads started (each id once however many requests wait on it)
+
+    def fetch(self, adapter_id: str) -> StoredAdapter | None:
+        """The live local version of `adapter_id`, loading it from a source when only a source holds it."""
+        stored = self.service.index.lookup(adapter_id)
+        if stored is not None:
+            return self.service.repository.localize(stored)  # local store: no I/O; object store: download once
+        if not self.sources:
+            return None
+        found = self._find(adapter_id)
+        if found is None:
+            return None
+        source, ref = found
+        with self._lock:
+            future = self._inflight.get(adapter_id)
+            if future is None:
+                self.loads += 1
+                future = self._pool.submit(self._load, source, ref)
+                self._inflight[adapter_id] = future
+                future.add_done_callback(lambda _f, i=adapter_id: self._done(i))
+        try:
+            return future.result(timeout=self.timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise RepositoryTimeout(f"adapter {adapter_id!r} is still being loaded from {source.name} after "
+                                    f"{self.timeout_s:g} s; retry shortly") from None
+
+    def load_folder(self, adapter_id: str, folder: Path, *, overwrite: bool = False,
+                    origin: dict | None = None) -> StoredAdapter:
+        """Validate and store the PEFT save at `folder` (inside a configured root) as `adapter_id`."""
+        work = self.service.staging_dir()
+        try:
+            trained, initial, recompute = folder_archives(folder, work)
+            self.service.upload(adapter_id, trained, initial, overwrite=overwrite, recompute_init=recompute,
+                                origin=origin or {"path": str(folder)})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return self.service.stored(adapter_id)
+
+    def _find(self, adapter_id: str) -> tuple[PeftFolderRepository, VersionRef] | None:
+        for source in self.sources:
+            ref = source.resolve(adapter_id)  # RepositoryUnavailable (503) when the source cannot be read
+            if ref is not None:
+                return source, ref
+        return None
+
+    def _load(self, source: PeftFolderRepository, ref: VersionRef) -> StoredAdapter:
+        folder = source.folder_of(ref.adapter_id)
+        origin = {"source": source.name, "version": ref.version}
+        try:
+            stored = self.load_folder(ref.adapter_id, folder, origin=origin)
+        except AdapterExists:  # another replica (or an upload) stored it meanwhile: serve that one
+            stored = self.service.stored(ref.adapter_id)
+        log.info("loaded adapter %s on demand from %s", ref.adapter_id, source.name)
+        return stored
+
+    def _done(self, adapter_id: str) -> None:
+        with self._lock:
+            self._inflight.pop(adapter_id, None)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,327 @@
+"""An S3-compatible object store as the adapter repository: replicas share a bucket, no filesystem.
+
+Layout under `s3://<bucket>/<prefix>/`:
+
+    <id>/versions/<version>/adapter_config.json, adapter_model.safetensors, metadata.json   immutable
+    <id>/CURRENT              -> JSON {"version", "digest"}: the live version (absent: no such adapter)
+    .changes/<time_ns>-<uuid> -> body: an id whose CURRENT was written or deleted
+
+A version's objects are written first (version = the digest of its files: keyed by content, never rewritten);
+then CURRENT is switched with a conditional write: `If-None-Match: *` for a new id (two replicas uploading the
+same id: one wins, the other gets 409), `If-Match: <etag>` for an overwrite or a delete (a concurrent switch makes
+it 412: the writer reads CURRENT again and retries), so two replicas cannot tear it. Readers materialize a version
+into a local cache folder (the weights' sha256 checked against the digest: a corrupt or missing object is a 503
+naming the adapter, never served). `changes` lists the change objects after its cursor (a look-back of
+CLOCK_SKEW_S covers replicas whose clocks disagree): its cost grows with the changes, not with the adapters.
+
+Client: boto3. It reads credentials from the standard AWS chain (environment, shared config/credentials files
+and profiles, web identity/IRSA, container and instance metadata) with no code here, takes an endpoint URL for
+non-AWS stores, and exposes S3's conditional writes (PutObject IfNoneMatch/IfMatch, DeleteObject IfMatch) as
+plain parameters. obstore is faster for bulk transfers but adapters are small and its credential chain is its
+own; s3fs/fsspec put a filesystem cache between us and the pointer object whose freshness is the whole point.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from olora_core.adapter_format import ADAPTER_ID_RE
+
+from app.adapters.repository import Changes, RepositoryTimeout, RepositoryUnavailable, VersionRef
+from app.adapters.store.adapter_store import ADAPTER_FILES, AdapterExists, AdapterMissing, AdapterStore, StoredAdapter
+
+CLOCK_SKEW_S = 30.0  # change objects written up to this much "in the past" by another replica are still seen
+CHANGE_RETENTION_S = 3600.0  # change objects older than this are removed by writers (followers resync past it)
+SWITCH_RETRIES = 8
+
+
+def _client(endpoint_url: str | None, timeout_s: float):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 2, "mode": "standard"})
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class S3Repository:
+    """An AdapterRepository on an S3-compatible bucket, with a local cache of materialized versions."""
+
+    writable = True
+
+    def __init__(self, bucket: str, prefix: str, cache_dir: Path, *, endpoint_url: str | None = None,
+                 timeout_s: float = 10.0):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.name = f"s3://{bucket}/{self.prefix}"
+        self.cache = AdapterStore(cache_dir)  # staging and per-process folders on the local disk
+        self.root = self.cache.root
+        self._s3 = _client(endpoint_url, timeout_s)
+        self._materialize_lock = threading.Lock()
+        self._metadata: dict[tuple[str, str], dict] = {}  # (id, version) -> metadata, from the pointers read
+
+    # ---- errors ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _talking(self, what: str) -> Iterator[None]:
+        from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
+
+        try:
+            yield
+        except (ConnectTimeoutError, ReadTimeoutError) as exc:
+            raise RepositoryTimeout(f"{what}: {self.name} did not answer in time ({type(exc).__name__})") from None
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchKey", "404", "NoSuchBucket", "PreconditionFailed", "412"):
+                raise
+            raise RepositoryUnavailable(f"{what}: {self.name} answered {code or 'an error'}") from None
+        except BotoCoreError as exc:
+            raise RepositoryUnavailable(f"{what}: {self.name} cannot be reached ({type(exc).__name__})") from None
+
+    @staticmethod
+    def _code(exc: Exception) -> str:
+        return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + "/".join(parts)
+
+    # ---- reading ---------------------------------------------------------------------------------------
+    def _pointer(self, adapter_id: str) -> tuple[dict, str] | None:
+        """CURRENT's body and etag, None when the id has none."""
+        from botocore.exceptions import ClientError
+
+        try:
+            with self._talking(f"adapter {adapter_id!r}"):
+                obj = self._s3.get_object(Bucket=self.bucket, Key=self._key(adapter_id, "CURRENT"))
+                body = obj["Body"].read()
+        except ClientError as exc:
+            if self._code(exc) in ("NoSuchKey", "404"):
+                return None
+            raise RepositoryUnavailable(f"adapter {adapter_id!r}: {self.name} answered {self._code(exc)}") from None
+        try:
+            pointer = json.loads(body)
+            if not ADAPTER_ID_RE.fullmatch(str(pointer["version"])):
+                raise ValueError(pointer["version"])
+        except (ValueError, KeyError, TypeError):
+            raise RepositoryUnavailable(f"adapter {adapter_id!r}: its live-version object in {self.name} is "
+                                        "damaged") from None
+        return pointer, obj["ETag"]
+
+    def resolve(self, adapter_id: str) -> VersionRef | None:
+        if not isinstance(adapter_id, str) or not ADAPTER_ID_RE.fullmatch(adapter_id):
+            return None
+        found = self._pointer(adapter_id)
+        if found is None:
+            return None
+        pointer, _ = found
+        if isinstance(pointer.get("metadata"), dict):
+            self._metadata[(adapter_id, str(pointer["version"]))] = pointer["metadata"]
+        return VersionRef(adapter_id, str(pointer["version"]), str(pointer.get("digest", "")))
+
+    def materialize(self, ref: VersionRef) -> StoredAdapter:
+        """The version with its metadata; its files are downloaded by `localize` (on the first request that
+        needs them), so indexing 10,000 adapters downloads nothing."""
+        from botocore.exceptions import ClientError
+
+        metadata = self._metadata.get((ref.adapter_id, ref.version))
+        if metadata is None:
+            try:
+                with self._talking(f"adapter {ref.adapter_id!r}"):
+                    body = self._s3.get_object(Bucket=self.bucket, Key=self._key(
+                        ref.adapter_id, "versions", ref.version, "metadata.json"))["Body"].read()
+            except ClientError:
+                raise AdapterMissing(f"adapter {ref.adapter_id!r} version {ref.version!r} not found") from None
+            metadata = json.loads(body)
+        return StoredAdapter(ref.adapter_id, ref.version, self.root / ref.adapter_id / ref.version, metadata)
+
+    def localize(self, stored: StoredAdapter) -> StoredAdapter:
+        """Download the version's files into the local cache once; the weights' sha256 must match the digest
+        recorded at upload (a corrupt or missing object is a 503 naming the adapter, never served)."""
+        from botocore.exceptions import ClientError
+
+        local = stored.path
+        if (local / "metadata.json").is_file():
+            return stored
+        staged = self.cache.staging_dir()
+        try:
+            for name in (*ADAPTER_FILES, "metadata.json"):
+                try:
+                    with self._talking(f"adapter {stored.adapter_id!r}"):
+                        self._s3.download_file(self.bucket, self._key(stored.adapter_id, "versions", stored.version,
+                                                                      name), str(staged / name))
+                except ClientError as exc:
+                    if self._code(exc) in ("NoSuchKey", "404"):
+                        raise RepositoryUnavailable(f"adapter {stored.adapter_id!r}: object {name} of version "
+                                                    f"{stored.version} is missing from {self.name}") from None
+                    raise RepositoryUnavailable(f"adapter {stored.adapter_id!r}: {self.name} answered "
+                                                f"{self._code(exc)}") from None
+            digest = stored.metadata.get("sha256")
+            if not digest or _sha256(staged / "adapter_model.safetensors") != digest:
+                raise RepositoryUnavailable(f"adapter {stored.adapter_id!r}: the weights of version {stored.version} "
+                                            f"in {self.name} do not match their digest (a corrupt object)")
+            with self._materialize_lock:
+                local.parent.mkdir(parents=True, exist_ok=True)
+                if not local.exists():
+                    staged.rename(local)
+            return stored
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+
+    def get(self, adapter_id: str) -> StoredAdapter | None:
+        ref = self.resolve(adapter_id)
+        return None if ref is None else self.localize(self.materialize(ref))
+
+    def list(self) -> list[VersionRef]:
+        refs = []
+        with self._talking("listing adapters"):
+            pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    rest = obj["Key"][len(self.prefix):]
+                    adapter_id, _, leaf = rest.partition("/")
+                    if leaf == "CURRENT" and ADAPTER_ID_RE.fullmatch(adapter_id):
+                        ref = self.resolve(adapter_id)
+                        if ref is not None:
+                            refs.append(ref)
+        return refs
+
+    # ---- writing ---------------------------------------------------------------------------------------
+    def put(self, adapter_id: str, source_dir: Path, metadata: dict[str, Any], *, overwrite: bool = False
+            ) -> StoredAdapter:
+        from botocore.exceptions import ClientError
+
+        digest = _sha256(Path(source_dir) / "adapter_model.safetensors")
+        config_digest = _sha256(Path(source_dir) / "adapter_config.json")
+        version = "s" + hashlib.sha256(f"{digest}:{config_digest}:{time.time_ns()}".encode()).hexdigest()[:32]
+        meta = dict(metadata, id=adapter_id, version=version)
+        with self._talking(f"adapter {adapter_id!r}"):
+            for name in ADAPTER_FILES:
+                self._s3.upload_file(str(Path(source_dir) / name), self.bucket,
+                                     self._key(adapter_id, "versions", version, name))
+            self._s3.put_object(Bucket=self.bucket, Key=self._key(adapter_id, "versions", version, "metadata.json"),
+                                Body=json.dumps(meta, indent=2, sort_keys=True).encode())
+        pointer = json.dumps({"version": version, "digest": digest, "metadata": meta}).encode()
+        for _ in range(SWITCH_RETRIES):
+            current = self._pointer(adapter_id)
+            if current is not None and not overwrite:
+                raise AdapterExists(f"adapter {adapter_id!r} already exists (use ?overwrite=true to replace it)")
+            condition = {"IfNoneMatch": "*"} if current is None else {"IfMatch": current[1]}
+            try:
+                with self._talking(f"adapter {adapter_id!r}"):
+                    self._s3.put_object(Bucket=self.bucket, Key=self._key(adapter_id, "CURRENT"), Body=pointer,
+                                        ContentType="application/json", **condition)
+                break
+            except ClientError as exc:
+                if self._code(exc) not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    raise RepositoryUnavailable(f"adapter {adapter_id!r}: {self.name} answered "
+                                                f"{self._code(exc)}") from None
+                if not overwrite and current is None:  # another replica created it first
+                    raise AdapterExists(f"adapter {adapter_id!r} already exists (use ?overwrite=true to replace "
+                                        "it)") from None
+        else:
+            raise RepositoryUnavailable(f"adapter {adapter_id!r}: its live version kept changing under this write")
+        self._note_change(adapter_id)
+        self._metadata[(adapter_id, version)] = meta
+        local = self.root / adapter_id / version
+        if not local.exists():  # this replica serves what it wrote without downloading it again
+            staged = self.cache.staging_dir()
+            for name in ADAPTER_FILES:
+                shutil.copyfile(Path(source_dir) / name, staged / name)
+            (staged / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                staged.rename(local)
+            shutil.rmtree(staged, ignore_errors=True)
+        return StoredAdapter(adapter_id, version, local, meta)
+
+    def delete(self, adapter_id: str) -> StoredAdapter:
+        from botocore.exceptions import ClientError
+
+        for _ in range(SWITCH_RETRIES):
+            current = self._pointer(adapter_id)
+            if current is None:
+                raise AdapterMissing(f"adapter {adapter_id!r} not found")
+            ref = VersionRef(adapter_id, str(current[0]["version"]), str(current[0].get("digest", "")))
+            try:
+                with self._talking(f"adapter {adapter_id!r}"):
+                    self._s3.delete_object(Bucket=self.bucket, Key=self._key(adapter_id, "CURRENT"),
+                                           IfMatch=current[1])
+                break
+            except ClientError as exc:
+                if self._code(exc) not in ("PreconditionFailed", "412"):
+                    raise RepositoryUnavailable(f"adapter {adapter_id!r}: {self.name} answered "
+                                                f"{self._code(exc)}") from None
+        else:
+            raise RepositoryUnavailable(f"adapter {adapter_id!r}: its live version kept changing under this delete")
+        self._note_change(adapter_id)
+        local = self.root / adapter_id / ref.version
+        metadata = json.loads((local / "metadata.json").read_text()) if (local / "metadata.json").is_file() else {}
+        return StoredAdapter(adapter_id, ref.version, local, metadata)
+
+    # ---- changes ---------------------------------------------------------------------------------------
+    def _note_change(self, adapter_id: str) -> None:
+        key = self._key(".changes", f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}")
+        with self._talking(f"adapter {adapter_id!r}"):
+            self._s3.put_object(Bucket=self.bucket, Key=key, Body=adapter_id.encode())
+
+    def changes(self, cursor: object | None) -> Changes:
+        """Change objects written since the cursor = (newest time seen, keys seen within CLOCK_SKEW_S of it)."""
+        newest, seen = cursor if isinstance(cursor, tuple) else (time.time_ns(), frozenset())
+        start = self._key(".changes", f"{max(0, newest - int(CLOCK_SKEW_S * 1e9)):020d}")
+        ids, keys, latest = set(), set(), newest
+        with self._talking("following changes"):
+            pages = self._s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(".changes", ""), StartAfter=start)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    key = obj["Key"]
+                    stamp = key.rsplit("/", 1)[-1].split("-", 1)[0]
+                    keys.add(key)
+                    if key in seen or not stamp.isdigit():
+                        continue
+                    body = self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read().decode("utf-8", "replace")
+                    if ADAPTER_ID_RE.fullmatch(body):
+                        ids.add(body)
+                    latest = max(latest, int(stamp))
+        window = latest - int(CLOCK_SKEW_S * 1e9)
+        kept = frozenset(k for k in keys if int(k.rsplit("/", 1)[-1].split("-", 1)[0]) >= window)
+        return Changes(cursor=(latest, kept), adapter_ids=frozenset(ids), resync=cursor is None)
+
+    # ---- the local side (staging, per-process folders) ---------------------------------------------------
+    def staging_dir(self) -> Path:
+        return self.cache.staging_dir()
+
+    def process_dir(self, area: str) -> Path:
+        return self.cache.process_dir(area)
+
+    def clean_process_dirs(self, area: str) -> None:
+        self.cache.clean_process_dirs(area)
+
+    @contextlib.contextmanager
+    def reading(self, stored: StoredAdapter) -> Iterator[Path]:
+        yield stored.path  # cached versions are not removed while the process runs
+
+    @contextlib.contextmanager
+    def held(self, adapter_id: str) -> Iterator[StoredAdapter]:
+        """The live version, downloaded (versions are immutable and their local copies kept: nothing to lock)."""
+        ref = self.resolve(adapter_id)
+        if ref is None:
+            raise AdapterMissing(f"adapter {adapter_id!r} not found")
+        yield self.localize(self.materialize(ref))
+
+    def sweep(self) -> list:
+        """Nothing to collect in the bucket (versions are immutable); the local cache keeps what it downloaded."""
+        return []
