@@ -20,7 +20,7 @@ from app.engine.faults import LOGIT_BOUND
 from app.engine.adapter_files import DirectoryAdapterSource
 from app.engine.errors import (AdapterRejected, EngineNotRunning, InvalidRequest, NonFiniteLogits, StepFailed)
 from app.engine.sampling import RowSampler, SamplingParams, choose_tokens
-from helpers import save_random_lora, save_tiny_checkpoint
+from helpers import overflow_at_run_time, save_random_lora, save_tiny_checkpoint
 
 PROMPT = "Return the number of"
 
@@ -33,7 +33,7 @@ def base_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def adapters(base_dir, tmp_path_factory) -> Path:
     """`good`: a normal random LoRA; `huge`: the same with weights so large the activations overflow (the parser's
-    magnitude check refuses it); `hot`: a valid adapter that `overflow_at_run_time` makes overflow after the check."""
+    magnitude check refuses it); `hot`: a valid adapter that helpers.overflow_at_run_time makes overflow after the check."""
     root = tmp_path_factory.mktemp("adapters")
     save_random_lora(base_dir, root / "good", r=4, seed=1, task_type="CAUSAL_LM")
     save_random_lora(base_dir, root / "hot", r=4, seed=3, task_type="CAUSAL_LM")
@@ -41,22 +41,6 @@ def adapters(base_dir, tmp_path_factory) -> Path:
     weights = huge / "adapter_model.safetensors"
     save_file({k: v * 1e25 for k, v in load_file(str(weights)).items()}, str(weights))  # finite in fp32
     return root
-
-
-def overflow_at_run_time(engine, monkeypatch, adapter_id: str = "hot") -> None:
-    """What the load-time check cannot see (an input that drives a valid adapter out of range) without depending
-    on finding such an input: the parsed, already-checked A and B of `adapter_id` are each scaled by 1e30 (finite
-    in fp32), so the delta x A^T B^T (~1e60) is +-inf in the residual stream and the next RMSNorm makes it NaN."""
-    parser_type = type(engine.parser)  # a frozen dataclass: patched on the class, for this test only
-    real_parse = parser_type.parse
-
-    def parse(self, path):
-        parsed = real_parse(self, path)
-        if Path(path).name == adapter_id:
-            parsed.modules = {name: (a * 1e30, b * 1e30) for name, (a, b) in parsed.modules.items()}
-        return parsed
-
-    monkeypatch.setattr(parser_type, "parse", parse)
 
 
 @pytest.fixture()
@@ -108,7 +92,7 @@ def test_hostile_sampling_parameters_decode_or_are_refused_and_the_engine_lives(
 
 
 def test_non_finite_logits_end_that_request_only(engine, monkeypatch):
-    overflow_at_run_time(engine, monkeypatch)
+    overflow_at_run_time(monkeypatch, "hot")
     reference = _greedy(engine, "good")
     ids = engine.tokenizer(PROMPT)["input_ids"]
     others = [engine.submit(ids, "good", SamplingParams(max_new_tokens=8, ignore_eos=True)) for _ in range(2)]

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from app.engine.errors import QueueFull
 from app.server.errors import ERROR_TABLE
 from app.server.main import create_app
-from helpers import save_random_lora
+from helpers import overflow_at_run_time, save_random_lora
 from http_helpers import peft_greedy_text, tar_gz, upload
 from test_http_api import base_dir, make_settings  # noqa: F401 - base_dir is a fixture
 
@@ -39,8 +39,9 @@ def lora_dirs(base_dir, tmp_path_factory) -> dict[str, Path]:
     good = Path(save_random_lora(base_dir, root / "good", r=4, seed=1, task_type="CAUSAL_LM"))
     huge = Path(save_random_lora(base_dir, root / "huge", r=4, seed=2, task_type="CAUSAL_LM"))
     weights = huge / "adapter_model.safetensors"
-    save_file({k: v * 1e25 for k, v in load_file(str(weights)).items()}, str(weights))
-    return {"good": good, "huge": huge}
+    save_file({k: v * 1e25 for k, v in load_file(str(weights)).items()}, str(weights))  # refused at upload
+    hot = Path(save_random_lora(base_dir, root / "hot", r=4, seed=3, task_type="CAUSAL_LM"))  # see overflow_at_run_time
+    return {"good": good, "huge": huge, "hot": hot}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,10 @@ def client(tmp_path_factory, base_dir, lora_dirs):
     settings = make_settings(tmp_path_factory.mktemp("srv"), base_dir)
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
         assert upload(c, "good", tar_gz(lora_dirs["good"])).status_code == 201
-        upload(c, "huge", tar_gz(lora_dirs["huge"]))  # 201, or 422 where served weights are bounded
+        assert upload(c, "hot", tar_gz(lora_dirs["hot"])).status_code == 201
+        refused = _small_json_error(upload(c, "huge", tar_gz(lora_dirs["huge"])), 422)  # the magnitude check
+        assert refused["error_type"] == "adapter_rejected" and "too large" in refused["error"], refused
+        assert c.get("/adapters/huge").status_code == 404
         yield c
 
 
@@ -89,7 +93,8 @@ def test_hostile_sampling_on_completions(client, params):
     assert client.get("/health").status_code == 200
 
 
-def test_overflowing_merges_and_adapters_end_only_their_request(client, base_dir, lora_dirs):
+def test_overflowing_merges_and_adapters_end_only_their_request(client, base_dir, lora_dirs, monkeypatch):
+    overflow_at_run_time(monkeypatch, "hot")
     merged = {"ids": ["good", "good"], "weights": [1e20, 1e20]}
     for do_sample in (False, True):
         r = client.post("/generate", json={"inputs": PROMPT, "parameters": {
@@ -98,28 +103,31 @@ def test_overflowing_merges_and_adapters_end_only_their_request(client, base_dir
         # its overflow to zeros, is the served-weight check of issue 10.2.)
         if r.status_code != 200:
             _small_json_error(r, 422)
-        if client.get("/adapters/huge").status_code == 200:
-            r = client.post("/generate", json={"inputs": PROMPT, "parameters": {
-                "adapter_id": "huge", "do_sample": do_sample, "max_new_tokens": 4}})
-            assert _small_json_error(r, 422)["error_type"] == "non_finite_logits"
+        r = client.post("/generate", json={"inputs": PROMPT, "parameters": {
+            "adapter_id": "hot", "do_sample": do_sample, "max_new_tokens": 4}})
+        assert _small_json_error(r, 422)["error_type"] == "non_finite_logits"
     _still_serves(client, base_dir, lora_dirs)
 
 
-def test_stream_never_sends_bare_nan(client):
-    """10.9: every SSE data line is strict JSON (no NaN/Infinity), even when the request fails mid-way."""
+def test_stream_never_sends_bare_nan(client, monkeypatch):
+    """Every SSE data line is strict JSON (no NaN/Infinity), also when the request fails mid-way: the stream has
+    started (200) when the `hot` adapter's logits turn NaN, so the failure is an error event, not a status."""
     def strict(line: str):
         return json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in {line}"))
 
-    for adapter in ("good", "huge"):
+    overflow_at_run_time(monkeypatch, "hot")
+    outcomes = {}
+    for adapter in ("good", "hot"):
         with client.stream("POST", "/generate_stream", json={"inputs": PROMPT, "parameters": {
                 "adapter_id": adapter, "max_new_tokens": 4, "details": True}}) as r:
-            r.read()  # a refusal (the overflowing adapter is 422 at validation) is read as a whole body
+            r.read()
             lines = [line[5:].strip() for line in r.text.splitlines() if line.startswith("data:")]
-        if r.status_code == 200:
-            events = [strict(line) for line in lines]
-            assert events and ("error" in events[-1] or events[-1]["details"]["generated_tokens"] == 4)
-        else:  # the overflowing adapter: refused at upload (404 now) or at validation (422)
-            _small_json_error(r, (404, 422))
+        assert r.status_code == 200, (adapter, r.status_code, r.text)
+        events = [strict(line) for line in lines]
+        assert events, adapter
+        outcomes[adapter] = events[-1]
+    assert outcomes["good"]["details"]["generated_tokens"] == 4 and "error" not in outcomes["good"]
+    assert outcomes["hot"]["error_type"] == "non_finite_logits" and "not finite" in outcomes["hot"]["error"]
 
 
 def test_nan_merge_weight_leaks_nothing(client):
