@@ -57,6 +57,7 @@ class EngineStats:
     pending_loads: int
     steps: int
     alive: bool
+    observer_errors: int  # exceptions the observer raised (swallowed: SafeObserver)
 
 
 class Engine:
@@ -185,7 +186,8 @@ class Engine:
             host_adapters=len(snap.host_adapter_ids), host_adapter_ids=snap.host_adapter_ids,
             host_bytes=snap.host_bytes,
             max_cpu_adapters=self.config.max_cpu_adapters, pending_loads=snap.pending_loads, steps=self.steps,
-            alive=self._thread is not None and self._thread.is_alive() and self._fatal is None)
+            alive=self._thread is not None and self._thread.is_alive() and self._fatal is None,
+            observer_errors=self.observer.errors)
 
     # ---- internals ---------------------------------------------------------------------------------------
     def _find_eos_ids(self) -> set[int]:
