@@ -1,5 +1,6 @@
-"""The README's error table is the code's table (app/server/errors.py), and the errors' own `status_code` hints
-are honoured by the mapping."""
+"""The README's tables are the code's: the error table is app/server/errors.py's (and the errors' own
+`status_code` hints are honoured by the mapping); the settings table is app/server/settings.py's fields, flags
+and defaults."""
 from __future__ import annotations
 
 import re
@@ -11,6 +12,7 @@ from app.adapters.store.adapter_store import StoreError
 from app.engine.errors import EngineError
 from app.server import errors
 from app.server.errors import BY_STATUS, ERROR_TABLE, INSTANCE_STATUS_NAMES, OS_ERRORS, classify
+from app.server.settings import Settings
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -62,3 +64,20 @@ def test_a_subclass_status_code_hint_is_honoured(base):
     assert (kind.status, kind.error_type) == (409, "conflict") and message == "the thing changed under you"
     plain = type("Plain", (base,), {})  # no hint of its own: the table's row for its parent
     assert classify(plain("x"))[0] == ERROR_TABLE[base]
+
+
+def test_readme_settings_table_is_the_settings_model():
+    """Every row: `OLORA_<FIELD>` | `--<field-with-dashes>` | `<default>` (secrets: `(none)`); one row per field."""
+    start = README.index("| environment | flag | default | meaning |")
+    rows = {}
+    for line in README[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        env, flag, default = re.findall(r"`([^`]*)`", line)[:3]
+        rows[env] = (flag, default)
+    expected = {}
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = "(none)" if name in ("api_keys", "admin_keys") and not default else str(default)
+        expected[f"OLORA_{name.upper()}"] = ("--" + name.replace("_", "-"), shown)
+    assert rows == expected
