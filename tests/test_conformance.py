@@ -1,4 +1,4 @@
-"""The conformance matrix (issue 9): adapters saved by the real PEFT in every way users save them, each uploaded to a
+"""The conformance matrix: adapters saved by the real PEFT in every way users save them, each uploaded to a
 real server (TestClient) and generated with. Every cell either serves exactly what PEFT computes (same greedy
 tokens, logprobs within 1e-4 in fp32) or is refused with a message naming the unsupported feature.
 docs/compatibility.md shows the same table; test_compatibility_doc_lists_every_cell keeps the two in step."""

@@ -1,4 +1,4 @@
-"""Engine fault isolation (issue 10.1): nothing one request carries stops the loop for the others.
+"""Engine fault isolation: nothing one request carries stops the loop for the others.
 
 Hostile sampling parameters decode (greedy below the temperature floor) or are refused; rows whose logits turn
 non-finite end alone; an exception in a step fails that step's rows and the loop goes on; only a fault that

@@ -1,4 +1,4 @@
-"""Issue 10 over HTTP (TestClient, the real app and lifespan): hostile requests get a JSON 4xx/5xx from the one
+"""Robustness over HTTP (TestClient, the real app and lifespan): hostile requests get a JSON 4xx/5xx from the one
 error table and the server goes on; error bodies stay small and leak nothing; keys guard /info and the docs;
 disk full / read-only store; SSE stays valid JSON. Real-process cases (auth before body, kill -9): test_chaos.py.
 """
@@ -99,8 +99,8 @@ def test_overflowing_merges_and_adapters_end_only_their_request(client, base_dir
     for do_sample in (False, True):
         r = client.post("/generate", json={"inputs": PROMPT, "parameters": {
             "merged_adapters": merged, "do_sample": do_sample, "max_new_tokens": 4}})
-        # 10.1: the engine survives. (Whether such a merge is refused up front, or runs with RMSNorm squashing
-        # its overflow to zeros, is the served-weight check of issue 10.2.)
+        # the engine survives. (Whether such a merge is refused up front, or runs with RMSNorm squashing
+        # its overflow to zeros, is the served-weight check's business.)
         if r.status_code != 200:
             _small_json_error(r, 422)
         r = client.post("/generate", json={"inputs": PROMPT, "parameters": {
@@ -131,7 +131,7 @@ def test_stream_never_sends_bare_nan(client, monkeypatch):
 
 
 def test_nan_merge_weight_leaks_nothing(client):
-    """10.4: the 422 of a NaN weight holds no config, tensor values or store path, and is < 1 KB."""
+    """the 422 of a NaN weight holds no config, tensor values or store path, and is < 1 KB."""
     raw = ('{"inputs": "x", "parameters": {"merged_adapters": {"ids": ["good", "good"], "weights": [NaN, 1]}}}')
     r = client.post("/generate", content=raw, headers={"content-type": "application/json"})
     _small_json_error(r, 422)
@@ -141,7 +141,7 @@ def test_nan_merge_weight_leaks_nothing(client):
 
 
 def test_lone_surrogate_and_huge_seed_are_422(client):
-    """10.8: a lone surrogate in a prompt and a merge seed >= 2**63 are 4xx JSON, not a plain-text 500."""
+    """a lone surrogate in a prompt and a merge seed >= 2**63 are 4xx JSON, not a plain-text 500."""
     for path, raw in [("/generate", '{"inputs": "a\\ud800b", "parameters": {"max_new_tokens": 2}}'),
                       ("/v1/completions", '{"model": "good", "prompt": "\\udfff", "max_tokens": 2}'),
                       ("/v1/chat/completions", '{"model": "good", "messages": [{"role": "user", "content": '
@@ -155,7 +155,7 @@ def test_lone_surrogate_and_huge_seed_are_422(client):
 
 
 def test_one_error_contract(client):
-    """10.9: one name per kind of error on every route; QueueFull's hint agrees with what is sent."""
+    """one name per kind of error on every route; QueueFull's hint agrees with what is sent."""
     assert QueueFull.status_code == 429 == ERROR_TABLE[QueueFull].status
     missing = [
         client.get("/adapters/nope"),
@@ -186,7 +186,7 @@ def test_openai_client_shows_the_message(client):
 
 
 def test_keys_guard_info_and_docs_but_not_probes(tmp_path, base_dir):
-    """10.9: with keys set only /health, /ready and /metrics are open (README); OLORA_METRICS_REQUIRE_KEY."""
+    """with keys set only /health, /ready and /metrics are open (README); OLORA_METRICS_REQUIRE_KEY."""
     for require in (False, True):
         settings = make_settings(tmp_path / str(require), base_dir, api_keys="user-key", admin_keys="admin-key",
                                  metrics_require_key=require)
@@ -257,7 +257,7 @@ def test_real_full_and_read_only_disk(tmp_path, base_dir, lora_dirs):
 
 
 def test_rejections_name_files_without_absolute_paths(client, lora_dirs, tmp_path):
-    """10.9: a refused upload names the file and key, never the store/staging path it was read from."""
+    """a refused upload names the file and key, never the store/staging path it was read from."""
     import shutil
     bad = tmp_path / "dora"
     shutil.copytree(lora_dirs["good"], bad)
@@ -269,7 +269,7 @@ def test_rejections_name_files_without_absolute_paths(client, lora_dirs, tmp_pat
 
 
 def test_health_fails_when_the_engine_loop_died(tmp_path, base_dir, monkeypatch):
-    """10.1: a persistent engine fault takes /health down with /ready (the orchestrator restarts the pod)."""
+    """a persistent engine fault takes /health down with /ready (the orchestrator restarts the pod)."""
     with TestClient(create_app(make_settings(tmp_path, base_dir)), raise_server_exceptions=False) as c:
         def broken(*args, **kwargs):
             raise RuntimeError("simulated device loss")
