@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from olora_core.adapter_format import ADAPTER_ID_RE
-from olora_core.adapter_io import fsync_dir
+from olora_core.adapter_io import CONFIG_NAME, WEIGHTS_NAME, fsync_dir
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 OLD_VERSION_GRACE_S = 60.0
 RETIRED_MARKER = ".retired"
 LOCK_STRIPES = 64
@@ -109,9 +109,6 @@ class AdapterStore:
         """AdapterSource protocol for the engine."""
         stored = self.get(adapter_id)
         return stored.path if stored else None
-
-    def version_of(self, adapter_id: str) -> str | None:
-        return self._current_version(adapter_id) if ADAPTER_ID_RE.fullmatch(adapter_id or "") else None
 
     def list(self) -> list[StoredAdapter]:
         out = []
