@@ -12,8 +12,6 @@ import app.engine.lora_layers as lora_layers
 from app.engine.lora_layers import choose_row_rank
 from tolerances import ENGINE_VS_PEFT_LOGITS, SAME_MODEL_LOGITS, nf4_logits
 
-# numeric equivalence: .ci/run runs these a second time under ATEN_CPU_CAPABILITY=default
-pytestmark = pytest.mark.numeric
 
 QUANT = {"nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
          "int8": dict(load_in_8bit=True)}
@@ -79,6 +77,7 @@ def test_rank16_row_buffers_equal_reference(monkeypatch, files, quantize, batch,
         torch.testing.assert_close(o, r, atol=SAME_MODEL_LOGITS, rtol=0)
 
 
+@pytest.mark.numeric  # .ci/run repeats it under ATEN_CPU_CAPABILITY=default
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
 def test_rank16_row_buffers_match_peft_per_row(monkeypatch, files, quantize):
     base, adapters = files
