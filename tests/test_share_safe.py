@@ -25,7 +25,8 @@ from olora_core.cli import main as cli_main
 from olora_core.share_safe import FROZEN_ADAPTER, save_stacked
 from olora_core.train import TrainConfig, TrainError, prepare_training, train, train_steps
 from test_http_api import make_settings
-from tolerances import ENGINE_VS_PEFT_LOGITS, ENGINE_VS_PEFT_LOGPROBS, SAME_MODEL_LOGITS, SAME_WEIGHTS
+from tolerances import (ENGINE_VS_PEFT_LOGITS, ENGINE_VS_PEFT_LOGPROBS, SAME_MODEL_LOGITS, SAME_WEIGHTS,
+                        quantized_logits)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PROMPTS = ["make this loud: good morning", "make this loud: the cat sat on the mat"]
@@ -143,7 +144,7 @@ def test_quantized_served_adapter_is_the_trained_model(base_dir, data, tmp_path,
     save_stacked(model, tmp_path / "adapter")
     served = logits_of(PeftModel.from_pretrained(load_base(base_dir, quantize), str(tmp_path / "adapter")), ids)
     err = max_diff(served, trained)
-    assert err < ENGINE_VS_PEFT_LOGITS, f"{quantize}: served vs trained max |logit diff| {err:.2e}"
+    assert err < quantized_logits(quantize), f"{quantize}: served vs trained max |logit diff| {err:.2e}"
     assert max_diff(trained, logits_of(load_base(base_dir, quantize), ids)) > 0.1  # the adapter matters
     if (quantize, init) == ("nf4", "olora"):  # PEFT's OLoRA + conversion misses the re-quantization noise; we do not
         assert _peft_conversion_error(base_dir, data, tmp_path, quantize, ids) > 100 * max(err, 1e-6)

@@ -61,3 +61,8 @@ def nf4_logits() -> float:
 # rounding) depends on the batch mates and on the fp16 kernel: one quantization step of the logit scale,
 # |logit| / 127 = 7.9e-3. The test adapters move the logits by 0.39..0.86, 50x more.
 INT8_LOGITS = LOGIT_SCALE / 127
+
+
+def quantized_logits(quantize: str) -> float:
+    """The bound for a quantized base by its scheme: 4-bit (nf4, fp4: same bitsandbytes kernels) or int8."""
+    return {"nf4": nf4_logits, "fp4": nf4_logits, "int8": lambda: INT8_LOGITS}[quantize]()
