@@ -12,7 +12,7 @@ from torch import nn
 from olora_core.errors import NonFiniteError, RankError, UnsupportedLayerError
 from olora_core.olora_init import dense_weight, apply_olora, olora_init, olora_init_module, weight_format
 from helpers import quantized_tiny_llama, tiny_gpt2, tiny_llama
-from tolerances import SAME_MODEL_LOGITS, SAME_WEIGHTS
+from tolerances import BF16_EPS, LOGIT_SCALE, SAME_MODEL_LOGITS, SAME_WEIGHTS
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = {
@@ -105,7 +105,10 @@ def test_bf16_base_exact_adapter_kept_in_fp32():
           f"PEFT {peft_err:.2e}")
     # bf16: eps_bf16 7.8e-3 x |A|,|B| (orthonormal factors scaled by sqrt(scaling) <= ~2.5) -> 2e-2, x2 -> 4e-2
     assert 0 < worst_ab < 4e-2
-    assert ours_err <= peft_err and ours_err < 2e-2  # one bf16 rounding of |logit| < 1 (7.8e-3) per residual write, x2.5
+    # both outputs carry the bf16 round-off of the logits themselves (half an eps_bf16 of |logit| < 1: 3.9e-3),
+    # which differs by CPU kernel; only beyond it is ours the closer one. The bound: one bf16 rounding per residual
+    # write (7.8e-3), x2.5.
+    assert ours_err <= peft_err + BF16_EPS / 2 * LOGIT_SCALE and ours_err < 2e-2
 
 
 @pytest.mark.parametrize("bits", [4, 8])
