@@ -36,11 +36,16 @@ def default_model_path() -> pathlib.Path:
     return path
 
 
-def sha256_of_file(path: pathlib.Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def hash_file_into(digest, path: pathlib.Path, chunk_bytes: int = 1 << 20) -> None:
+    """Feed a file's bytes to a hashlib digest in chunks (the one file-hashing loop of the project)."""
     with open(path, "rb") as f:
         while chunk := f.read(chunk_bytes):
             digest.update(chunk)
+
+
+def sha256_of_file(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    hash_file_into(digest, path)
     return digest.hexdigest()
 
 

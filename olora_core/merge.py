@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .adapter_format import label as path_label
 from .adapter_format import layer_alpha, layer_rank, short
-from .adapter_io import AdapterFiles, adapter_kind, load_adapter_dir, save_adapter_dir
+from .adapter_io import MUTATED_INIT_KINDS, AdapterFiles, adapter_kind, load_adapter_dir, save_adapter_dir
 from .errors import AdapterFormatError, MergeError, RankError, UnsupportedLayerError
 
 PREFIX = "base_model.model."
@@ -95,7 +95,7 @@ def parse_adapter(adapter: AdapterFiles) -> ParsedAdapter:
         init = config.get("init_lora_weights")
         hint = ("it is an unconverted adapter whose base was mutated to W - s·B0·A0 at init, so it merges "
                 "wrong onto the original base; convert it to a plain LoRA first (olora convert)"
-                if kind in ("olora", "pissa", "corda", "lora_ga") else "only plain LoRA adapters can be merged")
+                if kind in MUTATED_INIT_KINDS else "only plain LoRA adapters can be merged")
         raise MergeError(f"{label}: adapter kind {kind!r} (init_lora_weights={init!r}): {hint}")
     for key in ("lora_bias", "target_parameters", "trainable_token_indices"):
         if config.get(key):

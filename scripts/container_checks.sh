@@ -2,13 +2,26 @@
 # Sourced by scripts/container_test.sh: what the image must (not) contain, and the run checks.
 # Uses CT_IMAGE, CT_WORK, NAME, VOL_ADAPTERS, VOL_HF, CT_TIMEOUT_S, REPO and ct_log/ct_die.
 
+# Clean shutdowns in the container's log so far (uvicorn's line once the lifespan's shutdown, engine included,
+# has finished). The log is conmon's k8s-file (podman run --log-driver k8s-file): written before podman records
+# the exit, so it is complete when `podman stop` returns (journald may still be flushing then).
+ct_shutdowns() {
+    local log
+    log=$(podman logs "$NAME" 2>&1)
+    grep -c "Application shutdown complete" <<<"$log" || true
+}
+
 # ---- the image's contents --------------------------------------------------------------------------------
 ct_check_image() {
     local root problems="$CT_WORK/image-problems.txt" user
     : >"$problems"
     user=$(podman image inspect --format '{{.Config.User}}' "$CT_IMAGE")
     [[ "$user" =~ ^[1-9][0-9]*(:[0-9]+)?$ ]] || echo "USER is '$user', not a numeric non-root user" >>"$problems"
-    podman image inspect --format '{{json .Config.Healthcheck}}' "$CT_IMAGE" | grep -q '/health' \
+    # (grep -q on a variable, not on a pipe: under pipefail a writer cut off by grep -q's early exit (SIGPIPE)
+    # fails the pipeline although the line was found, depending on timing)
+    local healthcheck
+    healthcheck=$(podman image inspect --format '{{json .Config.Healthcheck}}' "$CT_IMAGE")
+    grep -q '/health' <<<"$healthcheck" \
         || echo "no HEALTHCHECK on /health in the image config (build with --format docker)" >>"$problems"
     # no secret in the image's environment, build arguments or history
     podman image inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$CT_IMAGE" \
@@ -29,8 +42,10 @@ ct_check_image() {
     # no file of the repo's tests/ (same content under any path), no tests/ beside the installed packages
     local names=() f
     for f in "$REPO"/tests/*; do [ -f "$f" ] && names+=(-o -name "$(basename "$f")"); done
+    local test_sums
+    test_sums=$(sha256sum "$REPO"/tests/* 2>/dev/null || true)
     find "$root" -xdev -type f \( "${names[@]:1}" \) -print0 | xargs -0 -r sha256sum | while read -r sum path; do
-        if sha256sum "$REPO"/tests/* 2>/dev/null | grep -q "^$sum "; then
+        if grep -q "^$sum " <<<"$test_sums"; then
             echo "test file in the image: ${path#"$root"}"
         fi
     done >>"$problems"
@@ -98,7 +113,7 @@ ct_run_checks() {
     podman volume create "$VOL_HF" >/dev/null
     # as deploy/k8s/deployment.yaml runs it: the image's user, read-only root, only /tmp writable (tmpfs),
     # no capabilities, no privilege escalation, store + model cache as volumes, keys from the environment.
-    podman run -d --name "$NAME" --read-only --read-only-tmpfs=false \
+    podman run -d --name "$NAME" --log-driver k8s-file --read-only --read-only-tmpfs=false \
         --tmpfs /tmp:rw,nosuid,nodev,size=1g,mode=1777 --cap-drop ALL --security-opt no-new-privileges \
         -v "$VOL_ADAPTERS:/data/adapters" -v "$VOL_HF:/data/hf-cache" \
         -e OLORA_API_KEYS -e OLORA_ADMIN_KEYS -e OLORA_DEMO_ADAPTERS=false \
@@ -147,7 +162,12 @@ sys.exit(not t or sum(c.isupper() for c in t) < 0.8 * len(t))' "$shout_text" \
     grep -qE '^olora_generated_tokens_total [1-9]' "$CT_WORK/body" || ct_die "/metrics counts no tokens"
     ct_pass "/metrics counts the generations, the adapter's requests and the tokens"
 
+    # Each stop must be seen to shut down cleanly on its own: the log keeps the lines of earlier runs, so the
+    # shutdown lines are counted (grep -c reads the whole log: no SIGPIPE race under pipefail, unlike grep -q on a
+    # pipe, which made this check fail or pass by timing once the restart had put a first line in the log).
+    [ "$(ct_shutdowns)" = 0 ] || ct_die "a shutdown line before any stop"
     podman restart -t 30 "$NAME" >/dev/null 2>>"$CT_WORK/podman-run.log" || ct_die "podman restart"
+    [ "$(ct_shutdowns)" = 1 ] || ct_die "no clean shutdown on restart"
     ct_wait_healthy
     CT_PATH=/adapters/ct-shout ct_expect 200 "the adapter after the restart" -- \
         -H "Authorization: Bearer $OLORA_API_KEYS"
@@ -158,6 +178,6 @@ sys.exit(not t or sum(c.isupper() for c in t) < 0.8 * len(t))' "$shout_text" \
     ct_pass "after the restart ct-shout is served from the volume (same sha256, same greedy text)"
 
     podman stop -t 30 "$NAME" >/dev/null 2>>"$CT_WORK/podman-run.log" || ct_die "podman stop"
-    podman logs "$NAME" 2>&1 | grep -q "Application shutdown complete" || ct_die "no clean shutdown on stop"
+    [ "$(ct_shutdowns)" = 2 ] || ct_die "no clean shutdown on stop"
     ct_pass "stopped cleanly"
 }

@@ -128,3 +128,23 @@ def save_adapter_set(root, specs: dict) -> tuple[str, object]:
     for name, kwargs in specs.items():
         save_random_lora(base, root / "adapters" / name, **kwargs)
     return base, root / "adapters"
+
+
+def overflow_at_run_time(monkeypatch, adapter_id: str) -> None:
+    """What the load-time magnitude check cannot see (an input that drives a valid adapter out of range), without
+    depending on finding such an input: after the check, the parsed A and B of `adapter_id` (any adapter whose
+    path has a component named so) are each scaled by 1e30 (finite in fp32), so the delta x A^T B^T (~1e60) is
+    +-inf in the residual stream and the next RMSNorm makes the row's logits NaN."""
+    from pathlib import Path
+
+    from app.engine.adapter_files import AdapterParser  # a frozen dataclass: patched on the class, for one test
+
+    real_parse = AdapterParser.parse
+
+    def parse(self, path):
+        parsed = real_parse(self, path)
+        if adapter_id in Path(path).parts:
+            parsed.modules = {name: (a * 1e30, b * 1e30) for name, (a, b) in parsed.modules.items()}
+        return parsed
+
+    monkeypatch.setattr(AdapterParser, "parse", parse)

@@ -1,6 +1,6 @@
 """Real `olora serve` processes: keys are checked before an upload's body is read, concurrent uploads are bounded,
 and a server killed with SIGKILL during an upload, a merge and a stream restarts onto a clean, consistent store
-that still serves PEFT's greedy output (issue 10.5, 10.7)."""
+that still serves PEFT's greedy output."""
 from __future__ import annotations
 
 import io

@@ -14,6 +14,7 @@ from test_engine_rank import ADAPTERS, BATCHES, make_engine, run_rows
 from app.engine.engine import EngineConfig
 from app.engine.errors import InvalidRequest
 from helpers import save_adapter_set
+from tolerances import SAME_MODEL_LOGITS
 
 needs_compile = pytest.mark.skipif(os.environ.get("OLORA_TEST_COMPILE") != "1" or shutil.which("g++") is None,
                                    reason="set OLORA_TEST_COMPILE=1 (inductor needs a C++ compiler; ~1 min)")
@@ -35,4 +36,4 @@ def test_compiled_decode_equals_eager(tmp_path):
     compiled, seqs, _ = run_rows(engine, adapters, rows, steps=4)
     assert seqs == eager_seqs
     for e, c in zip(eager, compiled):
-        torch.testing.assert_close(c, e, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(c, e, atol=SAME_MODEL_LOGITS, rtol=0)

@@ -24,6 +24,7 @@ from app.engine import (
     SamplingParams,
     UnsupportedAdapterFeature,
 )
+from tolerances import ENGINE_VS_PEFT_LOGITS
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +195,7 @@ def test_converted_olora_is_served_exactly_and_unconverted_is_refused(setup, tmp
     idle = Engine(engine.config, DirectoryAdapterSource(store))
     idle.bank.load(1, idle.parser.parse(store / "olora-converted"))
     ours = idle.runner.prefill(0, [prompt], [1])[0]
-    assert (ours - trained).abs().max().item() < 1e-4
+    assert (ours - trained).abs().max().item() < ENGINE_VS_PEFT_LOGITS
 
 
 def test_base_fingerprint_is_over_the_original_files(setup, tmp_path):

@@ -5,12 +5,16 @@ import pytest
 import torch
 from helpers import save_adapter_set
 from peft import PeftModel
+from tolerances import ENGINE_VS_PEFT_LOGITS, INT8_LOGITS, SAME_MODEL_LOGITS, nf4_logits
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from app.engine.adapter_files import DirectoryAdapterSource
 from app.engine.engine import Engine, EngineConfig
 from app.engine.lora_layers import bgmv_delta, grouped_delta_, reference_delta, rows_delta
 from app.engine.sampling import SamplingParams
+
+# numeric equivalence: .ci/run runs these a second time under ATEN_CPU_CAPABILITY=default
+pytestmark = pytest.mark.numeric
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # name -> (save_random_lora kwargs): different ranks, target subsets, rsLoRA, rank/alpha patterns.
@@ -76,11 +80,19 @@ def peft_logits(base, adapters, quantize, seqs, steps: int = 4) -> list[torch.Te
 
 
 # int8: LLM.int8 sends every input column with |x| > 6 in *any* row of the batch through fp16, so a row's output
-# depends on its batch mates (measured 3.6e-4 here for the row with the largest adapter, ~1e-7 for the others and
-# when the same row runs alone); the next test shows the engine equals PEFT's own mixed batch to 1e-4.
-@pytest.mark.parametrize("quantize,tol", [("none", 1e-4), ("nf4", 1e-4), ("int8", 1e-3)])
-def test_mixed_batch_logits_match_peft(files, quantize, tol):
+# depends on its batch mates (measured 3.6e-4 for the row with the largest adapter, ~1e-7 for the others and
+# when the same row runs alone); the next test compares with PEFT's own mixed batch. Tolerances: tests/tolerances.py.
+TOLERANCES = {"none": lambda: ENGINE_VS_PEFT_LOGITS, "nf4": nf4_logits, "int8": lambda: INT8_LOGITS}
+# The smallest change the adapters of rows 0, 2, 3 make to their logits (0.39 measured): a comparison whose
+# tolerance came near it could not tell a served adapter from a missing one.
+ADAPTER_EFFECT = 0.3
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4", "int8"])
+def test_mixed_batch_logits_match_peft(files, quantize):
     base, adapters = files
+    tol = TOLERANCES[quantize]()
+    assert tol < ADAPTER_EFFECT / 10
     engine = make_engine(base, adapters, quantize)
     ours, seqs = engine_logits(engine, adapters)
     theirs = peft_logits(base, adapters, quantize, seqs)
@@ -91,7 +103,7 @@ def test_mixed_batch_logits_match_peft(files, quantize, tol):
     plain = peft_model(base, adapters, None, quantize)
     with torch.no_grad():
         ref0 = plain(torch.tensor([seqs[0][:-1]])).logits[0, len(PROMPTS[0]) - 1]
-    assert (ours[0][0] - ref0).abs().max().item() > 100 * tol
+    assert (ours[0][0] - ref0).abs().max().item() > ADAPTER_EFFECT
 
 
 def test_int8_mixed_prefill_matches_peft_mixed_batch(files):
@@ -108,7 +120,9 @@ def test_int8_mixed_prefill_matches_peft_mixed_batch(files):
         out = model(ids, adapter_names=[a or "__base__" for a in ROW_ADAPTERS]).logits
     for b, prompt in enumerate(PROMPTS):
         err = (out[b, len(prompt) - 1] - ours[b][0]).abs().max().item()
-        assert err <= 1e-4, f"row {b}: {err:.2e}"
+        # same batch on both sides, so the same int8/fp16 split; what remains is the fp16 outlier product,
+        # whose CPU kernel (and rounding) differs by ATen capability: one int8 step still bounds it
+        assert err <= INT8_LOGITS, f"row {b}: {err:.2e}"
 
 
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
@@ -148,7 +162,7 @@ def test_fast_kernels_equal_reference_in_model(files, kernel):
     ref, _ = engine_logits(make_engine(base, adapters, kernel="reference"), adapters, steps=2)
     fast, _ = engine_logits(make_engine(base, adapters, kernel=kernel), adapters, steps=2)
     for r, f in zip(ref, fast):
-        torch.testing.assert_close(f, r, atol=1e-5, rtol=0)
+        torch.testing.assert_close(f, r, atol=SAME_MODEL_LOGITS, rtol=0)
 
 
 def test_kernels_equal_reference_random():
@@ -205,7 +219,7 @@ def test_row_bindings_follow_slot_reloads_and_row_moves(files):
     both(load(2, names[1]))
     for slots, row in (([1, 2, 0], 0), ([2, 1, 1], 0), ([1], 2)):
         ours, theirs = both(prefill(row, slots))
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours, theirs, atol=SAME_MODEL_LOGITS, rtol=0)
     both(load(1, names[2]))  # slot 1 now holds another adapter: rows bound to it must not keep the old one
     ours, theirs = both(prefill(0, [1, 2, 1]))
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, theirs, atol=SAME_MODEL_LOGITS, rtol=0)

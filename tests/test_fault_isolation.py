@@ -1,4 +1,4 @@
-"""Engine fault isolation (issue 10.1): nothing one request carries stops the loop for the others.
+"""Engine fault isolation: nothing one request carries stops the loop for the others.
 
 Hostile sampling parameters decode (greedy below the temperature floor) or are refused; rows whose logits turn
 non-finite end alone; an exception in a step fails that step's rows and the loop goes on; only a fault that
@@ -20,7 +20,7 @@ from app.engine.faults import LOGIT_BOUND
 from app.engine.adapter_files import DirectoryAdapterSource
 from app.engine.errors import (AdapterRejected, EngineNotRunning, InvalidRequest, NonFiniteLogits, StepFailed)
 from app.engine.sampling import RowSampler, SamplingParams, choose_tokens
-from helpers import save_random_lora, save_tiny_checkpoint
+from helpers import overflow_at_run_time, save_random_lora, save_tiny_checkpoint
 
 PROMPT = "Return the number of"
 
@@ -32,9 +32,11 @@ def base_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def adapters(base_dir, tmp_path_factory) -> Path:
-    """`good`: a normal random LoRA; `huge`: the same with weights so large the activations overflow."""
+    """`good`: a normal random LoRA; `huge`: the same with weights so large the activations overflow (the parser's
+    magnitude check refuses it); `hot`: a valid adapter that helpers.overflow_at_run_time makes overflow after the check."""
     root = tmp_path_factory.mktemp("adapters")
     save_random_lora(base_dir, root / "good", r=4, seed=1, task_type="CAUSAL_LM")
+    save_random_lora(base_dir, root / "hot", r=4, seed=3, task_type="CAUSAL_LM")
     huge = Path(save_random_lora(base_dir, root / "huge", r=4, seed=2, task_type="CAUSAL_LM"))
     weights = huge / "adapter_model.safetensors"
     save_file({k: v * 1e25 for k, v in load_file(str(weights)).items()}, str(weights))  # finite in fp32
@@ -89,21 +91,24 @@ def test_hostile_sampling_parameters_decode_or_are_refused_and_the_engine_lives(
     assert engine.stats().alive and _greedy(engine) == reference
 
 
-def test_non_finite_logits_end_that_request_only(engine):
+def test_non_finite_logits_end_that_request_only(engine, monkeypatch):
+    overflow_at_run_time(monkeypatch, "hot")
     reference = _greedy(engine, "good")
     ids = engine.tokenizer(PROMPT)["input_ids"]
     others = [engine.submit(ids, "good", SamplingParams(max_new_tokens=8, ignore_eos=True)) for _ in range(2)]
     for sampled in (False, True):
-        try:
-            engine.submit(ids, "huge", SamplingParams(max_new_tokens=8, do_sample=sampled, seed=1)).result(60)
-        except NonFiniteLogits as exc:
-            assert "not finite" in str(exc) and "'huge'" in str(exc)
-        except AdapterRejected:
-            pass  # a served-weight magnitude check may refuse such an adapter before it runs: also fine
-        else:
-            raise AssertionError("an adapter whose logits overflow produced tokens")
+        hot = engine.submit(ids, "hot", SamplingParams(max_new_tokens=8, do_sample=sampled, seed=1))
+        with pytest.raises(NonFiniteLogits, match="not finite.*'hot'"):
+            hot.result(60)
     assert [h.result(60).token_ids for h in others] == [reference, reference]
     assert engine.stats().alive and _greedy(engine, "good") == reference
+
+
+def test_an_adapter_that_overflows_on_any_input_is_refused_at_load(engine):
+    ids = engine.tokenizer(PROMPT)["input_ids"]
+    with pytest.raises(AdapterRejected, match="huge"):
+        engine.submit(ids, "huge", SamplingParams(max_new_tokens=4)).result(60)
+    assert engine.stats().alive
 
 
 def test_injected_nan_row_fails_alone(engine, monkeypatch):
@@ -121,15 +126,16 @@ def test_injected_nan_row_fails_alone(engine, monkeypatch):
 
     monkeypatch.setattr(engine.runner, "decode", decode)
     ids = engine.tokenizer(PROMPT)["input_ids"]
+    poisoned["row"] = 1  # the first decode of two rows or more: exactly one row of the three is poisoned
     handles = [engine.submit(ids, None, SamplingParams(max_new_tokens=8, ignore_eos=True)) for _ in range(3)]
-    poisoned["row"] = 1
     outcomes = []
     for handle in handles:
         try:
             outcomes.append(handle.result(60).token_ids)
         except NonFiniteLogits:
             outcomes.append("nan")
-    assert outcomes.count("nan") <= 1 and outcomes.count(reference) >= 2
+    assert poisoned["row"] is None, "no decode of two rows ran: the poison was never applied"
+    assert outcomes.count("nan") == 1 and outcomes.count(reference) == 2, outcomes
     assert engine.stats().alive
 
 

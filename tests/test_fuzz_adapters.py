@@ -1,4 +1,4 @@
-"""Hypothesis over adapter configs and request bodies (issue 10): whatever `adapter_config.json` an upload carries,
+"""Hypothesis over adapter configs and request bodies: whatever `adapter_config.json` an upload carries,
 the answer is 201 or a small JSON 4xx (never a 5xx), and the server then still serves PEFT's greedy output."""
 from __future__ import annotations
 

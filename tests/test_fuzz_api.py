@@ -1,6 +1,6 @@
 """schemathesis over the app's own OpenAPI description, against a real `olora serve` process with keys set.
 
-Properties (issue 10, "Fuzzing as part of make test"): every response has a documented status, errors are JSON,
+Properties: every response has a documented status, errors are JSON,
 nothing is a 5xx, and afterwards the server still generates PEFT's greedy output and /health tells the truth.
 Examples are bounded per operation so the file stays within a couple of minutes on 2 cores.
 """

@@ -1,4 +1,4 @@
-"""Hostile adapter uploads and merges (issue 10: 2, 3, 4, 6, 8): every one is a short JSON 4xx naming the problem,
+"""Hostile adapter uploads and merges: every one is a short JSON 4xx naming the problem,
 nothing is stored, and the server still serves PEFT's output afterwards."""
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def assert_clean_refusal(client, response, statuses=(422,), must_name=""):
 
 
 def test_archive_rooted_at_dot_is_accepted(client, base_dir, good_lora, tmp_path):
-    """`tar czf a.tgz -C dir .` (issue 9)."""
+    """`tar czf a.tgz -C dir .`."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         tar.add(str(good_lora), arcname=".")

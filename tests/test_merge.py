@@ -15,6 +15,7 @@ from olora_core.adapter_io import AdapterFiles, load_adapter_dir
 from olora_core.errors import MergeError
 from olora_core.merge import merge_adapter_dirs, merge_adapters
 from helpers import tiny_gpt2, tiny_llama
+from tolerances import SAME_MODEL_LOGITS, SAME_WEIGHTS
 
 CONFIGS = {  # different ranks, scalings (rsLoRA, patterns) and partly overlapping target modules
     "a": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
@@ -108,7 +109,7 @@ def test_matches_peft_add_weighted_adapter(adapter_dirs, peft_model, monkeypatch
     assert sorted(ours.tensors) == sorted(expected)
     for key, tensor in expected.items():
         assert ours.tensors[key].shape == tensor.shape, key
-        torch.testing.assert_close(ours.tensors[key], tensor, atol=1e-6, rtol=0, msg=key)
+        torch.testing.assert_close(ours.tensors[key], tensor, atol=SAME_WEIGHTS, rtol=0, msg=key)
     peft_config = peft_model.peft_config[name]
     assert ours.config["r"] == ours.config["lora_alpha"] == peft_config.r
     assert set(ours.config["target_modules"]) == set(peft_config.target_modules)
@@ -118,7 +119,7 @@ def test_matches_peft_add_weighted_adapter(adapter_dirs, peft_model, monkeypatch
     peft_model.set_adapter(name)
     expected_logits = _logits(peft_model)
     reloaded = PeftModel.from_pretrained(tiny_llama(), ours_dir).eval()
-    torch.testing.assert_close(_logits(reloaded), expected_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(reloaded), expected_logits, atol=SAME_MODEL_LOGITS, rtol=0)
     assert (expected_logits - _logits(tiny_llama())).abs().max() > 1e-3  # the merged adapter does something
 
 
@@ -140,14 +141,14 @@ def test_cat_is_the_exact_weighted_sum_of_delta_weights(adapter_dirs, peft_model
     assert config["r"] == 4 + 4 + 8
     merged = PeftModel.from_pretrained(tiny_llama(), _save(config, tensors, adapter_dirs["a"].parent / "cat"))
     torch.testing.assert_close(_logits(merged.eval()), _logits(_base_plus_deltas(peft_model, MIXED_RANK)),
-                               atol=1e-5, rtol=0)
+                               atol=SAME_MODEL_LOGITS, rtol=0)
 
 
 def test_single_source_is_linear_and_exact(adapter_dirs, peft_model):
     config, tensors = merge_adapters([(adapter_dirs["b"], -0.6)], "ties", density=0.5)  # PEFT: linear
     merged = PeftModel.from_pretrained(tiny_llama(), _save(config, tensors, adapter_dirs["a"].parent / "one"))
     torch.testing.assert_close(_logits(merged.eval()), _logits(_base_plus_deltas(peft_model, [("b", -0.6)])),
-                               atol=1e-5, rtol=0)
+                               atol=SAME_MODEL_LOGITS, rtol=0)
 
 
 def _save(config, tensors, path):
@@ -261,4 +262,4 @@ def test_conv1d_and_embedding_match_peft(gpt2_setup, monkeypatch, method, option
                              module_order=[n for n, _ in tiny_gpt2().named_modules()], **options)
     assert sorted(ours) == sorted(expected) and any("lora_embedding_A" in k for k in ours)
     for key, tensor in expected.items():
-        torch.testing.assert_close(ours[key], tensor, atol=1e-6, rtol=0, msg=key)
+        torch.testing.assert_close(ours[key], tensor, atol=SAME_WEIGHTS, rtol=0, msg=key)

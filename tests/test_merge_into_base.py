@@ -17,6 +17,8 @@ from helpers import tiny_gpt2, tiny_llama
 from olora_core.adapter_io import load_adapter_dir, save_adapter_dir
 from olora_core.errors import MergeError
 from olora_core.merge_into_base import iter_merged_model_tar, merge_into_base_dir
+from tolerances import SAME_MODEL_LOGITS
+
 
 INPUT_IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
 TOKENIZER_FILES = {"tokenizer.json": b'{"version": "1.0"}', "tokenizer_config.json": b'{"model_max_length": 64}'}
@@ -117,8 +119,8 @@ def test_streamed_tar_loads_with_peft_merged_logits(dirs, tmp_path, monkeypatch,
     unmerged_logits = _logits(peft_model)
     peft_merged_logits = _logits(peft_model.merge_and_unload())
     ours = _logits(merged)
-    torch.testing.assert_close(ours, peft_merged_logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(ours, unmerged_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, peft_merged_logits, atol=SAME_MODEL_LOGITS, rtol=0)
+    torch.testing.assert_close(ours, unmerged_logits, atol=SAME_MODEL_LOGITS, rtol=0)
     assert (ours - _logits(tiny_llama())).abs().max() > 1e-2  # the adapter changes the model
 
 
@@ -130,8 +132,8 @@ def test_merge_into_base_dir_gpt2_conv1d(tmp_path):
     out = merge_into_base_dir(base_dir, adapter_dir, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     peft_model = PeftModel.from_pretrained(tiny_gpt2(), adapter_dir).eval()
-    torch.testing.assert_close(_logits(merged), _logits(peft_model), atol=1e-5, rtol=0)
-    torch.testing.assert_close(_logits(merged), _logits(peft_model.merge_and_unload()), atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(merged), _logits(peft_model), atol=SAME_MODEL_LOGITS, rtol=0)
+    torch.testing.assert_close(_logits(merged), _logits(peft_model.merge_and_unload()), atol=SAME_MODEL_LOGITS, rtol=0)
     with pytest.raises(Exception, match="not an empty directory"):
         merge_into_base_dir(base_dir, adapter_dir, out)
 

@@ -1,4 +1,4 @@
-"""OLoRA provenance (issue 9.5): an initial checkpoint must be the init of the served base; a config naming another
+"""OLoRA provenance: an initial checkpoint must be the init of the served base; a config naming another
 model is accepted with a warning; uploads and GET /adapters/{id} return warnings and the adapter's tier; /cache."""
 from __future__ import annotations
 

@@ -25,6 +25,8 @@ from olora_core.cli import main as cli_main
 from olora_core.share_safe import FROZEN_ADAPTER, save_stacked
 from olora_core.train import TrainConfig, TrainError, prepare_training, train, train_steps
 from test_http_api import make_settings
+from tolerances import (ENGINE_VS_PEFT_LOGITS, ENGINE_VS_PEFT_LOGPROBS, SAME_MODEL_LOGITS, SAME_WEIGHTS,
+                        quantized_logits)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PROMPTS = ["make this loud: good morning", "make this loud: the cat sat on the mat"]
@@ -75,7 +77,7 @@ def test_fp32_share_safe_reproduces_peft_training(base_dir, data, tmp_path, init
     peft_run = train(config(base_dir, data, tmp_path / "peft", init=init))
     safe_run = train(config(base_dir, data, tmp_path / "safe", init=init, share_safe=True))
     diffs = [abs(a - b) for a, b in zip(peft_run.losses, safe_run.losses)]
-    assert len(diffs) == 12 and max(diffs) <= 2e-6, diffs
+    assert len(diffs) == 12 and max(diffs) <= 2e-6, diffs  # loss ~ ln(259) = 5.6: 5.6 x eps32 x 3 roundings per step
     assert peft_run.losses[-1] < peft_run.losses[0] - 0.05  # it trained
     assert safe_run.trainable_params == peft_run.trainable_params  # the frozen half is not trained
     assert safe_run.converted_dir is None and "nothing to convert" in safe_run.conversion_note
@@ -91,15 +93,16 @@ def test_fp32_share_safe_reproduces_peft_training(base_dir, data, tmp_path, init
         frozen = tensor[half:] if "lora_A" in key else tensor[:, half:]
         start = initial[key][half:] if "lora_A" in key else initial[key][:, half:]
         assert torch.equal(frozen, start), key  # the frozen (A0, -B0) never moved
-        torch.testing.assert_close(tensor, converted[key], atol=1e-5, rtol=0)  # = PEFT's converted adapter
+        torch.testing.assert_close(tensor, converted[key], atol=10 * SAME_WEIGHTS, rtol=0)  # = PEFT's converted adapter
+        # (12 optimizer steps on both sides, each one more rounding of |W| <= 1: 12 x 6e-7 < 1e-5)
 
     ids = prompt_ids(prepare_training(config(base_dir, data, tmp_path / "x"))[1])
     base_logits = logits_of(load_base(base_dir), ids)
     assert max_diff(logits_of(PeftModel.from_pretrained(load_base(base_dir), str(tmp_path / "safe" / "initial")), ids),
-                    base_logits) < 1e-5  # at init the model is the base
+                    base_logits) < SAME_MODEL_LOGITS  # at init the model is the base
     served = logits_of(PeftModel.from_pretrained(load_base(base_dir), str(tmp_path / "safe" / "trained")), ids)
     peft_served = logits_of(PeftModel.from_pretrained(load_base(base_dir), str(tmp_path / "peft" / "converted")), ids)
-    assert max_diff(served, peft_served) < 1e-4 < max_diff(served, base_logits)
+    assert max_diff(served, peft_served) < ENGINE_VS_PEFT_LOGITS < max_diff(served, base_logits)
 
     # `olora generate` loads it as any LoRA: the same greedy text as PEFT's converted adapter
     outputs = []
@@ -141,7 +144,7 @@ def test_quantized_served_adapter_is_the_trained_model(base_dir, data, tmp_path,
     save_stacked(model, tmp_path / "adapter")
     served = logits_of(PeftModel.from_pretrained(load_base(base_dir, quantize), str(tmp_path / "adapter")), ids)
     err = max_diff(served, trained)
-    assert err < 1e-4, f"{quantize}: served vs trained max |logit diff| {err:.2e}"
+    assert err < quantized_logits(quantize), f"{quantize}: served vs trained max |logit diff| {err:.2e}"
     assert max_diff(trained, logits_of(load_base(base_dir, quantize), ids)) > 0.1  # the adapter matters
     if (quantize, init) == ("nf4", "olora"):  # PEFT's OLoRA + conversion misses the re-quantization noise; we do not
         assert _peft_conversion_error(base_dir, data, tmp_path, quantize, ids) > 100 * max(err, 1e-6)
@@ -219,8 +222,8 @@ def test_acceptance_nf4_train_cli_upload_generate(base_dir, data, tmp_path, monk
             assert served_tokens == expected_tokens, prompt
             served_logits = [row[0] for _, _, row in recorded][:8]  # one row: this request alone
             err = max_diff(served_logits, expected_logits)
-            assert err < 1e-4, f"{prompt!r}: served vs trained max |logit diff| {err:.2e}"
+            assert err < ENGINE_VS_PEFT_LOGITS, f"{prompt!r}: served vs trained max |logit diff| {err:.2e}"
             for token, logits in zip(r.json()["details"]["tokens"], expected_logits):
-                assert abs(token["logprob"] - torch.log_softmax(logits, -1)[token["id"]].item()) < 1e-4
+                assert abs(token["logprob"] - torch.log_softmax(logits, -1)[token["id"]].item()) < ENGINE_VS_PEFT_LOGPROBS
     base_tokens, _ = _greedy(load_base(base_dir, "nf4"), served_ids, 8)
     assert base_tokens != expected_tokens  # the adapter changes the output: the comparison is not vacuous

@@ -15,6 +15,7 @@ from helpers import tiny_llama
 from olora_core.data import IGNORE_INDEX, DataError, SeededBatches, load_dataset
 from olora_core.errors import OLoRAError
 from olora_core.train import TrainConfig, TrainError, train
+from tolerances import SAME_MODEL_LOGITS
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -174,10 +175,10 @@ def test_converted_adapter_on_original_base_matches_trained_model(tiny_base, sho
     # PEFT reloading the unconverted adapter re-runs the init on a fresh base: the same model.
     reloaded = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), out / "trained").eval()
-    assert (_logits(reloaded, input_ids) - reference).abs().max() <= 1e-5
+    assert (_logits(reloaded, input_ids) - reference).abs().max() <= SAME_MODEL_LOGITS
 
     assert (converted_logits - base_logits).abs().max() > 1e-2  # the adapter does something
-    assert (converted_logits - reference).abs().max() <= 1e-5
+    assert (converted_logits - reference).abs().max() <= SAME_MODEL_LOGITS
     converted_config = json.loads((out / "converted" / "adapter_config.json").read_text())
     assert converted_config["r"] == 8
 
@@ -189,7 +190,7 @@ def test_initial_olora_adapter_keeps_the_base_output(olora_runs, tiny_base):
     base_logits = _logits(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval(), input_ids)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
                                       Path(olora_runs[0].out_dir) / "initial").eval()
-    assert (_logits(model, input_ids) - base_logits).abs().max() <= 1e-5
+    assert (_logits(model, input_ids) - base_logits).abs().max() <= SAME_MODEL_LOGITS
 
 
 def test_plain_lora_is_not_converted(tiny_base, shout_data, tmp_path):

@@ -18,7 +18,6 @@ are stored in metadata.json and returned by the upload and by GET /adapters/{id}
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import re
 import shutil
@@ -27,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Any
 
-from olora_core.adapter_io import MUTATED_INIT_KINDS, adapter_kind, load_adapter_dir, save_adapter_dir
+from olora_core.adapter_io import (CONFIG_NAME, MUTATED_INIT_KINDS, WEIGHTS_NAME, adapter_kind, load_adapter_dir,
+                                   save_adapter_dir)
+from olora_core.default_model import sha256_of_file
 from olora_core.convert import convert
 
 from app.adapters.index import AdapterIndex
@@ -65,14 +66,6 @@ class AdapterSummary:
 def _norm_name(name: str) -> str:
     """The last part of a model name or path, lower-cased, without punctuation."""
     return re.sub(r"[^a-z0-9]", "", name.rstrip("/").rsplit("/", 1)[-1].lower())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class AdapterService:
@@ -237,11 +230,11 @@ class AdapterService:
     def _commit(self, adapter_id: str, adapter_dir: Path, kind: str, overwrite: bool,
                 extra: dict[str, Any] | None = None) -> AdapterSummary:
         info = self.engine.validate_adapter(adapter_dir)  # raises AdapterRejected subclasses (422)
-        config = json.loads((adapter_dir / "adapter_config.json").read_text())
-        weights = adapter_dir / "adapter_model.safetensors"
+        config = json.loads((adapter_dir / CONFIG_NAME).read_text())
+        weights = adapter_dir / WEIGHTS_NAME
         metadata = dict(
             kind=kind, rank=info.rank, alpha=config.get("lora_alpha"), target_modules=list(info.target_kinds),
-            use_rslora=info.use_rslora, sha256=_sha256(weights), size_bytes=weights.stat().st_size,
+            use_rslora=info.use_rslora, sha256=sha256_of_file(weights), size_bytes=weights.stat().st_size,
             base_fingerprint=self.engine.base.fingerprint, created=time.time(), **(extra or {}))
         stored = self.repository.put(adapter_id, adapter_dir, metadata, overwrite=overwrite)
         self.index.note(stored)

@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from olora_core.adapter_format import (ADAPTER_ID_RE, check_scaled_delta, label, layer_rank, layer_scaling,
                                        read_config, short, targets_module)
+from olora_core.adapter_io import CONFIG_NAME, MUTATED_INIT_KINDS, WEIGHTS_NAME
 from olora_core.errors import OLoRAError, UnsupportedConfigError
 
 from .errors import (
@@ -29,15 +30,13 @@ from .errors import (
     UnsupportedAdapterFeature,
 )
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE, WEIGHTS_FILE = CONFIG_NAME, WEIGHTS_NAME  # PEFT's file names, one source: olora_core.adapter_io
 METADATA_FILE = "metadata.json"  # optional; a "base_fingerprint" key binds the adapter to one base
 MAX_CONFIG_BYTES = 1 << 20
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # init_lora_weights values whose adapters are only correct on a base that PEFT mutated at init time: they must be
 # converted (PEFT `save_pretrained(path_initial_model_for_weight_conversion=...)`) before they can share a base.
-_MUTATING_INITS = ("olora", "pissa", "corda", "lora_ga")  # LoftQ: refused on its own (it replaces the base)
 # Config keys whose non-empty/true value means something a plain LoRA slot cannot express. (fan_in_fan_out is not
 # one: it only says how PEFT merges into a Conv1D weight; its forward is x @ A.T @ B.T either way.)
 _UNSUPPORTED_KEYS = {
@@ -117,7 +116,7 @@ def read_adapter_config(path: Path) -> dict:
             "residual of W - B0·A0), so the adapter is only right on that LoftQ base; neither PEFT's weight "
             "conversion nor `olora convert` turns it into a plain LoRA of the original base. Serve the merged "
             "model (PEFT merge_and_unload) as a base of its own, or train with OLoRA, PiSSA or LoRA")
-    if isinstance(init, str) and init.lower().startswith(_MUTATING_INITS):
+    if isinstance(init, str) and init.lower().startswith(MUTATED_INIT_KINDS):
         raise UnsupportedAdapterFeature(
             f"{where}: init_lora_weights={short(init)}: this adapter was trained on a base that PEFT modified at "
             "init time and would give wrong output on the shared base; convert it to plain LoRA first "

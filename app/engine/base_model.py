@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from olora_core.default_model import hash_file_into
 from olora_core.bnb_load import avoid_unsupported_cpu_4bit_packing, bnb_quantization_config
 from olora_core.dtypes import QUANTIZATIONS, dtype_names
 from olora_core.dtypes import torch_dtype as named_dtype
@@ -24,8 +25,6 @@ from .errors import BaseModelError
 
 if TYPE_CHECKING:
     from olora_core.quant_convert import QuantSpec
-
-_CHUNK = 8 << 20
 
 
 @dataclass
@@ -120,9 +119,7 @@ def fingerprint_model_dir(path: Path) -> str:
     digest = hashlib.sha256()
     for file in [config, *weights]:
         digest.update(file.name.encode() + b"\0")
-        with open(file, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                digest.update(chunk)
+        hash_file_into(digest, file)
         digest.update(b"\0")
     return "sha256:" + digest.hexdigest()
 

@@ -62,6 +62,7 @@ class EngineStats:
     kv_rows_used: int = 0  # rows held by a sequence now (running, finished ones until the step frees them)
     kv_row_tokens: int = 0  # positions a row can hold (max_total_tokens)
     kv_tokens_used: int = 0  # positions written across the rows in use
+    observer_errors: int = 0  # exceptions the observer raised (swallowed: SafeObserver)
 
 
 class Engine:
@@ -204,7 +205,8 @@ class Engine:
             max_cpu_adapters=self.config.max_cpu_adapters, pending_loads=snap.pending_loads, steps=self.steps,
             alive=self._thread is not None and self._thread.is_alive() and self._fatal is None,
             kv_rows=self.runner.kv.max_batch, kv_rows_used=len(rows), kv_row_tokens=self.runner.kv.max_tokens,
-            kv_tokens_used=sum(max(s.cached_tokens, 0) for s in rows))
+            kv_tokens_used=sum(max(s.cached_tokens, 0) for s in rows),
+            observer_errors=self.observer.errors)
 
     # ---- internals ---------------------------------------------------------------------------------------
     def _find_eos_ids(self) -> set[int]:

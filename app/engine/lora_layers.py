@@ -170,13 +170,6 @@ class LoRASlotBank:
         self.slot_rank[slot] = max((a.shape[0] for a, _ in adapter.modules.values()), default=0)
         self._unbind(slot)
 
-    def clear(self, slot: int) -> None:
-        if slot != 0:
-            for layer in self.layers.values():
-                layer.load_slot(slot, None)
-            self.slot_rank[slot] = 0
-            self._unbind(slot)
-
     def _unbind(self, slot: int) -> None:
         self.row_slot = [-1 if s == slot else s for s in self.row_slot]
 
@@ -218,8 +211,3 @@ class LoRASlotBank:
                         layer.row_A[row, r:dirty].zero_()
                         layer.row_B[row, :, r:dirty].zero_()
                 self.row_slot[row], self.row_rank[row] = slot, r
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for l in self.layers.values()
-                   for t in (l.lora_A, l.lora_B, l.row_A, l.row_B))

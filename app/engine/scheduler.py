@@ -150,18 +150,16 @@ class Scheduler:
     def start_running(self, newcomers: list[Sequence]) -> None:
         self.running.extend(newcomers)
 
-    def compact(self) -> list[Sequence]:
-        """Remove finished rows, moving the last running row into each hole. Returns the removed sequences."""
-        removed = []
+    def compact(self) -> None:
+        """Remove finished rows, moving the last running row into each hole."""
         i = 0
         while i < len(self.running):
             if not self.running[i].done:
                 i += 1
                 continue
-            removed.append(self.running[i])
+            finished = self.running[i]
             last = self.running.pop()
-            if last is not removed[-1]:
+            if last is not finished:
                 # `last` (row len(running)) moves into row i; its KV row is copied up to its cached length.
                 self.kv.move_row(len(self.running), i, last.cached_tokens)
                 self.running[i] = last
-        return removed

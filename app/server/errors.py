@@ -124,8 +124,8 @@ def classify(exc: BaseException) -> tuple[ErrorKind, str]:
         return ERROR_TABLE[ValidationError], _validation_message(exc.errors(include_input=False, include_url=False))
     if isinstance(exc, UnicodeError):
         return ERROR_TABLE[UnicodeError], "the text is not valid Unicode (a lone surrogate such as \\ud800?)"
-    for cls in type(exc).__mro__:
-        kind = ERROR_TABLE.get(cls)
+    for cls in type(exc).__mro__:  # the most specific of: a class in the table, a class's own status_code hint
+        kind = ERROR_TABLE.get(cls) or _hinted_kind(cls)
         if kind is not None:
             return kind, clean_message(str(exc))
     status = getattr(exc, "status_code", None)
@@ -133,6 +133,13 @@ def classify(exc: BaseException) -> tuple[ErrorKind, str]:
         kind = INSTANCE_STATUS_NAMES.get((type(exc), status), BY_STATUS[status])
         return kind, clean_message(str(getattr(exc, "detail", None) or exc))
     return INTERNAL, "internal server error (see the server log)"
+
+
+def _hinted_kind(cls: type) -> ErrorKind | None:
+    """The kind a class's own `status_code` hint names (the engine and the store declare one on their errors, as
+    they import no web framework): a subclass not in the table with `status_code = 409` answers 409."""
+    status = vars(cls).get("status_code")
+    return BY_STATUS.get(status) if isinstance(status, int) else None
 
 
 def _validation_message(errors) -> str:

@@ -41,8 +41,12 @@ class ServerMetrics:
                                     ["tier", "event"], registry=r)
         self.adapter_load = Histogram("olora_adapter_load_duration_seconds", "Adapter load duration into a tier",
                                       ["tier"], buckets=LOAD_BUCKETS, registry=r)
+        self.observer_errors = Counter("olora_engine_observer_errors", "Exceptions raised by the engine's observer "
+                                       "(these metrics' own callbacks), swallowed so the loop goes on", registry=r)
+        self._observer_errors_seen = 0
         self.load_failures = Counter("olora_adapter_load_failures", "Adapter loads that failed", ["stage"],
                                      registry=r)
+        self.load_failures.labels(stage="host")  # exported at 0 from the start: increase() sees the first failure
         self.adapters_registered = Gauge("olora_adapters_registered", "Adapters in the persistent store",
                                          registry=r)
         self.adapters_resident = Gauge("olora_adapters_resident", "Adapters resident per cache tier", ["tier"],
@@ -101,6 +105,8 @@ class ServerMetrics:
         self.running.set(stats.running)
         self.adapters_resident.labels(tier="device").set(stats.slots_used)
         self.adapters_resident.labels(tier="host").set(stats.host_adapters)
+        self.observer_errors.inc(stats.observer_errors - self._observer_errors_seen)  # a counter from a count
+        self._observer_errors_seen = stats.observer_errors
 
     def count_registered(self, versions: Mapping[str, str]) -> int:
         """Set `olora_adapters_registered` from the store's `versions()` (id -> current version) and return it;
@@ -114,15 +120,14 @@ class ServerMetrics:
     # ---- engine observer --------------------------------------------------------------------------------
     def on_cache_event(self, tier: str, event: str, adapter_id: str) -> None:
         self.cache_events.labels(tier=tier, event=event).inc()
+        if event == "load_error":  # the cache's one report of a failed load: `stage` is the tier it failed at
+            self.on_adapter_load_failed(tier, adapter_id)
 
     def on_adapter_load(self, tier: str, seconds: float) -> None:
         self.adapter_load.labels(tier=tier).observe(seconds)
 
     def on_adapter_load_failed(self, stage: str, adapter_id: str) -> None:
         self.load_failures.labels(stage=stage).inc()
-
-    def on_step(self, running: int, waiting: int, prefill_tokens: int, decode_tokens: int) -> None:
-        return None  # the batch gauges are set from the engine's stats at scrape time (`refresh`)
 
     def on_request_done(self, stats) -> None:
         """One generation finished (app.engine.observer.RequestStats), whatever the reason."""

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from olora_core.adapter_format import ADAPTER_ID_RE
-from olora_core.adapter_io import fsync_dir
+from olora_core.adapter_io import CONFIG_NAME, WEIGHTS_NAME, fsync_dir
 
 from app.adapters.store.layout import (ADAPTER_FILES, METADATA_FILE, VERSION_RE, StoreFinding,
                                        complete_versions, read_metadata, version_problem)
@@ -123,9 +123,6 @@ class AdapterStore:
         a server-side fault, until the store is repaired or the id overwritten)."""
         stored = self.get(adapter_id)
         return stored.path if stored else None
-
-    def version_of(self, adapter_id: str) -> str | None:
-        return self._current_version(adapter_id) if ADAPTER_ID_RE.fullmatch(adapter_id or "") else None
 
     def list(self) -> list[StoredAdapter]:
         out = []
