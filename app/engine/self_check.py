@@ -92,8 +92,9 @@ class ProbeHarness:
         return self.adapters.path_for(adapter_id)
 
     def _forward(self, name: str, *args) -> None:
-        if not self.probe_dirs:
-            getattr(self.observer, name)(*args)
+        method = getattr(self.observer, name, None)  # an observer may implement only some events
+        if not self.probe_dirs and method is not None:
+            method(*args)
 
     def on_cache_event(self, tier: str, event: str, adapter_id: str) -> None:
         if adapter_id not in PROBE_IDS:

@@ -32,10 +32,10 @@ class AppState:
     metrics: ServerMetrics
     ephemeral: EphemeralAdapters  # per-request merges
     starts: ThreadPoolExecutor  # generation starts only (start_off_loop): never behind store I/O or merges
+    loader: OnDemandLoader  # adapters loaded from the configured sources on first request
     drain: Drain = field(default_factory=Drain)  # the app's (create_app makes it before the lifespan)
     router_metrics: RouterProtocolMetrics | None = None  # vLLM's gauges, on the metrics' registry
     watcher: asyncio.Task | None = None  # the store watcher the lifespan runs
-    loader: OnDemandLoader  # adapters loaded from the configured sources on first request
 
     async def recount_adapters(self) -> int:
         """After a change to the store: the registered-adapters gauge, from the in-memory index (no store read)."""

@@ -108,6 +108,8 @@ class LocalDirectoryRepository:
         except FileNotFoundError:
             return Changes(cursor=(0, 0), resync=cursor is None or cursor != (0, 0))
         inode, offset = cursor if isinstance(cursor, tuple) else (None, 0)
+        if inode == 0:  # there was no journal at the cursor: the new one holds every change since, from its start
+            inode, offset = st.st_ino, 0
         if inode != st.st_ino or st.st_size < offset:
             return Changes(cursor=(st.st_ino, st.st_size), resync=True)
         if st.st_size == offset:
