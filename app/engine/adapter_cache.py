@@ -196,15 +196,8 @@ class AdapterCache:
 
     def status(self, key: AdapterKey) -> str | EngineError:
         """"host" (ready for a slot), "device" (already in a slot), "loading", or the load error."""
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return "loading"
-            if entry.host == "failed":
-                return entry.error
-            if entry.slot:
-                return "device"
-            return "host" if entry.host == "ready" else "loading"
+        where = self.residency(key)
+        return "device" if where in ("pinned", "slot") else where
 
     def residency(self, key: AdapterKey) -> str | EngineError:
         """Where `key` is, as the admission policy sees it: "pinned" (in a slot running rows use), "slot" (in a
