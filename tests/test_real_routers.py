@@ -82,12 +82,13 @@ def completion(url: str, adapter: str, prompt: str, **extra) -> str:
                                      **extra).choices[0].text
 
 
-def assert_one_replica_per_adapter(url: str, replicas, expected, **extra_per_adapter) -> dict[str, int]:
-    """Every prompt of every adapter through the router: the replica's own output, and all of one adapter's
-    requests counted on one replica (its /metrics); returns adapter -> index of the replica that served it."""
+def assert_one_replica_per_adapter(url: str, replicas, expected, headers_for=lambda adapter: {}) -> dict[str, int]:
+    """Every prompt of every adapter through the router (with `headers_for(adapter)`): the replica's own output,
+    and all of one adapter's requests counted on one replica (its /metrics); returns adapter -> index of the
+    replica that served it. The prompts differ, so a router that hashes the prompt splits an adapter."""
     before = [adapter_counts(r.url) for r in replicas]
     for adapter in ADAPTERS:
-        extra = {k: v.format(adapter=adapter) for k, v in extra_per_adapter.items()}
+        extra = {"extra_headers": headers_for(adapter)}
         for prompt in PROMPTS:
             assert completion(url, adapter, prompt, **extra) == expected[(adapter, prompt)]
     after = [adapter_counts(r.url) for r in replicas]
@@ -146,20 +147,23 @@ def replicas(tmp_path_factory, request):
 
 
 def test_vllm_router_consistent_hash_and_load_aware(replicas):
-    """vllm-router's consistent_hash keys on the OpenAI `user` field (no header): one adapter per replica when a
-    client names the adapter there; power_of_two (load-aware) passes outputs and streams through unchanged."""
+    """vllm-router's consistent_hash keys on a session header (X-Session-ID first): one adapter per replica when a
+    client sends the adapter there. Without a header it does not read the OpenAI `user` field of /v1/completions:
+    it hashes the prompt text, so one adapter's prompts spread over both replicas. power_of_two (load-aware)
+    passes outputs and streams through unchanged."""
     root, (r1, r2), expected = replicas
     for policy in ("consistent_hash", "power_of_two"):
         port = free_port()
         router = Proxy(["vllm-router" if shutil.which("vllm-router") else
                         str(Path(__import__("sys").executable).parent / "vllm-router"),
                         "--host", "127.0.0.1", "--port", str(port), "--worker-urls", r1.url, r2.url,
-                        "--policy", policy, "--prometheus-port", str(free_port()), "--log-level", "warning",
+                        "--policy", policy, "--prometheus-port", str(free_port()), "--log-level", "info",
                         "--health-check-endpoint", "/ready"], port, root / f"vllm-router-{policy}.log")
         try:
             until(lambda: completion(router.url, ADAPTERS[0], PROMPTS[0]) is not None, f"vllm-router {policy}")
             if policy == "consistent_hash":
-                assert_one_replica_per_adapter(router.url, (r1, r2), expected, user="{adapter}")
+                assert_one_replica_per_adapter(router.url, (r1, r2), expected,
+                                               headers_for=lambda adapter: {"X-Session-ID": adapter})
             else:
                 for adapter in ADAPTERS:
                     assert completion(router.url, adapter, PROMPTS[0]) == expected[(adapter, PROMPTS[0])]
