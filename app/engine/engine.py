@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from .adapter_cache import AdapterCache
+from .adapter_cache import AdapterCache, AdapterKey
 from .adapter_files import AdapterInfo, AdapterParser, AdapterSource, base_weight_norms, read_adapter_config
 from .base_model import load_base_model
 from .config import EngineConfig
-from .errors import EngineError, EngineNotRunning, InvalidRequest
+from .errors import AdapterFilesUnreadable, AdapterUnavailable, EngineError, EngineNotRunning, InvalidRequest
 from .faults import MAX_CONSECUTIVE_STEP_FAILURES, report_loop_death, row_fault_error, step_failed
 from .handle import RequestHandle, TokenEvent
 from .architecture import describe_architecture, layer_features
@@ -148,9 +148,7 @@ class Engine:
             raise EngineNotRunning(f"engine is not running{died}")
         for prompt_ids, params in jobs:
             self.config.check_request(prompt_ids, params, self.runner.vocab_size)
-        key = self.cache.resolve(adapter_id) if adapter_id is not None else None
-        if key is not None and self.cache.status(key) == "loading":
-            read_adapter_config(Path(key.path))  # cheap early refusal of unsupported configs
+        key = self._resolve_checked(adapter_id) if adapter_id is not None else None
         seqs = []
         for prompt_ids, params in jobs:
             request_id = f"req-{next(self._ids)}"
@@ -169,6 +167,25 @@ class Engine:
             raise
         self._notify()
         return [seq.handle for seq in seqs]
+
+    def _resolve_checked(self, adapter_id: str) -> AdapterKey:
+        """The live version's key, its config read while it is not loaded yet (a cheap early refusal of unsupported
+        configs). A version folder gone between the lookup and the read (deleted or overwritten meanwhile) is
+        looked up once more: a deleted adapter is then AdapterNotFound (404), a newer version is checked in turn,
+        and files of the live version that still cannot be read are the server's fault (AdapterUnavailable, 503)."""
+        try:
+            return self._checked(self.cache.resolve(adapter_id))
+        except AdapterFilesUnreadable:
+            pass
+        try:
+            return self._checked(self.cache.resolve(adapter_id))
+        except AdapterFilesUnreadable as exc:
+            raise AdapterUnavailable(f"adapter {adapter_id!r}: {exc}") from None
+
+    def _checked(self, key: AdapterKey) -> AdapterKey:
+        if self.cache.status(key) == "loading":
+            read_adapter_config(Path(key.path))
+        return key
 
     def cancel(self, request_id: str) -> None:
         seq = self._by_id.get(request_id)
