@@ -18,9 +18,8 @@ FORBIDDEN = {
     "app.adapters": ("app.server",) + WEB,
 }
 
-# Cross-module private imports that exist on this branch and are removed by the engine half of issue 12
-# (public helpers in olora_core). The test fails on any new one and on an entry here that no longer exists,
-# so this list can only shrink.
+# Cross-module private imports still allowed: none (every module imports only public names of the others). The
+# test fails on any new one and on an entry here that no longer exists, so this list can only shrink.
 KNOWN_PRIVATE_IMPORTS: set[tuple[str, str, str]] = set()  # keep empty: make the helper public instead
 
 
