@@ -88,6 +88,20 @@ ct_wait_healthy() {  # the image's HEALTHCHECK, run by podman (no systemd here t
     ct_die "not healthy after ${CT_TIMEOUT_S} s (health: $health)"
 }
 
+ct_wait_ready() {  # /ready turns 200 once the model is loaded and the self-check passed (the startup probe)
+    local deadline=$((SECONDS + CT_TIMEOUT_S)) start=$SECONDS got
+    while [ $SECONDS -lt $deadline ]; do
+        [ "$(podman inspect --format '{{.State.Status}}' "$NAME")" = running ] \
+            || { podman logs "$NAME" 2>&1 | tail -n 30 >&2; ct_die "the container stopped while loading"; }
+        got=$(CT_PATH=/ready ct_http)
+        if [ "$got" = 200 ]; then ct_pass "/ready (the Kubernetes readiness probe) 200 after $((SECONDS - start)) s"; return 0; fi
+        [ "$got" = 503 ] || { cat "$CT_WORK/body" >&2; ct_die "/ready while loading: HTTP $got, expected 503 or 200"; }
+        sleep 1
+    done
+    cat "$CT_WORK/body" >&2
+    ct_die "/ready not 200 after ${CT_TIMEOUT_S} s"
+}
+
 ct_generate() {  # ct_generate ADAPTER_ID|"" -> greedy text of the shout prompt
     local adapter=null
     [ -n "$1" ] && adapter="\"$1\""
@@ -120,8 +134,8 @@ ct_run_checks() {
         -p "127.0.0.1:$PORT:8000" "$CT_IMAGE" >/dev/null 2>>"$CT_WORK/podman-run.log" \
         || ct_die "podman run (see $CT_WORK/podman-run.log)"
     ct_log "started $NAME on 127.0.0.1:$PORT"
-    ct_wait_healthy
-    CT_PATH=/ready ct_expect 200 "/ready (the Kubernetes readiness probe)" --
+    ct_wait_healthy  # /health answers 200 while the model loads (the port is bound at once)
+    ct_wait_ready
 
     local uid
     uid=$(podman exec "$NAME" id -u)
@@ -169,6 +183,7 @@ sys.exit(not t or sum(c.isupper() for c in t) < 0.8 * len(t))' "$shout_text" \
     podman restart -t 30 "$NAME" >/dev/null 2>>"$CT_WORK/podman-run.log" || ct_die "podman restart"
     [ "$(ct_shutdowns)" = 1 ] || ct_die "no clean shutdown on restart"
     ct_wait_healthy
+    ct_wait_ready
     CT_PATH=/adapters/ct-shout ct_expect 200 "the adapter after the restart" -- \
         -H "Authorization: Bearer $OLORA_API_KEYS"
     [ "$(ct_json sha256 <"$CT_WORK/body")" = "$sha" ] || ct_die "the adapter changed over the restart"
