@@ -19,6 +19,8 @@ from olora_core.errors import (AdapterFormatError, AdapterMismatchError, NonFini
                                OutputExistsError, RankError, UnsupportedInitError, UnsupportedLayerError)
 from tolerances import SAME_MODEL_LOGITS
 
+pytestmark = pytest.mark.numeric  # .ci/run repeats these under ATEN_CPU_CAPABILITY=default
+
 IDS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
 QV = ["q_proj", "v_proj"]
 PERTURB = 2.0  # relative size of the random update given to A/B on quantized bases (logit effect ~1)

@@ -7,6 +7,8 @@ from family_matrix import (NEW_TOKENS, FamilyFiles, References, check_family, ch
                            save_family, start_engine)
 from model_families import BY_NAME, Family
 
+pytestmark = pytest.mark.numeric  # .ci/run repeats these under ATEN_CPU_CAPABILITY=default
+
 GEMMA3_WINDOW = 512  # google/gemma-3-*: sliding_window 512, five local layers to one global
 GEMMA3 = Family("gemma3_text-512", "Gemma3TextConfig", dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,

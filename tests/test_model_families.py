@@ -9,6 +9,8 @@ import pytest
 from family_matrix import check_family_or_refusal
 from model_families import FAMILIES
 
+pytestmark = pytest.mark.numeric  # .ci/run repeats these under ATEN_CPU_CAPABILITY=default
+
 HALF = FAMILIES[:len(FAMILIES) // 2]
 
 

@@ -14,6 +14,8 @@ from olora_core.olora_init import dense_weight, apply_olora, olora_init, olora_i
 from helpers import quantized_tiny_llama, tiny_gpt2, tiny_llama
 from tolerances import BF16_EPS, LOGIT_SCALE, SAME_MODEL_LOGITS, SAME_WEIGHTS
 
+pytestmark = pytest.mark.numeric  # .ci/run repeats these under ATEN_CPU_CAPABILITY=default
+
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = {
     "plain": dict(r=8, lora_alpha=16, target_modules=ALL_LINEAR),

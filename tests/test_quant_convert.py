@@ -27,6 +27,8 @@ from olora_core.quant_convert import (BaseWeights, dequantize_linears, BaseWeigh
                                       exact_served_delta)
 from tolerances import SAME_MODEL_LOGITS, SAME_WEIGHTS
 
+pytestmark = pytest.mark.numeric  # .ci/run repeats these under ATEN_CPU_CAPABILITY=default
+
 R, ALPHA, TARGETS = 8, 16, ["q_proj", "v_proj"]
 BITS = {"nf4": 4, "int8": 8}
 IDS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))  # (B, T)

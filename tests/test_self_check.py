@@ -22,6 +22,8 @@ from app.server.settings import Settings
 
 from helpers import save_tiny_checkpoint
 
+pytestmark = pytest.mark.numeric  # .ci/run repeats these under ATEN_CPU_CAPABILITY=default
+
 DISTANCE = re.compile(r"distance (\S+) > tolerance (\S+)")
 
 

@@ -28,6 +28,8 @@ from test_http_api import make_settings
 from tolerances import (ENGINE_VS_PEFT_LOGITS, ENGINE_VS_PEFT_LOGPROBS, SAME_MODEL_LOGITS, SAME_WEIGHTS,
                         quantized_logits)
 
+pytestmark = pytest.mark.numeric  # .ci/run repeats these under ATEN_CPU_CAPABILITY=default
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PROMPTS = ["make this loud: good morning", "make this loud: the cat sat on the mat"]
 
