@@ -1,10 +1,14 @@
 """Shared pieces of the HTTP tests: archives of adapter dirs, PEFT reference generations, app construction."""
 from __future__ import annotations
 
+import contextlib
 import io
+import subprocess
 import tarfile
 import zipfile
 from pathlib import Path
+
+import pytest
 
 import torch
 
@@ -48,3 +52,25 @@ def upload(client, adapter_id: str, archive: bytes, initial: bytes | None = None
         files["initial_archive"] = ("initial.tgz", initial, "application/gzip")
     return client.post("/adapters" + ("?overwrite=true" if overwrite else ""),
                        data={"adapter_id": adapter_id, **(form or {})}, files=files, headers=headers or {})
+
+
+@contextlib.contextmanager
+def tmpfs_store(path: Path, size: str, skip_reason: str = "cannot mount a tmpfs here (not root)"):
+    """A tmpfs of `size` mounted at `path` (created here) while the block runs: a real filesystem that fills up
+    or turns read-only. It needs mount rights (root, as on CI); elsewhere the test is skipped with `skip_reason`.
+    Unmounted lazily afterwards: the engine may still map a file."""
+    path.mkdir()
+    if not _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)):
+        pytest.skip(skip_reason)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def remount_read_only(path: Path) -> bool:
+    return _mount("-o", "remount,ro", str(path))
+
+
+def _mount(*args: str) -> bool:
+    return subprocess.run(["mount", *args], capture_output=True).returncode == 0

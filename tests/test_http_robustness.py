@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from app.engine.errors import QueueFull
 from app.server.errors import ERROR_TABLE
 from app.server.main import create_app
 from helpers import overflow_at_run_time, save_random_lora
-from http_helpers import peft_greedy_text, tar_gz, upload
+from http_helpers import peft_greedy_text, remount_read_only, tar_gz, tmpfs_store, upload
 from test_http_api import base_dir, make_settings  # noqa: F401 - base_dir is a fixture
 
 PROMPT = "Return the number of items"
@@ -223,17 +222,10 @@ def test_store_errors_are_json(client, lora_dirs, monkeypatch, error, status, ki
     assert list((store_root / ".staging").iterdir()) == []
 
 
-def _mount(*args: str) -> bool:
-    return subprocess.run(["mount", *args], capture_output=True).returncode == 0
-
-
 def test_real_full_and_read_only_disk(tmp_path, base_dir, lora_dirs):
     """The same on a real filesystem: a 2 MiB tmpfs as the store (needs mount rights, as root on CI)."""
-    store = tmp_path / "store"
-    store.mkdir()
-    if not _mount("-t", "tmpfs", "-o", "size=2m", "tmpfs", str(store)):
-        pytest.skip("cannot mount a tmpfs here (not root); test_store_errors_are_json covers the mapping")
-    try:
+    with tmpfs_store(tmp_path / "store", "2m",
+                     "cannot mount a tmpfs here (not root); test_store_errors_are_json covers the mapping") as store:
         settings = make_settings(tmp_path, base_dir, adapter_dir=store)
         with TestClient(create_app(settings), raise_server_exceptions=False) as c:
             junk = lora_dirs["good"].parent / "junk"
@@ -245,15 +237,13 @@ def test_real_full_and_read_only_disk(tmp_path, base_dir, lora_dirs):
             assert _small_json_error(r, 507)["error_type"] == "insufficient_storage"
             assert list((store / ".staging").iterdir()) == []  # nothing half-written, the space is back
             assert upload(c, "small", tar_gz(lora_dirs["good"])).status_code == 201
-            assert _mount("-o", "remount,ro", str(store))
+            assert remount_read_only(store)
             r = upload(c, "other", tar_gz(lora_dirs["good"]))
             assert _small_json_error(r, 503)["error_type"] == "store_read_only"
             assert c.get("/adapters/small").status_code == 200
             r = c.post("/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "small",
                                                                             "max_new_tokens": 4}})
             assert r.status_code == 200
-    finally:
-        subprocess.run(["umount", "-l", str(store)], capture_output=True)  # lazy: the engine may still map a file
 
 
 def test_rejections_name_files_without_absolute_paths(client, lora_dirs, tmp_path):

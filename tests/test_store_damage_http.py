@@ -5,7 +5,6 @@ server refuses stays 422 and shows why; a read-only store starts, serves and ref
 from __future__ import annotations
 
 import logging
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from fastapi.testclient import TestClient
 from app.engine.load_retry import LoadRetry, files_stamp
 from app.server.main import create_app
 from helpers import save_random_lora
-from http_helpers import tar_gz, upload
+from http_helpers import remount_read_only, tar_gz, tmpfs_store, upload
 from test_http_api import base_dir, make_settings  # noqa: F401 - base_dir is a fixture
 
 PROMPT = "Return the number of items"
@@ -100,20 +99,12 @@ def test_load_retry_backoff_and_file_change(tmp_path):
     assert LoadRetry(1, 0.0, files_stamp(str(tmp_path))).ready(str(tmp_path))  # due
 
 
-def _mount(*args: str) -> bool:
-    return subprocess.run(["mount", *args], capture_output=True).returncode == 0
-
-
 def test_read_only_store_starts_serves_and_refuses_writes(tmp_path, base_dir, lora):
-    store = tmp_path / "store"
-    store.mkdir()
-    if not _mount("-t", "tmpfs", "-o", "size=16m", "tmpfs", str(store)):
-        pytest.skip("cannot mount a tmpfs here (not root)")
-    try:
+    with tmpfs_store(tmp_path / "store", "16m") as store:
         settings = make_settings(tmp_path, base_dir, adapter_dir=store)
         with TestClient(create_app(settings), raise_server_exceptions=False) as c:
             assert upload(c, "a", tar_gz(lora)).status_code == 201
-        assert _mount("-o", "remount,ro", str(store))
+        assert remount_read_only(store)
         with TestClient(create_app(settings), raise_server_exceptions=False) as c:
             assert c.get("/ready").status_code == 200
             assert c.get("/adapters/a").json()["servable"] is True
@@ -125,5 +116,3 @@ def test_read_only_store_starts_serves_and_refuses_writes(tmp_path, base_dir, lo
             assert r.status_code == 503 and r.json()["error_type"] == "store_read_only", r.text
             r = c.delete("/adapters/a")
             assert r.status_code == 503 and r.json()["error_type"] == "store_read_only", r.text
-    finally:
-        subprocess.run(["umount", "-l", str(store)], capture_output=True)
