@@ -45,11 +45,16 @@ class Replica:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, signal.SIGTERM, 20)
         self._log.close()
+
+
+def stop_process(proc: subprocess.Popen, sig: int, grace_s: float) -> None:
+    """Ask a process started by a test to stop with `sig`; killed if it is still there after `grace_s`."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

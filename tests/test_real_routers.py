@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import save_random_lora, save_tiny_checkpoint
 from http_helpers import tar_gz
-from server_process import Replica
+from server_process import Replica, stop_process
 from test_deploy_validation import DEPLOY, free_port
 
 pytestmark = pytest.mark.slow
@@ -65,13 +65,7 @@ class Proxy:
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, signal.SIGTERM, 10)
         self._log.close()
 
 

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import save_random_lora, save_tiny_checkpoint
 from http_helpers import tar_gz
-from server_process import Replica
+from server_process import Replica, stop_process
 from test_deploy_validation import free_port, nginx_binary, nginx_config_for_test
 
 pytestmark = pytest.mark.slow
@@ -64,13 +64,7 @@ class Balancer:
         raise AssertionError(f"nginx did not start: {self.log_path.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # graceful: workers finish, then exit
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, signal.SIGQUIT, 10)  # graceful: workers finish, then exit
         self._log.close()
 
 
