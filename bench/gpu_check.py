@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=None, help="default 128; smoke 8")
     p.add_argument("--prompt-tokens", type=int, default=None, help="default 256; smoke 16")
     p.add_argument("--quantize", default="none,nf4", help="comma list of engine runs: none (bf16) and/or nf4")
+    p.add_argument("--decode-graph", default="off", choices=("off", "buckets", "cuda"),
+                   help="EngineConfig.decode_graph of the engine runs (cuda: CUDA graphs of the bucketed decode step)")
     p.add_argument("--budget-s", type=float, default=420.0, help="skip the phases that start after this")
     args = p.parse_args(argv)
     smoke = args.smoke
@@ -244,6 +246,7 @@ def profile_decode(engine: Engine, adapters: Path, args, use_adapters: bool) -> 
 def engine_phase(model_dir: Path, adapters: Path, args, quantize: str, device: torch.device) -> dict:
     steps = StepTimes()
     config = EngineConfig(model=str(model_dir), dtype="bf16", quantize=quantize, device=str(device),
+                          decode_graph=args.decode_graph,
                           max_loras=0, max_rank=16, max_batch_size=args.concurrency,
                           max_batch_tokens=max(2048, args.concurrency * args.prompt_tokens // 4),
                           max_input_tokens=args.prompt_tokens, max_total_tokens=args.prompt_tokens + args.new_tokens + 16,
@@ -254,7 +257,7 @@ def engine_phase(model_dir: Path, adapters: Path, args, quantize: str, device: t
     vocab = engine.runner.vocab_size
     requests = [([rng.randrange(4, vocab) for _ in range(args.prompt_tokens)], f"ad{i % args.adapters:03d}")
                 for i in range(args.requests)]
-    result = {"quantize": quantize, "max_loras": engine.config.max_loras}
+    result = {"quantize": quantize, "decode_graph": args.decode_graph, "max_loras": engine.config.max_loras}
     try:
         run_engine(engine, args, requests[:args.concurrency], True)  # warm-up: every adapter in host memory
         for name, use in (("base", False), ("adapters", True)):

@@ -80,3 +80,22 @@ def test_cuda_graph_decode_gives_the_cpu_tokens(files):
     engine = make_engine(base, adapters, "auto", device="cuda", decode_graph="cuda")
     assert engine.runner.graphs is not None
     assert served_tokens(base, adapters, "cuda", "cuda") == served_tokens(base, adapters, "cpu", "off")
+
+
+def test_auto_decode_graph_is_cuda_graphs_only_on_cuda_with_unquantized_weights():
+    from app.engine.cuda_graphs import choose_decode_graph
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert choose_decode_graph("auto", cuda, "none") == "cuda"
+    assert choose_decode_graph("auto", cpu, "none") == "off"
+    for quantize in ("nf4", "fp4", "int8"):
+        assert choose_decode_graph("auto", cuda, quantize) == "off"
+    for asked in ("off", "buckets", "cuda"):
+        assert choose_decode_graph(asked, cpu, "none") == asked
+
+
+def test_engine_reports_the_resolved_decode_graph(files):
+    base, adapters = files
+    engine = make_engine(base, adapters, "auto")
+    assert engine.config.decode_graph == "off"  # auto on CPU
+    assert engine.runner.graphs is None and not engine.runner.bucketed

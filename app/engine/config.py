@@ -8,6 +8,8 @@ from .errors import InputTooLong, InvalidRequest
 from .lora_layers import KERNELS
 from .sampling import SamplingParams
 
+DECODE_GRAPHS = ("auto", "off", "buckets", "cuda")
+
 
 @dataclass
 class EngineConfig:
@@ -26,7 +28,9 @@ class EngineConfig:
     max_waiting: int = 256  # bounded waiting queue (QueueFull beyond)
     kernel: str = "auto"  # LoRA kernel: auto | rows | bgmv | grouped | reference (tests)
     compile: str = "off"  # on = torch.compile the decode forward (faster steps after ~1 min/graph; benchmarks.md)
-    decode_graph: str = "off"  # off | buckets (decode padded to static shapes) | cuda (buckets + CUDA graphs)
+    # auto (cuda on a CUDA device with unquantized weights, else off) | off | buckets (decode padded to static
+    # shapes) | cuda (buckets + CUDA graphs); the engine resolves auto (cuda_graphs.choose_decode_graph)
+    decode_graph: str = "auto"
 
     def validate(self) -> None:
         if int(self.max_loras) < 0:
@@ -42,8 +46,8 @@ class EngineConfig:
             raise InvalidRequest("EngineConfig.max_input_tokens must be <= max_batch_tokens")
         if self.kernel not in KERNELS:
             raise InvalidRequest(f"EngineConfig.kernel must be one of {KERNELS}")
-        if self.compile not in ("off", "on") or self.decode_graph not in ("off", "buckets", "cuda"):
-            raise InvalidRequest("EngineConfig.compile must be off|on and decode_graph off|buckets|cuda")
+        if self.compile not in ("off", "on") or self.decode_graph not in DECODE_GRAPHS:
+            raise InvalidRequest("EngineConfig.compile must be off|on and decode_graph auto|off|buckets|cuda")
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None:
         """Raise InvalidRequest / InputTooLong unless the request fits this engine."""

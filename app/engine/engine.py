@@ -24,6 +24,7 @@ from .adapter_cache import AdapterCache, AdapterKey
 from .adapter_files import AdapterInfo, AdapterParser, AdapterSource, base_weight_norms, read_adapter_config
 from .base_model import load_base_model
 from .config import EngineConfig
+from .cuda_graphs import choose_decode_graph
 from .errors import AdapterFilesUnreadable, AdapterUnavailable, EngineError, EngineNotRunning, InvalidRequest
 from .faults import MAX_CONSECUTIVE_STEP_FAILURES, report_loop_death, row_fault_error, step_failed
 from .handle import RequestHandle, TokenEvent
@@ -87,7 +88,9 @@ class Engine:
                                   slot_bytes(shapes, config.max_rank, base.dtype), device_memory_bytes(base.device),
                                   config.max_cpu_adapters)
         log.info("device slots: %s", choice.reason)
-        self.config = config = replace(config, max_loras=choice.max_loras)  # resolved, as stats() reports it
+        graph = choose_decode_graph(config.decode_graph, base.device, config.quantize)
+        # resolved, as stats() reports them
+        self.config = config = replace(config, max_loras=choice.max_loras, decode_graph=graph)
         self.bank = LoRASlotBank(base.model, targets, config.max_loras, config.max_rank, base.dtype, base.device,
                                  kernel=config.kernel, max_rows=config.max_batch_size)
         self.parser = AdapterParser(self.bank.targets, config.max_rank, self.bank.dtype, base.fingerprint,

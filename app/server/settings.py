@@ -80,8 +80,9 @@ class Settings(BaseSettings):
     max_waiting: int = Field(256, ge=1, description="queued requests; past it: 429")
     compile: Literal["off", "on"] = Field("off", description="on: torch.compile the decode step (each new shape "
                                                             "compiles first, ~1 min on 2 CPU cores)")
-    decode_graph: Literal["off", "buckets", "cuda"] = Field(
-        "off", description="buckets: decode padded to static shapes; cuda: buckets captured as CUDA graphs")
+    decode_graph: Literal["auto", "off", "buckets", "cuda"] = Field(
+        "auto", description="auto: cuda on a CUDA device with unquantized weights, else off; buckets: decode padded "
+                            "to static shapes; cuda: buckets captured as CUDA graphs")
     max_new_tokens_default: int = Field(20, ge=1, description="max_new_tokens when a request gives none")
     request_timeout_s: float = Field(300.0, gt=0, description="a generation running longer is cancelled (504)")
     max_request_bytes: int = Field(1 << 20, description="JSON bodies; past it: 413")
