@@ -11,6 +11,11 @@ PEFT saves), is fetched, validated exactly as an upload is, written to the local
 A load packs the source's files as upload archives (app/adapters/store/peft_folder.py) and calls
 `AdapterService.upload`: the same archive checks, OLoRA/PiSSA conversion and provenance rule, engine check and
 refusals as a client's upload; the stored metadata says where it came from (`origin`).
+
+Adapters loaded from a source are a cache, bounded in bytes (`cache_bytes`, least recently requested evicted
+first, app/adapters/local_copies.py): in the object store the repository's own cache of downloads bounds them;
+in the local directory store this loader does, deleting an evicted one from the store (it is loaded from its
+source again on its next request). Uploads and `/v1/load_lora_adapter` registrations are never evicted.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import shutil
 import threading
 from pathlib import Path
 
+from app.adapters.local_copies import DEFAULT_MAX_BYTES, LocalCopies, folder_bytes
 from app.adapters.repository import RepositoryTimeout, VersionRef
 from app.adapters.store.adapter_store import AdapterExists, StoredAdapter
 from app.adapters.store.peft_folder import PeftFolderRepository, folder_archives
@@ -28,7 +34,8 @@ log = logging.getLogger("olora.adapters")
 
 
 class OnDemandLoader:
-    def __init__(self, service, sources: list[PeftFolderRepository], timeout_s: float = 30.0, workers: int = 2):
+    def __init__(self, service, sources: list[PeftFolderRepository], timeout_s: float = 30.0, workers: int = 2,
+                 cache_bytes: int = DEFAULT_MAX_BYTES):
         self.service = service
         self.sources = list(sources)
         self.timeout_s = timeout_s
@@ -36,11 +43,20 @@ class OnDemandLoader:
         self._inflight: dict[str, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
         self.loads = 0  # loads started (each id once however many requests wait on it)
+        # (id, version) of the adapters loaded from a source into a store that keeps no bounded cache of its own
+        self.copies: LocalCopies | None = None
+        if self.sources and getattr(service.repository, "copies", None) is None:
+            self.copies = LocalCopies(cache_bytes, self._evict)
+            loaded = [s for s in service.index.all() if (s.metadata.get("origin") or {}).get("source")]
+            for stored in sorted(loaded, key=lambda s: float(s.metadata.get("created", 0))):
+                self.copies.add((stored.adapter_id, stored.version), stored.path)
 
     def fetch(self, adapter_id: str) -> StoredAdapter | None:
         """The live local version of `adapter_id`, loading it from a source when only a source holds it."""
         stored = self.service.index.lookup(adapter_id)
         if stored is not None:
+            if self.copies is not None:
+                self.copies.touch((stored.adapter_id, stored.version))
             return self.service.repository.localize(stored)  # local store: no I/O; object store: download once
         if not self.sources:
             return None
@@ -87,8 +103,21 @@ class OnDemandLoader:
             stored = self.load_folder(ref.adapter_id, folder, origin=origin)
         except AdapterExists:  # another replica (or an upload) stored it meanwhile: serve that one
             stored = self.service.stored(ref.adapter_id)
+        if self.copies is not None and (stored.metadata.get("origin") or {}).get("source"):
+            self.copies.add((stored.adapter_id, stored.version), stored.path, folder_bytes(stored.path))
         log.info("loaded adapter %s on demand from %s", ref.adapter_id, source.name)
         return stored
+
+    def _evict(self, key: tuple[str, str], path: Path) -> None:
+        """Delete an evicted source-loaded adapter from the store, unless it was replaced meanwhile. The engine
+        keeps what it read (it does not open the files again); the next request loads it from its source."""
+        adapter_id, version = key
+        current = self.service.index.get(adapter_id)
+        if current is None or current.version != version:
+            return
+        self.service.repository.delete(adapter_id)
+        self.service.index.forget(adapter_id)
+        log.info("evicted adapter %s (loaded from a source) from the local store: the cache is full", adapter_id)
 
     def _done(self, adapter_id: str) -> None:
         with self._lock:

@@ -139,7 +139,8 @@ def _repository(settings: Settings):
         if not settings.s3_bucket:
             raise ValueError("OLORA_STORE=s3 needs OLORA_S3_BUCKET")
         return S3Repository(settings.s3_bucket, settings.s3_prefix, settings.adapter_dir,
-                            endpoint_url=settings.s3_endpoint_url, timeout_s=settings.s3_timeout_s)
+                            endpoint_url=settings.s3_endpoint_url, timeout_s=settings.s3_timeout_s,
+                            cache_bytes=settings.adapter_cache_bytes)
     return LocalDirectoryRepository(settings.adapter_dir)  # removes crashed writers' staging folders
 
 
@@ -198,7 +199,10 @@ async def _build_state(settings: Settings, metrics: ServerMetrics, drain: Drain,
                                    max_unpacked_bytes=settings.max_unpacked_bytes)
             service = AdapterService(repository, engine, limits, index, settings.max_merge_sources)
             loader = OnDemandLoader(service, [PeftFolderRepository(d) for d in settings.peft_dirs],
-                                    timeout_s=settings.fetch_timeout_s)
+                                    timeout_s=settings.fetch_timeout_s, cache_bytes=settings.adapter_cache_bytes)
+            for copies in (getattr(repository, "copies", None), loader.copies):
+                if copies is not None:  # what the engine has still to read is never evicted
+                    copies.in_use = engine.loading_paths
             loader_box.append(loader)
             starts = ThreadPoolExecutor(settings.start_threads, thread_name_prefix="olora-start")
             state = AppState(settings=settings, engine=engine, adapters=service, metrics=metrics,

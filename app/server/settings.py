@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from app.adapters.local_copies import DEFAULT_MAX_BYTES
 from app.server.schemas import MAX_MERGE_SOURCES
 
 if TYPE_CHECKING:  # the engine module imports torch; `olora serve --help` should not
@@ -69,6 +70,10 @@ class Settings(BaseSettings):
                                                            "R2...); credentials come from the standard AWS chain")
     s3_timeout_s: float = Field(10.0, gt=0, description="store=s3: connect and read timeout of one request (504 past "
                                                          "it for the adapter asked)")
+    adapter_cache_bytes: int = Field(
+        DEFAULT_MAX_BYTES, gt=0, description="local disk for adapters fetched on demand (store=s3: downloaded "
+                                             "versions; store=local: adapters loaded from peft_dirs), least recently "
+                                             "used evicted first (fetched again when next requested)")
     fetch_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer for an on-demand adapter load "
                                                            "gets 504 (the load goes on)")
 

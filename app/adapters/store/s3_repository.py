@@ -11,7 +11,9 @@ then CURRENT is switched with a conditional write: `If-None-Match: *` for a new 
 same id: one wins, the other gets 409), `If-Match: <etag>` for an overwrite or a delete (a concurrent switch makes
 it 412: the writer reads CURRENT again and retries), so two replicas cannot tear it. Readers materialize a version
 into a local cache folder (the weights' sha256 checked against the digest: a corrupt or missing object is a 503
-naming the adapter, never served). `changes` lists the change objects after its cursor (a look-back of
+naming the adapter, never served); the cache is bounded in bytes, least recently used copies evicted first
+(app/adapters/local_copies.py: a copy being read is kept; an evicted one is downloaded again when next needed).
+`changes` lists the change objects after its cursor (a look-back of
 CLOCK_SKEW_S covers replicas whose clocks disagree): its cost grows with the changes, not with the adapters.
 
 Client: boto3. It reads credentials from the standard AWS chain (environment, shared config/credentials files
@@ -34,6 +36,7 @@ from typing import Any, Iterator
 
 from olora_core.adapter_format import ADAPTER_ID_RE
 
+from app.adapters.local_copies import DEFAULT_MAX_BYTES, LocalCopies
 from app.adapters.repository import Changes, RepositoryTimeout, RepositoryUnavailable, VersionRef
 from app.adapters.store.adapter_store import ADAPTER_FILES, AdapterExists, AdapterMissing, AdapterStore, StoredAdapter
 
@@ -64,7 +67,7 @@ class S3Repository:
     writable = True
 
     def __init__(self, bucket: str, prefix: str, cache_dir: Path, *, endpoint_url: str | None = None,
-                 timeout_s: float = 10.0):
+                 timeout_s: float = 10.0, cache_bytes: int = DEFAULT_MAX_BYTES):
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.name = f"s3://{bucket}/{self.prefix}"
@@ -73,6 +76,28 @@ class S3Repository:
         self._s3 = _client(endpoint_url, timeout_s)
         self._materialize_lock = threading.Lock()
         self._metadata: dict[tuple[str, str], dict] = {}  # (id, version) -> metadata, from the pointers read
+        self.copies = LocalCopies(cache_bytes, self._remove_copy)  # (id, version) -> its local folder
+        self._scan_cache()
+
+    def _scan_cache(self) -> None:
+        """Count the copies an earlier run left in the cache folder, oldest use first (evicting past the bound)."""
+        found = []
+        for version_dir in self.root.glob("*/*"):
+            adapter_id, version = version_dir.parent.name, version_dir.name
+            if ADAPTER_ID_RE.fullmatch(adapter_id) and ADAPTER_ID_RE.fullmatch(version):
+                with contextlib.suppress(OSError):
+                    found.append(((version_dir / "metadata.json").stat().st_mtime, adapter_id, version, version_dir))
+        for _, adapter_id, version, version_dir in sorted(found):
+            self.copies.add((adapter_id, version), version_dir)
+
+    def _remove_copy(self, key: tuple[str, str], path: Path) -> None:
+        """An evicted copy: moved out of the way atomically (a request checking it sees all or nothing), then
+        deleted."""
+        trash = self.cache.staging_dir()
+        with self._materialize_lock:
+            with contextlib.suppress(FileNotFoundError):
+                path.rename(trash / "evicted")
+        shutil.rmtree(trash, ignore_errors=True)
 
     # ---- errors ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -152,8 +177,13 @@ class S3Repository:
         recorded at upload (a corrupt or missing object is a 503 naming the adapter, never served)."""
         from botocore.exceptions import ClientError
 
-        local = stored.path
-        if (local / "metadata.json").is_file():
+        local, key = stored.path, (stored.adapter_id, stored.version)
+        with self._materialize_lock:  # against an eviction moving it away between the check and the touch
+            present = (local / "metadata.json").is_file()
+            counted = present and self.copies.touch(key)
+        if present:
+            if not counted:
+                self.copies.add(key, local)
             return stored
         staged = self.cache.staging_dir()
         try:
@@ -176,6 +206,7 @@ class S3Repository:
                 local.parent.mkdir(parents=True, exist_ok=True)
                 if not local.exists():
                     staged.rename(local)
+            self.copies.add(key, local)
             return stored
         finally:
             shutil.rmtree(staged, ignore_errors=True)
@@ -245,6 +276,7 @@ class S3Repository:
             with contextlib.suppress(OSError):
                 staged.rename(local)
             shutil.rmtree(staged, ignore_errors=True)
+        self.copies.add((adapter_id, version), local)
         return StoredAdapter(adapter_id, version, local, meta)
 
     def delete(self, adapter_id: str) -> StoredAdapter:
@@ -312,16 +344,26 @@ class S3Repository:
 
     @contextlib.contextmanager
     def reading(self, stored: StoredAdapter) -> Iterator[Path]:
-        yield stored.path  # cached versions are not removed while the process runs
+        # not evicted while read (`stored` was just localized: the most recently used copy)
+        with self.copies.hold((stored.adapter_id, stored.version)):
+            yield stored.path
 
     @contextlib.contextmanager
     def held(self, adapter_id: str) -> Iterator[StoredAdapter]:
-        """The live version, downloaded (versions are immutable and their local copies kept: nothing to lock)."""
+        """The live version, downloaded and held (versions are immutable: the only removal to keep off is the
+        cache's eviction)."""
         ref = self.resolve(adapter_id)
         if ref is None:
             raise AdapterMissing(f"adapter {adapter_id!r} not found")
-        yield self.localize(self.materialize(ref))
+        stored, key = self.materialize(ref), (ref.adapter_id, ref.version)
+        for _ in range(3):  # an eviction between the download and the hold: download again
+            stored = self.localize(stored)
+            with self.copies.hold(key) as holding:
+                if holding and (stored.path / "metadata.json").is_file():
+                    yield stored
+                    return
+        raise RepositoryUnavailable(f"adapter {adapter_id!r}: the local cache is too small to hold it while read")
 
     def sweep(self) -> list:
-        """Nothing to collect in the bucket (versions are immutable); the local cache keeps what it downloaded."""
+        """Nothing to collect in the bucket (versions are immutable); the local cache is bounded by `copies`."""
         return []
