@@ -1,5 +1,5 @@
 """On-demand loading: a request for an id this server has never seen, held by a configured source (a folder of
-PEFT saves), is fetched, validated exactly as an upload is, written to the local store and served.
+PEFT saves on disk or in a bucket), is fetched, validated exactly as an upload is, written to the local store and served.
 
     fetch(id): index hit                       -> the local version (no I/O)
                the store has it (another replica) -> indexed, served
@@ -29,12 +29,15 @@ from app.adapters.local_copies import DEFAULT_MAX_BYTES, LocalCopies, folder_byt
 from app.adapters.repository import RepositoryTimeout, VersionRef
 from app.adapters.store.adapter_store import AdapterExists, StoredAdapter
 from app.adapters.store.peft_folder import PeftFolderRepository, folder_archives
+from app.adapters.store.s3_peft_folder import S3PeftFolderRepository
+
+PeftSource = PeftFolderRepository | S3PeftFolderRepository  # a folder of PEFT saves, on disk or in a bucket
 
 log = logging.getLogger("olora.adapters")
 
 
 class OnDemandLoader:
-    def __init__(self, service, sources: list[PeftFolderRepository], timeout_s: float = 30.0, workers: int = 2,
+    def __init__(self, service, sources: list[PeftSource], timeout_s: float = 30.0, workers: int = 2,
                  cache_bytes: int = DEFAULT_MAX_BYTES):
         self.service = service
         self.sources = list(sources)
@@ -89,18 +92,28 @@ class OnDemandLoader:
             shutil.rmtree(work, ignore_errors=True)
         return self.service.stored(adapter_id)
 
-    def _find(self, adapter_id: str) -> tuple[PeftFolderRepository, VersionRef] | None:
+    def _find(self, adapter_id: str) -> tuple[PeftSource, VersionRef] | None:
         for source in self.sources:
             ref = source.resolve(adapter_id)  # RepositoryUnavailable (503) when the source cannot be read
             if ref is not None:
                 return source, ref
         return None
 
-    def _load(self, source: PeftFolderRepository, ref: VersionRef) -> StoredAdapter:
-        folder = source.folder_of(ref.adapter_id)
+    def load_source(self, adapter_id: str, source: PeftSource, source_id: str, *, overwrite: bool = False,
+                    origin: dict | None = None) -> StoredAdapter:
+        """Validate and store the save `source` holds under `source_id` as `adapter_id` (a bucket's save is
+        downloaded into a private folder first)."""
+        work = self.service.staging_dir()
+        try:
+            with source.local_folder(source_id, work) as folder:
+                return self.load_folder(adapter_id, folder, overwrite=overwrite, origin=origin)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _load(self, source: PeftSource, ref: VersionRef) -> StoredAdapter:
         origin = {"source": source.name, "version": ref.version}
         try:
-            stored = self.load_folder(ref.adapter_id, folder, origin=origin)
+            stored = self.load_source(ref.adapter_id, source, ref.adapter_id, origin=origin)
         except AdapterExists:  # another replica (or an upload) stored it meanwhile: serve that one
             stored = self.service.stored(ref.adapter_id)
         if self.copies is not None and (stored.metadata.get("origin") or {}).get("source"):

@@ -144,6 +144,17 @@ def _repository(settings: Settings):
     return LocalDirectoryRepository(settings.adapter_dir)  # removes crashed writers' staging folders
 
 
+def _sources(settings: Settings, limits: ArchiveLimits) -> list:
+    """The read-only folders of PEFT saves adapters are loaded from on demand: on disk, then in buckets."""
+    sources: list = [PeftFolderRepository(d) for d in settings.peft_dirs]
+    if settings.peft_s3_uris:
+        from app.adapters.store.s3_peft_folder import S3PeftFolderRepository
+
+        sources += [S3PeftFolderRepository(uri, endpoint_url=settings.s3_endpoint_url, timeout_s=settings.s3_timeout_s,
+                                           limits=limits) for uri in settings.peft_s3_uris]
+    return sources
+
+
 async def _self_check(engine, harness) -> None:
     """Serve the start-time probe (app/engine/self_check.py); on a mismatch the start fails (the caller stops the
     engine)."""
@@ -198,7 +209,7 @@ async def _build_state(settings: Settings, metrics: ServerMetrics, drain: Drain,
             limits = ArchiveLimits(max_compressed_bytes=settings.max_upload_bytes,
                                    max_unpacked_bytes=settings.max_unpacked_bytes)
             service = AdapterService(repository, engine, limits, index, settings.max_merge_sources)
-            loader = OnDemandLoader(service, [PeftFolderRepository(d) for d in settings.peft_dirs],
+            loader = OnDemandLoader(service, _sources(settings, limits),
                                     timeout_s=settings.fetch_timeout_s, cache_bytes=settings.adapter_cache_bytes)
             for copies in (getattr(repository, "copies", None), loader.copies):
                 if copies is not None:  # what the engine has still to read is never evicted

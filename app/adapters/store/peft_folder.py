@@ -10,11 +10,13 @@ named by the sizes and modification times of the files, so a save rewritten in p
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import stat
 import tarfile
 from pathlib import Path
+from typing import Iterator
 
 from olora_core.adapter_format import ADAPTER_ID_RE, MAX_CONFIG_BYTES
 from olora_core.adapter_io import MUTATED_INIT_KINDS, adapter_kind
@@ -51,6 +53,15 @@ class PeftFolderRepository:
             return None
         version = folder_version(folder)
         return None if version is None else VersionRef(adapter_id, version, "")
+
+    @contextlib.contextmanager
+    def local_folder(self, adapter_id: str, work: Path) -> Iterator[Path]:
+        """The save's folder itself (already local: `work` is not used). Not validated: the caller sends it
+        through the upload path."""
+        folder = self.folder_of(adapter_id)
+        if folder is None:
+            raise AdapterMissing(f"adapter {adapter_id!r} not found in {self.name}")
+        yield folder
 
     def materialize(self, ref: VersionRef) -> StoredAdapter:
         """The folder as it lies (NOT validated: serve it only through the on-demand loader)."""

@@ -16,11 +16,7 @@ naming the adapter, never served); the cache is bounded in bytes, least recently
 `changes` lists the change objects after its cursor (a look-back of
 CLOCK_SKEW_S covers replicas whose clocks disagree): its cost grows with the changes, not with the adapters.
 
-Client: boto3. It reads credentials from the standard AWS chain (environment, shared config/credentials files
-and profiles, web identity/IRSA, container and instance metadata) with no code here, takes an endpoint URL for
-non-AWS stores, and exposes S3's conditional writes (PutObject IfNoneMatch/IfMatch, DeleteObject IfMatch) as
-plain parameters. obstore is faster for bulk transfers but adapters are small and its credential chain is its
-own; s3fs/fsspec put a filesystem cache between us and the pointer object whose freshness is the whole point.
+Client: boto3 (why: app/adapters/store/s3_client.py).
 """
 from __future__ import annotations
 
@@ -37,20 +33,13 @@ from typing import Any, Iterator
 from olora_core.adapter_format import ADAPTER_ID_RE
 
 from app.adapters.local_copies import DEFAULT_MAX_BYTES, LocalCopies
-from app.adapters.repository import Changes, RepositoryTimeout, RepositoryUnavailable, VersionRef
+from app.adapters.repository import Changes, RepositoryUnavailable, VersionRef
+from app.adapters.store.s3_client import error_code, make_client, talking
 from app.adapters.store.adapter_store import ADAPTER_FILES, AdapterExists, AdapterMissing, AdapterStore, StoredAdapter
 
 CLOCK_SKEW_S = 30.0  # change objects written up to this much "in the past" by another replica are still seen
 CHANGE_RETENTION_S = 3600.0  # change objects older than this are removed by writers (followers resync past it)
 SWITCH_RETRIES = 8
-
-
-def _client(endpoint_url: str | None, timeout_s: float):
-    import boto3
-    from botocore.config import Config
-
-    config = Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 2, "mode": "standard"})
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
 
 
 def _sha256(path: Path) -> str:
@@ -73,7 +62,7 @@ class S3Repository:
         self.name = f"s3://{bucket}/{self.prefix}"
         self.cache = AdapterStore(cache_dir)  # staging and per-process folders on the local disk
         self.root = self.cache.root
-        self._s3 = _client(endpoint_url, timeout_s)
+        self._s3 = make_client(endpoint_url, timeout_s)
         self._materialize_lock = threading.Lock()
         self._metadata: dict[tuple[str, str], dict] = {}  # (id, version) -> metadata, from the pointers read
         self.copies = LocalCopies(cache_bytes, self._remove_copy)  # (id, version) -> its local folder
@@ -100,25 +89,12 @@ class S3Repository:
         shutil.rmtree(trash, ignore_errors=True)
 
     # ---- errors ----------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _talking(self, what: str) -> Iterator[None]:
-        from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
-
-        try:
-            yield
-        except (ConnectTimeoutError, ReadTimeoutError) as exc:
-            raise RepositoryTimeout(f"{what}: {self.name} did not answer in time ({type(exc).__name__})") from None
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("NoSuchKey", "404", "NoSuchBucket", "PreconditionFailed", "412"):
-                raise
-            raise RepositoryUnavailable(f"{what}: {self.name} answered {code or 'an error'}") from None
-        except BotoCoreError as exc:
-            raise RepositoryUnavailable(f"{what}: {self.name} cannot be reached ({type(exc).__name__})") from None
+    def _talking(self, what: str):
+        return talking(self.name, what)
 
     @staticmethod
     def _code(exc: Exception) -> str:
-        return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+        return error_code(exc)
 
     def _key(self, *parts: str) -> str:
         return self.prefix + "/".join(parts)
