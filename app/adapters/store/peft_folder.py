@@ -1,5 +1,6 @@
 """A read-only folder of plain PEFT saves as an adapter source (like vLLM's `--lora-modules` and its filesystem
-LoRA resolver): `<root>/<id>/adapter_config.json` + `adapter_model.safetensors`, an OLoRA/PiSSA adapter with its
+LoRA resolver): `<root>/<id>/adapter_config.json` + `adapter_model.safetensors` (a save with `adapter_model.bin` instead is found and
+refused, unopened, as its upload is), an OLoRA/PiSSA adapter with its
 untrained checkpoint in `<root>/<id>/initial/` (converted with it) or without one (its init recomputed from the
 served base).
 
@@ -26,6 +27,7 @@ from app.adapters.store.adapter_store import AdapterMissing, StoreError, StoredA
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_WEIGHTS_FILE = "adapter_model.bin"  # a save with safe_serialization=False: found, and refused as uploads are
 INITIAL_DIR = "initial"
 
 
@@ -93,9 +95,10 @@ def folder_version(folder: Path) -> str | None:
     Raises RepositoryUnavailable when the folder cannot be read (a mount that went away)."""
     try:
         config, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-        if not (_regular(config) and _regular(weights)):
+        pickled = folder / PICKLE_WEIGHTS_FILE
+        if not (_regular(config) and (_regular(weights) or _regular(pickled))):
             return None
-        files = [config, weights]
+        files = [config, weights, pickled]
         initial = folder / INITIAL_DIR
         if _regular(initial / CONFIG_FILE):
             files += [initial / CONFIG_FILE, initial / WEIGHTS_FILE]
@@ -147,5 +150,5 @@ def _declared_kind(config_path: Path) -> str:
             return "lora"
         config = json.loads(config_path.read_text())
         return adapter_kind(config) if isinstance(config, dict) else "lora"
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: a config nested too deep for json
         return "lora"

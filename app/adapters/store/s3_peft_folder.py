@@ -23,7 +23,7 @@ from olora_core.adapter_format import ADAPTER_ID_RE
 from app.adapters.repository import Changes, RepositoryUnavailable, VersionRef
 from app.adapters.store.adapter_store import AdapterMissing, StoredAdapter
 from app.adapters.store.archive import ArchiveError, ArchiveLimits
-from app.adapters.store.peft_folder import CONFIG_FILE, WEIGHTS_FILE, ReadOnlyRepository
+from app.adapters.store.peft_folder import CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE, ReadOnlyRepository
 from app.adapters.store.s3_client import error_code, make_client, talking
 
 
@@ -82,7 +82,7 @@ class S3PeftFolderRepository:
             return None
         objects = self._objects(adapter_id)
         names = {obj["Key"][len(self.prefix) + len(adapter_id) + 1:] for obj in objects}
-        if not {CONFIG_FILE, WEIGHTS_FILE} <= names:
+        if CONFIG_FILE not in names or not names & {WEIGHTS_FILE, PICKLE_WEIGHTS_FILE}:
             return None
         digest = hashlib.sha256()
         for obj in sorted(objects, key=lambda o: o["Key"]):
