@@ -91,12 +91,15 @@ class StoreFindingsLog:
     def __init__(self) -> None:
         self._logged: dict[str, str] = {}  # adapter id -> the message logged last
 
-    def report(self, findings: list[StoreFinding]) -> None:
+    def report(self, findings: list[StoreFinding], complete: bool = True) -> None:
+        """`complete`: the sweep looked at every adapter (then an id it no longer names is sound again)."""
         for finding in findings:
             if self._logged.get(finding.adapter_id) != finding.message:
                 self._logged[finding.adapter_id] = finding.message
                 log.log(logging.WARNING if finding.repaired else logging.ERROR, "adapter store: adapter %r: %s",
                         finding.adapter_id, finding.message)
+        if not complete:
+            return
         for adapter_id in set(self._logged) - {f.adapter_id for f in findings}:
             del self._logged[adapter_id]  # sound again (repaired, overwritten or deleted)
 
@@ -105,8 +108,9 @@ async def _watch_store(state: AppState, repository, index: AdapterIndex, finding
     """Keep the in-memory index current: each poll applies what the repository's change journal names (its cost
     grows with the changes, not with the adapters); a full rebuild every `store_rescan_s` repairs anything missed.
     The engine drops cached copies of changed or deleted adapters; retired versions are swept and store damage is
-    repaired or reported (logged by id)."""
-    last_sweep = last_rescan = time.monotonic()
+    repaired or reported (logged by id): every SWEEP_EVERY_S for the ids the journal named (a cost that grows with
+    the changes), every `store_rescan_s` for every adapter."""
+    last_sweep = last_rescan = last_full_sweep = time.monotonic()
     while True:
         await asyncio.sleep(state.settings.store_poll_s)
         try:
@@ -117,8 +121,11 @@ async def _watch_store(state: AppState, repository, index: AdapterIndex, finding
                 changed = await asyncio.to_thread(index.refresh)
             if time.monotonic() - last_sweep > SWEEP_EVERY_S:
                 last_sweep = time.monotonic()
-                found = await asyncio.to_thread(repository.sweep)
-                findings.report(found)
+                full = time.monotonic() - last_full_sweep > state.settings.store_rescan_s
+                if full:
+                    last_full_sweep = time.monotonic()
+                found = await asyncio.to_thread(repository.sweep, full)
+                findings.report(found, complete=full)
                 # a repaired CURRENT names another version: the index reads those ids again
                 changed += await asyncio.to_thread(index.recheck, [f.adapter_id for f in found if f.repaired])
         except (OSError, ValueError, RepositoryUnavailable) as exc:  # a store gone away or read-only must not end it

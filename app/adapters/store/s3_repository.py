@@ -340,6 +340,6 @@ class S3Repository:
                     return
         raise RepositoryUnavailable(f"adapter {adapter_id!r}: the local cache is too small to hold it while read")
 
-    def sweep(self) -> list:
+    def sweep(self, full: bool = False) -> list:
         """Nothing to collect in the bucket (versions are immutable); the local cache is bounded by `copies`."""
         return []
