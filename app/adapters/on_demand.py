@@ -69,11 +69,14 @@ class OnDemandLoader:
         source, ref = found
         with self._lock:
             future = self._inflight.get(adapter_id)
-            if future is None:
+            done = None if future is not None else self.service.index.get(adapter_id)
+            if future is None and done is None:
                 self.loads += 1
                 future = self._pool.submit(self._load, source, ref)
                 self._inflight[adapter_id] = future
                 future.add_done_callback(lambda _f, i=adapter_id: self._done(i))
+        if done is not None:  # a load that finished while the source was being asked
+            return self.service.repository.localize(done)
         try:
             return future.result(timeout=self.timeout_s)
         except concurrent.futures.TimeoutError:
