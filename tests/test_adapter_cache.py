@@ -5,7 +5,6 @@ the local store."""
 from __future__ import annotations
 
 import shutil
-import threading
 from pathlib import Path
 
 from fastapi.testclient import TestClient

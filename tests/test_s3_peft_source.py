@@ -115,3 +115,13 @@ def test_load_lora_adapter_accepts_only_uris_inside_a_configured_bucket(tmp_path
                       ).status_code == 200
         assert c.app.state.olora.loader.copies is not None and ("two", c.get(
             "/adapters/two", headers=admin).json()["version"]) not in c.app.state.olora.loader.copies
+
+
+def test_a_bucket_that_cannot_be_read_is_503_for_its_adapters_only(tmp_path, base_dir, loras, s3_server):  # noqa: F811
+    _, url = s3_server
+    with server(tmp_path, base_dir, url, "no-such-bucket") as c:
+        assert upload(c, "fine", tar_gz(loras["a"])).status_code == 201
+        r = gen(c, "wanted")
+        assert r.status_code == 503 and r.json()["error_type"] == "adapter_source_unavailable", r.text
+        assert "no-such-bucket" in r.json()["error"]
+        assert gen(c, "fine").status_code == 200
