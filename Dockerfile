@@ -49,8 +49,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY olora_core ./olora_core
 COPY app ./app
-RUN pip install --no-cache-dir . \
-    && python -c "import torch, app.server.main, olora_core; print('torch', torch.__version__)"
+# boto3: pyproject's `s3` extra (the object-store sources), named with its pin (hadolint DL3013 cannot read `.[s3]`)
+RUN pip install --no-cache-dir . boto3==1.44.5 \
+    && python -c "import torch, boto3, app.server.main, olora_core; print('torch', torch.__version__)"
 
 # ---- runtime ---------------------------------------------------------------------------------------------
 FROM os AS runtime

@@ -4,8 +4,10 @@ Measures: the time to write the store, server start (lifespan: index rebuild + e
 the watcher's cost (one `index.refresh()` with nothing changed, per poll, as a share of one core at the default
 1 s poll; one full `index.rebuild()`, amortized over the default 60 s rescan), and the first request for a
 rank-16 adapter that is only in an S3-compatible store (moto's S3 server on loopback) vs. the next one.
+With --sweep-only: the store's sweep (retired versions, damage) at N adapters, full vs. the watcher's periodic one
+that follows the journal (nothing changed; 10 adapters overwritten since the last sweep), no server.
 
-    .venv/bin/python bench/sources_bench.py [--adapters 10000] [--skip-s3]
+    .venv/bin/python bench/sources_bench.py [--adapters 10000] [--skip-s3] [--sweep-only]
 """
 from __future__ import annotations
 
@@ -83,6 +85,37 @@ def bench_many(work: Path, lora: Path, n: int) -> dict:
             "rebuild_share_of_a_core_at_60s_rescan_pct": round(100 * rebuild_s / 60.0, 2)}
 
 
+def bench_sweep(work: Path, lora: Path, n: int) -> dict:
+    """CPU seconds of one sweep (the watcher runs one every 30 s): full, and following the journal."""
+    from app.adapters.store.local_repository import LocalDirectoryRepository
+
+    (work / "plain").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (work / "plain" / name).write_bytes((lora / name).read_bytes())
+    writer = LocalDirectoryRepository(work / "sweep-store")
+    for i in range(n):
+        writer.put(f"a{i:05d}", work / "plain", {})
+    sweeper = LocalDirectoryRepository(work / "sweep-store")
+
+    def timed(**kwargs) -> float:
+        t = time.process_time()
+        sweeper.sweep(**kwargs)
+        return time.process_time() - t
+    first = timed()  # no cursor yet: a full pass
+    full = statistics.median(timed(full=True) for _ in range(3))
+    idle = statistics.median(timed() for _ in range(20))
+    changed = []
+    for round_ in range(5):
+        for i in range(10):
+            writer.put(f"a{(round_ * 10 + i) * 7 % n:05d}", work / "plain", {}, overwrite=True)
+        changed.append(timed())
+    return {"adapters": n, "first_sweep_cpu_s": round(first, 3), "full_sweep_cpu_s": round(full, 3),
+            "periodic_sweep_nothing_changed_cpu_ms": round(1000 * idle, 3),
+            "periodic_sweep_10_changed_cpu_ms": round(1000 * statistics.median(changed), 2),
+            "full_sweep_share_of_a_core_every_30s_pct": round(100 * full / 30.0, 3),
+            "periodic_sweep_share_of_a_core_every_30s_pct": round(100 * idle / 30.0, 5)}
+
+
 def bench_s3_first_request(work: Path, lora: Path) -> dict:
     from fastapi.testclient import TestClient
     from moto.server import ThreadedMotoServer
@@ -123,6 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapters", type=int, default=10_000)
     parser.add_argument("--skip-s3", action="store_true")
+    parser.add_argument("--sweep-only", action="store_true", help="only the store's sweep (no server)")
     args = parser.parse_args()
     from helpers import save_random_lora
     from olora_core.default_model import default_model_path
@@ -130,7 +164,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         lora = Path(save_random_lora(default_model_path(), work / "lora16", r=16, seed=1, task_type="CAUSAL_LM"))
-        out = {"many": bench_many(work, lora, args.adapters)}
+        if args.sweep_only:
+            print(json.dumps({"sweep": bench_sweep(work, lora, args.adapters)}, indent=2))
+            return
+        out = {"many": bench_many(work, lora, args.adapters), "sweep": bench_sweep(work, lora, args.adapters)}
         if not args.skip_s3:
             out["s3"] = bench_s3_first_request(work, lora)
     print(json.dumps(out, indent=2))

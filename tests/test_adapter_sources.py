@@ -264,3 +264,37 @@ def test_an_olora_save_with_initial_beside_it_or_recomputed(tmp_path, base_dir):
             assert r.json()["generated_text"] == expected
             shown = c.get(f"/adapters/{adapter_id}").json()
             assert shown["kind"] == "olora-converted" and shown["rank"] == 8
+
+
+def test_periodic_sweeps_look_only_at_changed_ids(tmp_path, monkeypatch):
+    """The watcher's sweep costs what changed: after the first (full) one, a sweep examines only the ids the
+    journal named since, each until one sweep has run past its grace period; `full=True` examines all."""
+    from app.adapters.store import adapter_store
+
+    monkeypatch.setattr(adapter_store, "OLD_VERSION_GRACE_S", 0.0)
+    examined: list[str] = []
+    real = adapter_store.AdapterStore._repair_current
+    monkeypatch.setattr(adapter_store.AdapterStore, "_repair_current",
+                        lambda self, folder: (examined.append(folder.name), real(self, folder))[1])
+    writer = LocalDirectoryRepository(tmp_path / "store")
+    for i in range(50):
+        writer.put(f"a{i}", _fake_adapter(tmp_path / "src" / f"a{i}", f"w{i}"), {})
+    sweeper = LocalDirectoryRepository(tmp_path / "store")
+    sweeper.sweep()
+    assert len(examined) == 50  # the first sweep has no cursor: every adapter
+    examined.clear()
+    assert sweeper.sweep() == [] and examined == []  # nothing changed: nothing examined
+
+    old_version = writer.resolve("a7").version
+    writer.put("a7", _fake_adapter(tmp_path / "src" / "a7b", "w7b"), {}, overwrite=True)  # another replica
+    sweeper.sweep()
+    assert examined == ["a7"] and not (tmp_path / "store" / "a7" / old_version).exists()
+    examined.clear()
+    sweeper.sweep()
+    sweeper.sweep()
+    assert examined in (["a7"], [])  # once more at most (until a sweep ran past its grace), then never
+    examined.clear()
+    sweeper.sweep()
+    assert examined == []
+    sweeper.sweep(full=True)
+    assert len(examined) == 50

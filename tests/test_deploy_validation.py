@@ -148,6 +148,8 @@ def test_dockerfile_promises():
     torch_pin = next(d for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
                      if d.startswith("torch=="))
     assert torch_pin in text, f"the image must install pyproject's {torch_pin}"
+    s3_pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["s3"]
+    assert all(pin in text for pin in s3_pins), f"the image must install pyproject's s3 extra {s3_pins} (OLORA_STORE=s3)"
     assert "download.pytorch.org/whl/" in text
 
     # the final stage: what the container runs as and with

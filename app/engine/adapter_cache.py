@@ -170,6 +170,10 @@ class AdapterCache:
             return next((e.error for e in self._entries.values() if e.key.adapter_id == adapter_id
                          and e.key.generation == generation and e.host == "failed"), None)
 
+    def loading_paths(self) -> set[str]:  # version folders queued or being read (their files must stay till read)
+        with self._lock:
+            return {e.key.path for e in self._entries.values() if e.host in ("queued", "loading")}
+
     def is_current(self, key: AdapterKey) -> bool:
         with self._lock:
             return self._is_current(key)

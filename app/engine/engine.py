@@ -197,6 +197,11 @@ class Engine:
             self.scheduler.withdraw(seq)  # a waiting one stops counting against max_waiting now
             self._notify()
 
+    def loading_paths(self) -> set[str]:
+        """Adapter version folders the engine has still to read (queued or loading into host memory); once read,
+        it never opens them again."""
+        return self.cache.loading_paths()
+
     def invalidate(self, adapter_id: str, current_path: str | None = None) -> None:
         """The adapter was deleted or overwritten: later requests get the new version or AdapterNotFound.
         `current_path`: the version now current, when known; a cache holding only it is left alone."""

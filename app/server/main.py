@@ -91,12 +91,15 @@ class StoreFindingsLog:
     def __init__(self) -> None:
         self._logged: dict[str, str] = {}  # adapter id -> the message logged last
 
-    def report(self, findings: list[StoreFinding]) -> None:
+    def report(self, findings: list[StoreFinding], complete: bool = True) -> None:
+        """`complete`: the sweep looked at every adapter (then an id it no longer names is sound again)."""
         for finding in findings:
             if self._logged.get(finding.adapter_id) != finding.message:
                 self._logged[finding.adapter_id] = finding.message
                 log.log(logging.WARNING if finding.repaired else logging.ERROR, "adapter store: adapter %r: %s",
                         finding.adapter_id, finding.message)
+        if not complete:
+            return
         for adapter_id in set(self._logged) - {f.adapter_id for f in findings}:
             del self._logged[adapter_id]  # sound again (repaired, overwritten or deleted)
 
@@ -105,8 +108,9 @@ async def _watch_store(state: AppState, repository, index: AdapterIndex, finding
     """Keep the in-memory index current: each poll applies what the repository's change journal names (its cost
     grows with the changes, not with the adapters); a full rebuild every `store_rescan_s` repairs anything missed.
     The engine drops cached copies of changed or deleted adapters; retired versions are swept and store damage is
-    repaired or reported (logged by id)."""
-    last_sweep = last_rescan = time.monotonic()
+    repaired or reported (logged by id): every SWEEP_EVERY_S for the ids the journal named (a cost that grows with
+    the changes), every `store_rescan_s` for every adapter."""
+    last_sweep = last_rescan = last_full_sweep = time.monotonic()
     while True:
         await asyncio.sleep(state.settings.store_poll_s)
         try:
@@ -117,8 +121,11 @@ async def _watch_store(state: AppState, repository, index: AdapterIndex, finding
                 changed = await asyncio.to_thread(index.refresh)
             if time.monotonic() - last_sweep > SWEEP_EVERY_S:
                 last_sweep = time.monotonic()
-                found = await asyncio.to_thread(repository.sweep)
-                findings.report(found)
+                full = time.monotonic() - last_full_sweep > state.settings.store_rescan_s
+                if full:
+                    last_full_sweep = time.monotonic()
+                found = await asyncio.to_thread(repository.sweep, full)
+                findings.report(found, complete=full)
                 # a repaired CURRENT names another version: the index reads those ids again
                 changed += await asyncio.to_thread(index.recheck, [f.adapter_id for f in found if f.repaired])
         except (OSError, ValueError, RepositoryUnavailable) as exc:  # a store gone away or read-only must not end it
@@ -139,8 +146,20 @@ def _repository(settings: Settings):
         if not settings.s3_bucket:
             raise ValueError("OLORA_STORE=s3 needs OLORA_S3_BUCKET")
         return S3Repository(settings.s3_bucket, settings.s3_prefix, settings.adapter_dir,
-                            endpoint_url=settings.s3_endpoint_url, timeout_s=settings.s3_timeout_s)
+                            endpoint_url=settings.s3_endpoint_url, timeout_s=settings.s3_timeout_s,
+                            cache_bytes=settings.adapter_cache_bytes)
     return LocalDirectoryRepository(settings.adapter_dir)  # removes crashed writers' staging folders
+
+
+def _sources(settings: Settings, limits: ArchiveLimits) -> list:
+    """The read-only folders of PEFT saves adapters are loaded from on demand: on disk, then in buckets."""
+    sources: list = [PeftFolderRepository(d) for d in settings.peft_dirs]
+    if settings.peft_s3_uris:
+        from app.adapters.store.s3_peft_folder import S3PeftFolderRepository
+
+        sources += [S3PeftFolderRepository(uri, endpoint_url=settings.s3_endpoint_url, timeout_s=settings.s3_timeout_s,
+                                           limits=limits) for uri in settings.peft_s3_uris]
+    return sources
 
 
 async def _self_check(engine, harness) -> None:
@@ -197,8 +216,11 @@ async def _build_state(settings: Settings, metrics: ServerMetrics, drain: Drain,
             limits = ArchiveLimits(max_compressed_bytes=settings.max_upload_bytes,
                                    max_unpacked_bytes=settings.max_unpacked_bytes)
             service = AdapterService(repository, engine, limits, index, settings.max_merge_sources)
-            loader = OnDemandLoader(service, [PeftFolderRepository(d) for d in settings.peft_dirs],
-                                    timeout_s=settings.fetch_timeout_s)
+            loader = OnDemandLoader(service, _sources(settings, limits),
+                                    timeout_s=settings.fetch_timeout_s, cache_bytes=settings.adapter_cache_bytes)
+            for copies in (getattr(repository, "copies", None), loader.copies):
+                if copies is not None:  # what the engine has still to read is never evicted
+                    copies.in_use = engine.loading_paths
             loader_box.append(loader)
             starts = ThreadPoolExecutor(settings.start_threads, thread_name_prefix="olora-start")
             state = AppState(settings=settings, engine=engine, adapters=service, metrics=metrics,

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from app.adapters.local_copies import DEFAULT_MAX_BYTES
 from app.server.schemas import MAX_MERGE_SOURCES
 
 if TYPE_CHECKING:  # the engine module imports torch; `olora serve --help` should not
@@ -60,6 +61,10 @@ class Settings(BaseSettings):
     peft_dirs: list[Path] = Field(
         [], description="read-only folders of PEFT saves (<dir>/<id>/adapter_config.json): an id not in the store "
                         "is loaded from them on first request; the only roots /v1/load_lora_adapter may name")
+    peft_s3_uris: list[str] = Field(
+        [], description="read-only bucket prefixes of PEFT saves (s3://bucket/prefix: <prefix>/<id>/adapter_config"
+                        ".json), like peft_dirs in object storage (s3_endpoint_url, s3_timeout_s and the AWS "
+                        "credential chain apply); /v1/load_lora_adapter may name s3://bucket/prefix/<id> in them")
     store: Literal["local", "s3"] = Field(
         "local", description="where adapters are stored: local (adapter_dir, shared by replicas as one volume) or s3 "
                              "(an S3-compatible bucket; adapter_dir is then this replica's local cache)")
@@ -69,6 +74,10 @@ class Settings(BaseSettings):
                                                            "R2...); credentials come from the standard AWS chain")
     s3_timeout_s: float = Field(10.0, gt=0, description="store=s3: connect and read timeout of one request (504 past "
                                                          "it for the adapter asked)")
+    adapter_cache_bytes: int = Field(
+        DEFAULT_MAX_BYTES, gt=0, description="local disk for adapters fetched on demand (store=s3: downloaded "
+                                             "versions; store=local: adapters loaded from peft_dirs), least recently "
+                                             "used evicted first (fetched again when next requested)")
     fetch_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer for an on-demand adapter load "
                                                            "gets 504 (the load goes on)")
 
@@ -109,6 +118,15 @@ class Settings(BaseSettings):
     # auth (comma-separated lists in the environment; an entry `name:key` names its tenant)
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="keys for generation and reading; `name:key` names the tenant")
     admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="keys for upload/delete/merge (API keys act as admin keys when none is set)")
+
+    @field_validator("peft_s3_uris")
+    @classmethod
+    def _check_s3_uris(cls, value: list[str]) -> list[str]:
+        from app.adapters.store.s3_peft_folder import parse_s3_uri
+
+        for uri in value:
+            parse_s3_uri(uri)  # ValueError: not an s3://bucket/prefix URI
+        return value
 
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod

@@ -36,7 +36,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from olora_core.adapter_format import ADAPTER_ID_RE
 from olora_core.adapter_io import CONFIG_NAME, WEIGHTS_NAME, fsync_dir
@@ -228,13 +228,15 @@ class AdapterStore:
         finally:
             self._count_reader(stored.path, -1)
 
-    def sweep(self) -> list[StoreFinding]:
+    def sweep(self, adapter_ids: Iterable[str] | None = None) -> list[StoreFinding]:
         """Remove retired versions past the grace period (unless this process still reads them) and the debris of
-        crashed writers, for every adapter (not only at the next write to the same id); repair or report damage.
-        Nothing is removed from an adapter whose CURRENT does not name a complete version: the only readable
-        version is never deleted. Returns what was found (the caller logs it)."""
+        crashed writers, for every adapter (not only at the next write to the same id), or only for `adapter_ids`;
+        repair or report damage. Nothing is removed from an adapter whose CURRENT does not name a complete
+        version: the only readable version is never deleted. Returns what was found (the caller logs it)."""
         findings = []
-        for child in self.root.iterdir():
+        children = self.root.iterdir() if adapter_ids is None else (
+            self.root / i for i in sorted(set(adapter_ids)) if ADAPTER_ID_RE.fullmatch(i))
+        for child in children:
             if child.name.startswith(".") or not child.is_dir() or not ADAPTER_ID_RE.fullmatch(child.name):
                 continue
             try:

@@ -7,18 +7,26 @@ a poll costs one `stat` plus the lines written since, whatever the number of ada
 JOURNAL_MAX_BYTES a writer starts a new one (os.replace: a new inode) and every follower resyncs once from
 `list()`. An append is a single small O_APPEND write; on a network filesystem where two hosts' appends could
 interleave, the watcher's periodic full resync (`store_rescan_s`) repairs a lost line.
+
+Sweeping (retired versions removed after their grace period, damage repaired or reported) follows the same
+journal: `sweep()` looks only at the ids written since the last sweep, each until one sweep has run past its
+grace period, so its cost grows with the changes too; `sweep(full=True)` (at start, after a journal rotation, and
+every `store_rescan_s` from the watcher) looks at every adapter, for what no journal line names (a version a
+reader held past its grace period, damage from outside, a lost line).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from olora_core.adapter_format import ADAPTER_ID_RE
 
 from app.adapters.repository import Changes, VersionRef
+from app.adapters.store import adapter_store
 from app.adapters.store.adapter_store import AdapterMissing, AdapterStore, StoredAdapter
 from app.adapters.store.layout import version_problem
 
@@ -35,6 +43,8 @@ class LocalDirectoryRepository:
         self.root = self.store.root
         self.name = f"local:{self.root}"
         self._journal = self.root / ".changes" / "journal"
+        self._sweep_cursor: object | None = None  # the journal as far as sweeps have followed it
+        self._to_sweep: dict[str, float] = {}  # id -> when the journal last named it (time.monotonic())
         with contextlib.suppress(OSError):  # a read-only store has no journal to start: follow none
             self._journal.parent.mkdir(exist_ok=True)
 
@@ -143,9 +153,23 @@ class LocalDirectoryRepository:
         with self.store.held(adapter_id) as stored:
             yield stored
 
-    def sweep(self) -> list:
-        """Retired versions removed, damage repaired or reported: the store's findings (StoreFinding)."""
-        return self.store.sweep()
+    def sweep(self, full: bool = False) -> list:
+        """Retired versions removed, damage repaired or reported: the store's findings (StoreFinding). Only the
+        ids the journal named since the last sweep (each until a sweep past its grace period), unless `full` or
+        the journal cannot be followed (a first call, a rotation): then every adapter."""
+        changes = self.changes(self._sweep_cursor)
+        self._sweep_cursor = changes.cursor
+        now = time.monotonic()
+        if full or changes.resync:
+            self._to_sweep.clear()
+            return self.store.sweep()
+        for adapter_id in changes.adapter_ids:
+            self._to_sweep[adapter_id] = now
+        findings = self.store.sweep(list(self._to_sweep))
+        for adapter_id, named in list(self._to_sweep.items()):
+            if now - named > adapter_store.OLD_VERSION_GRACE_S:  # this sweep ran past its grace: its retired versions are gone
+                del self._to_sweep[adapter_id]
+        return findings
 
 
 def _ref(stored: StoredAdapter) -> VersionRef:

@@ -1,5 +1,6 @@
 """A read-only folder of plain PEFT saves as an adapter source (like vLLM's `--lora-modules` and its filesystem
-LoRA resolver): `<root>/<id>/adapter_config.json` + `adapter_model.safetensors`, an OLoRA/PiSSA adapter with its
+LoRA resolver): `<root>/<id>/adapter_config.json` + `adapter_model.safetensors` (a save with `adapter_model.bin` instead is found and
+refused, unopened, as its upload is), an OLoRA/PiSSA adapter with its
 untrained checkpoint in `<root>/<id>/initial/` (converted with it) or without one (its init recomputed from the
 served base).
 
@@ -10,11 +11,13 @@ named by the sizes and modification times of the files, so a save rewritten in p
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import stat
 import tarfile
 from pathlib import Path
+from typing import Iterator
 
 from olora_core.adapter_format import ADAPTER_ID_RE, MAX_CONFIG_BYTES
 from olora_core.adapter_io import MUTATED_INIT_KINDS, adapter_kind
@@ -24,6 +27,7 @@ from app.adapters.store.adapter_store import AdapterMissing, StoreError, StoredA
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_WEIGHTS_FILE = "adapter_model.bin"  # a save with safe_serialization=False: found, and refused as uploads are
 INITIAL_DIR = "initial"
 
 
@@ -51,6 +55,15 @@ class PeftFolderRepository:
             return None
         version = folder_version(folder)
         return None if version is None else VersionRef(adapter_id, version, "")
+
+    @contextlib.contextmanager
+    def local_folder(self, adapter_id: str, work: Path) -> Iterator[Path]:
+        """The save's folder itself (already local: `work` is not used). Not validated: the caller sends it
+        through the upload path."""
+        folder = self.folder_of(adapter_id)
+        if folder is None:
+            raise AdapterMissing(f"adapter {adapter_id!r} not found in {self.name}")
+        yield folder
 
     def materialize(self, ref: VersionRef) -> StoredAdapter:
         """The folder as it lies (NOT validated: serve it only through the on-demand loader)."""
@@ -82,9 +95,10 @@ def folder_version(folder: Path) -> str | None:
     Raises RepositoryUnavailable when the folder cannot be read (a mount that went away)."""
     try:
         config, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-        if not (_regular(config) and _regular(weights)):
+        pickled = folder / PICKLE_WEIGHTS_FILE
+        if not (_regular(config) and (_regular(weights) or _regular(pickled))):
             return None
-        files = [config, weights]
+        files = [config, weights, pickled]
         initial = folder / INITIAL_DIR
         if _regular(initial / CONFIG_FILE):
             files += [initial / CONFIG_FILE, initial / WEIGHTS_FILE]
@@ -136,5 +150,5 @@ def _declared_kind(config_path: Path) -> str:
             return "lora"
         config = json.loads(config_path.read_text())
         return adapter_kind(config) if isinstance(config, dict) else "lora"
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: a config nested too deep for json
         return "lora"

@@ -11,14 +11,12 @@ then CURRENT is switched with a conditional write: `If-None-Match: *` for a new 
 same id: one wins, the other gets 409), `If-Match: <etag>` for an overwrite or a delete (a concurrent switch makes
 it 412: the writer reads CURRENT again and retries), so two replicas cannot tear it. Readers materialize a version
 into a local cache folder (the weights' sha256 checked against the digest: a corrupt or missing object is a 503
-naming the adapter, never served). `changes` lists the change objects after its cursor (a look-back of
+naming the adapter, never served); the cache is bounded in bytes, least recently used copies evicted first
+(app/adapters/local_copies.py: a copy being read is kept; an evicted one is downloaded again when next needed).
+`changes` lists the change objects after its cursor (a look-back of
 CLOCK_SKEW_S covers replicas whose clocks disagree): its cost grows with the changes, not with the adapters.
 
-Client: boto3. It reads credentials from the standard AWS chain (environment, shared config/credentials files
-and profiles, web identity/IRSA, container and instance metadata) with no code here, takes an endpoint URL for
-non-AWS stores, and exposes S3's conditional writes (PutObject IfNoneMatch/IfMatch, DeleteObject IfMatch) as
-plain parameters. obstore is faster for bulk transfers but adapters are small and its credential chain is its
-own; s3fs/fsspec put a filesystem cache between us and the pointer object whose freshness is the whole point.
+Client: boto3 (why: app/adapters/store/s3_client.py).
 """
 from __future__ import annotations
 
@@ -34,20 +32,14 @@ from typing import Any, Iterator
 
 from olora_core.adapter_format import ADAPTER_ID_RE
 
-from app.adapters.repository import Changes, RepositoryTimeout, RepositoryUnavailable, VersionRef
+from app.adapters.local_copies import DEFAULT_MAX_BYTES, LocalCopies
+from app.adapters.repository import Changes, RepositoryUnavailable, VersionRef
+from app.adapters.store.s3_client import error_code, make_client, talking
 from app.adapters.store.adapter_store import ADAPTER_FILES, AdapterExists, AdapterMissing, AdapterStore, StoredAdapter
 
 CLOCK_SKEW_S = 30.0  # change objects written up to this much "in the past" by another replica are still seen
 CHANGE_RETENTION_S = 3600.0  # change objects older than this are removed by writers (followers resync past it)
 SWITCH_RETRIES = 8
-
-
-def _client(endpoint_url: str | None, timeout_s: float):
-    import boto3
-    from botocore.config import Config
-
-    config = Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 2, "mode": "standard"})
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
 
 
 def _sha256(path: Path) -> str:
@@ -64,36 +56,45 @@ class S3Repository:
     writable = True
 
     def __init__(self, bucket: str, prefix: str, cache_dir: Path, *, endpoint_url: str | None = None,
-                 timeout_s: float = 10.0):
+                 timeout_s: float = 10.0, cache_bytes: int = DEFAULT_MAX_BYTES):
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.name = f"s3://{bucket}/{self.prefix}"
         self.cache = AdapterStore(cache_dir)  # staging and per-process folders on the local disk
         self.root = self.cache.root
-        self._s3 = _client(endpoint_url, timeout_s)
+        self._s3 = make_client(endpoint_url, timeout_s)
         self._materialize_lock = threading.Lock()
         self._metadata: dict[tuple[str, str], dict] = {}  # (id, version) -> metadata, from the pointers read
+        self.copies = LocalCopies(cache_bytes, self._remove_copy)  # (id, version) -> its local folder
+        self._scan_cache()
+
+    def _scan_cache(self) -> None:
+        """Count the copies an earlier run left in the cache folder, oldest use first (evicting past the bound)."""
+        found = []
+        for version_dir in self.root.glob("*/*"):
+            adapter_id, version = version_dir.parent.name, version_dir.name
+            if ADAPTER_ID_RE.fullmatch(adapter_id) and ADAPTER_ID_RE.fullmatch(version):
+                with contextlib.suppress(OSError):
+                    found.append(((version_dir / "metadata.json").stat().st_mtime, adapter_id, version, version_dir))
+        for _, adapter_id, version, version_dir in sorted(found):
+            self.copies.add((adapter_id, version), version_dir)
+
+    def _remove_copy(self, key: tuple[str, str], path: Path) -> None:
+        """An evicted copy: moved out of the way atomically (a request checking it sees all or nothing), then
+        deleted."""
+        trash = self.cache.staging_dir()
+        with self._materialize_lock:
+            with contextlib.suppress(FileNotFoundError):
+                path.rename(trash / "evicted")
+        shutil.rmtree(trash, ignore_errors=True)
 
     # ---- errors ----------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _talking(self, what: str) -> Iterator[None]:
-        from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
-
-        try:
-            yield
-        except (ConnectTimeoutError, ReadTimeoutError) as exc:
-            raise RepositoryTimeout(f"{what}: {self.name} did not answer in time ({type(exc).__name__})") from None
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("NoSuchKey", "404", "NoSuchBucket", "PreconditionFailed", "412"):
-                raise
-            raise RepositoryUnavailable(f"{what}: {self.name} answered {code or 'an error'}") from None
-        except BotoCoreError as exc:
-            raise RepositoryUnavailable(f"{what}: {self.name} cannot be reached ({type(exc).__name__})") from None
+    def _talking(self, what: str):
+        return talking(self.name, what)
 
     @staticmethod
     def _code(exc: Exception) -> str:
-        return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+        return error_code(exc)
 
     def _key(self, *parts: str) -> str:
         return self.prefix + "/".join(parts)
@@ -152,8 +153,13 @@ class S3Repository:
         recorded at upload (a corrupt or missing object is a 503 naming the adapter, never served)."""
         from botocore.exceptions import ClientError
 
-        local = stored.path
-        if (local / "metadata.json").is_file():
+        local, key = stored.path, (stored.adapter_id, stored.version)
+        with self._materialize_lock:  # against an eviction moving it away between the check and the touch
+            present = (local / "metadata.json").is_file()
+            counted = present and self.copies.touch(key)
+        if present:
+            if not counted:
+                self.copies.add(key, local)
             return stored
         staged = self.cache.staging_dir()
         try:
@@ -176,6 +182,7 @@ class S3Repository:
                 local.parent.mkdir(parents=True, exist_ok=True)
                 if not local.exists():
                     staged.rename(local)
+            self.copies.add(key, local)
             return stored
         finally:
             shutil.rmtree(staged, ignore_errors=True)
@@ -245,6 +252,7 @@ class S3Repository:
             with contextlib.suppress(OSError):
                 staged.rename(local)
             shutil.rmtree(staged, ignore_errors=True)
+        self.copies.add((adapter_id, version), local)
         return StoredAdapter(adapter_id, version, local, meta)
 
     def delete(self, adapter_id: str) -> StoredAdapter:
@@ -312,16 +320,26 @@ class S3Repository:
 
     @contextlib.contextmanager
     def reading(self, stored: StoredAdapter) -> Iterator[Path]:
-        yield stored.path  # cached versions are not removed while the process runs
+        # not evicted while read (`stored` was just localized: the most recently used copy)
+        with self.copies.hold((stored.adapter_id, stored.version)):
+            yield stored.path
 
     @contextlib.contextmanager
     def held(self, adapter_id: str) -> Iterator[StoredAdapter]:
-        """The live version, downloaded (versions are immutable and their local copies kept: nothing to lock)."""
+        """The live version, downloaded and held (versions are immutable: the only removal to keep off is the
+        cache's eviction)."""
         ref = self.resolve(adapter_id)
         if ref is None:
             raise AdapterMissing(f"adapter {adapter_id!r} not found")
-        yield self.localize(self.materialize(ref))
+        stored, key = self.materialize(ref), (ref.adapter_id, ref.version)
+        for _ in range(3):  # an eviction between the download and the hold: download again
+            stored = self.localize(stored)
+            with self.copies.hold(key) as holding:
+                if holding and (stored.path / "metadata.json").is_file():
+                    yield stored
+                    return
+        raise RepositoryUnavailable(f"adapter {adapter_id!r}: the local cache is too small to hold it while read")
 
-    def sweep(self) -> list:
-        """Nothing to collect in the bucket (versions are immutable); the local cache keeps what it downloaded."""
+    def sweep(self, full: bool = False) -> list:
+        """Nothing to collect in the bucket (versions are immutable); the local cache is bounded by `copies`."""
         return []

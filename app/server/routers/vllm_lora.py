@@ -7,8 +7,10 @@ API inference extension's LoRA syncer, production-stack's LoRA controller):
     POST /v1/unload_lora_adapter {"lora_name": "x"}
         200 text "Success: LoRA adapter 'x' removed successfully."   404 the name is not loaded
 
-`lora_path` is accepted only inside a configured folder of PEFT saves (`OLORA_PEFT_DIRS`), as a path or a
-`file://` URI; anything else is refused before the path is looked at further. The folder is loaded through the
+`lora_path` is accepted only inside a configured folder of PEFT saves: `OLORA_PEFT_DIRS`, as a path or a
+`file://` URI, or `OLORA_PEFT_S3_URIS`, as `s3://<bucket>/<prefix>/<id>` (the bucket and prefix of one of them,
+one adapter folder below it); anything else (another bucket, a deeper or shallower key) is refused before it is
+looked at further. The folder is loaded through the
 upload path (app/adapters/on_demand.py): the same archive checks, conversion, provenance rule and refusals.
 Unloading deletes the adapter from the store; an id that a configured folder still holds is loaded again on its
 next request, as vLLM's filesystem resolver does.
@@ -16,6 +18,7 @@ next request, as vLLM's filesystem resolver does.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
 
 from app.adapters.store.adapter_store import AdapterExists, AdapterMissing, check_adapter_id
+from app.adapters.store.s3_peft_folder import S3PeftFolderRepository
 from app.server.deps import AdminKey, State
 
 ROLE = "admin"  # both routes change what is served
@@ -56,17 +60,35 @@ def allowed_folder(lora_path: str, roots: list[Path]) -> Path:
     raise HTTPException(400, "lora_path is outside the configured adapter folders (OLORA_PEFT_DIRS)")
 
 
+def allowed_s3_save(lora_path: str, sources: list) -> tuple[S3PeftFolderRepository, str]:
+    """The bucket source and the id `lora_path` (s3://bucket/prefix/<id>) names inside it; else 400."""
+    for source in sources:
+        if isinstance(source, S3PeftFolderRepository):
+            source_id = source.id_of_uri(lora_path)
+            if source_id is not None:
+                return source, source_id
+    raise HTTPException(400, "lora_path is not an adapter folder inside the configured buckets (OLORA_PEFT_S3_URIS)")
+
+
 @router.post("/load_lora_adapter", response_class=PlainTextResponse)
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, state: State) -> PlainTextResponse:
     if not body.lora_name or not body.lora_path:
         raise HTTPException(400, "Both 'lora_name' and 'lora_path' must be provided.")
     check_adapter_id(body.lora_name)
-    folder = allowed_folder(body.lora_path, state.settings.peft_dirs)
-    if not folder.is_dir():
-        raise HTTPException(404, f"No adapter found at {body.lora_path!r}")
+    origin = {"path": body.lora_path, "via": "load_lora_adapter"}  # no "source": never evicted from the cache
+    if body.lora_path.startswith("s3://"):
+        source, source_id = allowed_s3_save(body.lora_path, state.loader.sources)
+        if await asyncio.to_thread(source.resolve, source_id) is None:
+            raise HTTPException(404, f"No adapter found at {body.lora_path!r}")
+        load = functools.partial(state.loader.load_source, body.lora_name, source, source_id)
+    else:
+        folder = allowed_folder(body.lora_path, state.settings.peft_dirs)
+        if not folder.is_dir():
+            raise HTTPException(404, f"No adapter found at {body.lora_path!r}")
+        origin["path"] = str(folder)
+        load = functools.partial(state.loader.load_folder, body.lora_name, folder)
     try:
-        await asyncio.to_thread(state.loader.load_folder, body.lora_name, folder, overwrite=body.load_inplace,
-                                origin={"path": str(folder), "via": "load_lora_adapter"})
+        await asyncio.to_thread(load, overwrite=body.load_inplace, origin=origin)
     except AdapterExists:
         raise HTTPException(400, f"The lora adapter '{body.lora_name}' has already been loaded.") from None
     await state.recount_adapters()
