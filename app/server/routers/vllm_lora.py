@@ -24,10 +24,10 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
 
 from app.adapters.store.adapter_store import AdapterExists, AdapterMissing, check_adapter_id
-from app.server.deps import AdminKey, State
+from app.server.deps import State, policy
+from app.server.route_policy import ADMIN
 
-ROLE = "admin"  # both routes change what is served
-router = APIRouter(prefix="/v1", tags=["vllm"], dependencies=[AdminKey])
+router = APIRouter(prefix="/v1", tags=["vllm"])
 
 
 class LoadLoRAAdapterRequest(BaseModel):
@@ -56,7 +56,7 @@ def allowed_folder(lora_path: str, roots: list[Path]) -> Path:
     raise HTTPException(400, "lora_path is outside the configured adapter folders (OLORA_PEFT_DIRS)")
 
 
-@router.post("/load_lora_adapter", response_class=PlainTextResponse)
+@router.post("/load_lora_adapter", response_class=PlainTextResponse, dependencies=policy(ADMIN))
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, state: State) -> PlainTextResponse:
     if not body.lora_name or not body.lora_path:
         raise HTTPException(400, "Both 'lora_name' and 'lora_path' must be provided.")
@@ -73,7 +73,7 @@ async def load_lora_adapter(body: LoadLoRAAdapterRequest, state: State) -> Plain
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@router.post("/unload_lora_adapter", response_class=PlainTextResponse)
+@router.post("/unload_lora_adapter", response_class=PlainTextResponse, dependencies=policy(ADMIN))
 async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, state: State) -> PlainTextResponse:
     if not body.lora_name:
         raise HTTPException(400, "either 'lora_name' and 'lora_int_id' needs to be provided.")
