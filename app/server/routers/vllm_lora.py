@@ -1,5 +1,5 @@
 """vLLM-compatible adapter management (admin key), for the sidecars and controllers written for vLLM (the Gateway
-API inference extension's LoRA syncer, production-stack's LoRA controller):
+API inference extension's former LoRA syncer sidecar, production-stack's LoRA controller):
 
     POST /v1/load_lora_adapter   {"lora_name": "x", "lora_path": "/adapters/x", "load_inplace": false}
         200 text "Success: LoRA adapter 'x' added successfully."
