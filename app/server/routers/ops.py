@@ -1,5 +1,5 @@
-"""Operations: /health (live), /ready (model loaded), /info, /cache (adapter residency), /metrics; TGI's /v2/health/*
-aliases."""
+"""Operations: /health (live), /ready (model loaded), /info, /cache (adapter residency), /metrics, /get_load (the
+load vllm-router's power_of_two polls); TGI's /v2/health/* aliases."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
@@ -12,6 +12,7 @@ from app.server.auth import role_of
 from app.server.deps import Credentials, State, policy
 from app.server.route_policy import PUBLIC, READ, SCRAPE
 from app.server.metrics import MERGED_ADAPTERS
+from app.server.router_metrics import engine_load
 from app.engine.sampling import MAX_STOP_SEQUENCES
 from app.server.schemas import MAX_BEST_OF
 
@@ -93,3 +94,11 @@ async def metrics(state: State) -> Response:
     state.metrics.refresh(stats)
     state.router_metrics.refresh(stats, state.engine.base.name, str(state.engine.base.dtype).removeprefix("torch."))
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/get_load", dependencies=policy(SCRAPE))
+async def get_load(state: State) -> dict:
+    """The load route vllm-router's `power_of_two` polls (`{"load": int}`, SGLang's route; 0.1.17 polls it every
+    `--worker-startup-check-interval` seconds):
+    requests in the engine, running + waiting (vllm:num_requests_running + vllm:num_requests_waiting)."""
+    return {"load": engine_load(state.engine.stats())}
