@@ -165,7 +165,8 @@ def test_pool_picker_route_and_pods_fit_together():
     assert {("", "pods"), ("inference.networking.k8s.io", "inferencepools")} <= granted
     # the route: on the Gateway; OpenAI generation to the pool, the rest to the Service; timeouts past the server's
     assert route["spec"]["parentRefs"][0]["name"] == gateway["metadata"]["name"]
-    assert route["spec"]["parentRefs"][0]["sectionName"] in {listener["name"] for listener in gateway["spec"]["listeners"]}
+    listeners = {listener["name"] for listener in gateway["spec"]["listeners"]}
+    assert route["spec"]["parentRefs"][0]["sectionName"] in listeners
     pool_rule, rest_rule = route["spec"]["rules"]
     assert {m["path"]["value"] for m in pool_rule["matches"]} == {"/v1/chat/completions", "/v1/completions"}
     assert pool_rule["backendRefs"] == [{"group": "inference.networking.k8s.io", "kind": "InferencePool",

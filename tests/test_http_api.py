@@ -288,7 +288,8 @@ def test_queue_full_is_429(tmp_path, base_dir, monkeypatch):
             t.start()
         for t in threads:
             t.join()
-    assert (429, str(GENERATE.retry_after_s)) in codes and any(code == 200 for code, _ in codes)  # the route policy's hint
+    # the Retry-After is the route policy's hint
+    assert (429, str(GENERATE.retry_after_s)) in codes and any(code == 200 for code, _ in codes)
 
 
 def test_request_timeout_is_504_and_frees_the_row(tmp_path, base_dir, monkeypatch):

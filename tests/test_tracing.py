@@ -1,6 +1,7 @@
 """OpenTelemetry on a real `olora serve`: with OTEL_EXPORTER_OTLP_ENDPOINT set, the span of one
 /v1/chat/completions request reaches an OTLP/HTTP receiver (this test's, decoding with opentelemetry-proto) in the
-client's trace (W3C traceparent), with the route, the adapter, the token counts, the queue wait and the time to first token."""
+client's trace (W3C traceparent), with the route, the adapter, the token counts, the queue wait and the time to first
+token."""
 from __future__ import annotations
 
 import threading

@@ -1,7 +1,8 @@
 """One policy per route: the role it needs, its body limit, whether it takes an upload slot or starts a generation,
-and the Retry-After its refusals carry. Declared once beside the route (`dependencies=policy(GENERATE)`, app/server/deps.py), read by
-the route's own dependency and, through `RouteTable`, by the middlewares that answer before routing (key check,
-body size, upload bound, tenant limit, drain) and by the error handlers (the 429 hint).
+and the Retry-After its refusals carry. Declared once beside the route (`dependencies=policy(GENERATE)`,
+app/server/deps.py), read by the route's own dependency and, through `RouteTable`, by the middlewares that
+answer before routing (key check, body size, upload bound, tenant limit, drain) and by the error handlers (the 429
+hint).
 
 Semantics:
 * roles: `public` (no key: the probes), `scrape` (open unless `metrics_require_key`), `api` (any API or admin
@@ -53,6 +54,7 @@ class RoutePolicy:
         return self.role
 
     def body_limit(self, settings: Settings) -> int:
+        """The most bytes its request body may have under `settings`."""
         return settings.max_upload_bytes if self.body == "upload" else settings.max_request_bytes
 
 
@@ -64,7 +66,6 @@ ADMIN = RoutePolicy("admin")  # changing what is served
 UPLOAD = RoutePolicy("admin", body="upload", upload_slot=True, retry_after_s=5)  # an upload takes seconds
 FRAMEWORK_POLICY = READ  # /docs, /redoc, /openapi.json: the API's description needs a key as the API does
 UNMATCHED_POLICY = READ
-
 
 
 class PolicyGuard:
@@ -79,8 +80,8 @@ def declared_policies(route: APIRoute) -> list[RoutePolicy]:
 
 
 class RouteTable:
-    """Every route of an app with its policy, keyed by the route object; `resolve(scope)` is what the middlewares
-    ask before routing."""
+    """Every route of an app with its policy, keyed by the route object; `match(scope)` is what the middlewares ask
+    before routing (through RoutePolicyMiddleware)."""
 
     def __init__(self, routes: Sequence[BaseRoute], framework_routes: Sequence[BaseRoute] = ()):
         """`framework_routes`: the routes the framework added itself (the docs), given FRAMEWORK_POLICY; every
@@ -95,9 +96,6 @@ class RouteTable:
                 raise ValueError(f"route {sorted(getattr(route, 'methods', None) or [])} {route.path} declares "
                                  f"{len(found)} policies (deps.policy(...) in its dependencies): exactly one is needed")
             self.entries.append((route, found[0]))
-
-    def policy_of_route(self, route: BaseRoute) -> RoutePolicy:
-        return next(p for r, p in self.entries if r is route)
 
     def match(self, scope) -> tuple[BaseRoute | None, RoutePolicy]:
         """The route a request is for and its policy: the route that serves its method and path; else, of the
