@@ -1,7 +1,8 @@
 """deploy/k8s, checked offline: kustomization.yaml lists every manifest and only those; each manifest validates
 (strict) with kubernetes-validate against Kubernetes 1.33 and 1.37 schemas shipped in the package, except the
-ServiceMonitor (a CRD), validated against deploy/schemas/servicemonitor-monitoring-v1.json; the objects reference
-each other consistently (selectors, names, ports, probes, security context)."""
+ServiceMonitor (a CRD), validated against deploy/schemas/servicemonitor-monitoring-v1.json, and the Gateway API
+objects (InferencePool, Gateway, HTTPRoute: tests/test_deploy_gateway.py); the objects reference each other
+consistently (selectors, names, ports, probes, security context)."""
 from __future__ import annotations
 
 import json
@@ -18,8 +19,15 @@ def k8s_documents() -> dict[str, list[dict]]:
             for p in sorted(K8S.glob("*.y*ml")) if p.name != "kustomization.yaml"}
 
 
-def k8s_objects() -> dict[str, dict]:
-    return {doc["kind"]: doc for docs in k8s_documents().values() for doc in docs}
+ENDPOINT_PICKER = "endpoint-picker"  # the component label of epp.yaml's objects (a second Deployment, Service, ...)
+CRD_GROUPS = ("monitoring.coreos.com/", "gateway.networking.k8s.io/", "inference.networking.k8s.io/")
+
+
+def k8s_objects(component_picker: bool = False) -> dict[str, dict]:
+    """kind -> the object, of the server's objects (or, with `component_picker`, of the endpoint picker's)."""
+    return {doc["kind"]: doc for docs in k8s_documents().values() for doc in docs
+            if (doc["metadata"].get("labels", {}).get("app.kubernetes.io/component") == ENDPOINT_PICKER)
+            == component_picker}
 
 
 def test_kustomization_lists_every_manifest():
@@ -44,8 +52,8 @@ def test_k8s_manifests_validate_strictly(version):
     checked = []
     for name, docs in k8s_documents().items():
         for doc in docs:
-            if doc["apiVersion"].startswith("monitoring.coreos.com/"):
-                continue  # a CRD: the next test
+            if doc["apiVersion"].startswith(CRD_GROUPS):
+                continue  # a CRD's object: validated against its CRD schema (below, tests/test_deploy_gateway.py)
             try:
                 kv.validate(doc, version, strict=True)
             except kv.ValidationError as exc:
@@ -54,8 +62,9 @@ def test_k8s_manifests_validate_strictly(version):
             except kv.SchemaNotFoundError as exc:
                 pytest.fail(f"{name}: {exc.message}")
             checked.append(doc["kind"])
-    assert {"Deployment", "Service", "Ingress", "PersistentVolumeClaim", "HorizontalPodAutoscaler",
-            "PodDisruptionBudget", "Secret"} <= set(checked)
+    assert {"Deployment", "Service", "PersistentVolumeClaim", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+            "Secret", "ServiceAccount", "Role", "RoleBinding", "ConfigMap"} <= set(checked)
+    assert checked.count("Deployment") == 2 and checked.count("Service") == 2  # the server's and the picker's
 
 
 def test_k8s_validation_can_fail():
@@ -88,7 +97,7 @@ def test_servicemonitor_validates_against_the_local_crd_schema():
 
 def test_k8s_objects_fit_together():
     objs = k8s_objects()
-    deployment, service, ingress = objs["Deployment"], objs["Service"], objs["Ingress"]
+    deployment, service = objs["Deployment"], objs["Service"]
     pod = deployment["spec"]["template"]
     pod_labels = pod["metadata"]["labels"]
     spec = pod["spec"]
@@ -110,10 +119,6 @@ def test_k8s_objects_fit_together():
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert port_names["http"] == int(env["OLORA_PORT"]) and env["OLORA_HOST"] == "0.0.0.0"
     assert service["spec"]["ports"][0]["targetPort"] in port_names
-    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
-    assert backend["name"] == service["metadata"]["name"]
-    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
-    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/upstream-hash-by"] == "$http_x_adapter_id"
 
     # GPU, probes, security
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1

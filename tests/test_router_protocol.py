@@ -64,6 +64,7 @@ def test_router_gauges_follow_the_engine_and_cards_name_their_parent(tmp_path):
         for name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
                      "vllm:cache_config_info", "vllm:lora_requests_info"):
             assert idle[name][0] == "gauge", name
+        assert httpx.get(replica.url + "/get_load", timeout=5).json() == {"load": 0}  # vllm-router's load route
         (usage,) = idle["vllm:kv_cache_usage_perc"][1]
         assert usage.labels == {"model_name": model} and usage.value == 0
         (config,) = idle["vllm:cache_config_info"][1]
@@ -83,9 +84,10 @@ def test_router_gauges_follow_the_engine_and_cards_name_their_parent(tmp_path):
             m = scrape(replica.url)
             value = {n: m[n][1][0].value for n in ("vllm:num_requests_waiting", "vllm:num_requests_running",
                                                    "vllm:kv_cache_usage_perc")}
+            load = httpx.get(replica.url + "/get_load", timeout=5).json()
             return m if value == {"vllm:num_requests_waiting": 1, "vllm:num_requests_running": 1,
-                                  "vllm:kv_cache_usage_perc": 1.0} else None
-        m = _until(busy, "one running, one waiting, the KV row held")
+                                  "vllm:kv_cache_usage_perc": 1.0} and load == {"load": 2} else None
+        m = _until(busy, "one running, one waiting, the KV row held; /get_load says 2")
         assert all(s.labels == {"model_name": model} for n in ("vllm:num_requests_waiting", "vllm:num_requests_running")
                    for s in m[n][1])
         (lora_info,) = m["vllm:lora_requests_info"][1]

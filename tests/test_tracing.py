@@ -1,6 +1,7 @@
 """OpenTelemetry on a real `olora serve`: with OTEL_EXPORTER_OTLP_ENDPOINT set, the span of one
 /v1/chat/completions request reaches an OTLP/HTTP receiver (this test's, decoding with opentelemetry-proto) in the
-client's trace (W3C traceparent), with the route, the adapter and the token counts."""
+client's trace (W3C traceparent), with the route, the adapter, the token counts, the queue wait and the time to first
+token."""
 from __future__ import annotations
 
 import threading
@@ -81,6 +82,9 @@ def test_a_chat_completion_span_reaches_the_otlp_receiver(tmp_path):
         assert attributes["olora.prompt_tokens"] == usage["prompt_tokens"]
         assert attributes["olora.generated_tokens"] == usage["completion_tokens"] == MAX_TOKENS
         assert attributes["olora.time_to_first_token_s"] >= 0
+        # the engine's queue wait (submit -> admitted into the batch) lies within the request's own span
+        duration_s = (span.end_time_unix_nano - span.start_time_unix_nano) / 1e9
+        assert 0 <= attributes["olora.queue_wait_s"] <= duration_s
     finally:
         replica.stop()
         receiver.server.shutdown()

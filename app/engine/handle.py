@@ -40,6 +40,7 @@ class GenerationResult:
     finish_reason: str | None = None
     prompt_logprobs: tuple[float, ...] | None = None  # prompt tokens 1..n-1, when asked
     time_to_first_token: float | None = None  # seconds from submit
+    queue_seconds: float | None = None  # seconds from submit to admission into the batch (None: never admitted)
     total_seconds: float = 0.0
 
     def add(self, event: TokenEvent) -> None:
@@ -81,12 +82,17 @@ class RequestHandle:
         self._wake: asyncio.Event | None = None
         self._first_token_at: float | None = None
         self._finished_at: float | None = None
+        self.admitted_at: float | None = None  # set by the engine thread when the scheduler admits it
 
     def cancel(self) -> None:
         """Stop generating: the row, slot pin and KV row are freed at the engine's next step boundary."""
         self._cancel_cb(self.request_id)
 
     # ---- engine side -------------------------------------------------------------------------------------
+    def admit(self) -> None:
+        """Engine thread: the scheduler took the request off the waiting queue into the running batch."""
+        self.admitted_at = time.perf_counter()
+
     def push(self, event: TokenEvent) -> None:
         """Engine thread: hand the consumer one token (ignored once the request is finished)."""
         self._update(event, None, None)
@@ -120,6 +126,11 @@ class RequestHandle:
     @property
     def time_to_first_token(self) -> float | None:
         return None if self._first_token_at is None else self._first_token_at - self.submitted_at
+
+    @property
+    def queue_seconds(self) -> float | None:
+        """Time spent waiting for admission (submit -> admitted into the batch); None while (or if never) admitted."""
+        return None if self.admitted_at is None else self.admitted_at - self.submitted_at
 
     @property
     def done(self) -> bool:
@@ -163,5 +174,6 @@ class RequestHandle:
             raise self.error
         out.finish_reason = self.finish_reason
         out.time_to_first_token = self.time_to_first_token
+        out.queue_seconds = self.queue_seconds
         out.total_seconds = (self._finished_at or time.perf_counter()) - self.submitted_at
         return out

@@ -9,7 +9,6 @@ sequences enters whole or not at all, and a cancelled sequence leaves it at once
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from .adapter_cache import AdapterCache, AdapterKey
@@ -38,11 +37,14 @@ class Sequence:
     handle: RequestHandle
     generated: list[int] = field(default_factory=list)
     slot: int = 0
-    admitted_at: float | None = None
     cancelled: bool = False
     prompt_logprobs: tuple[float, ...] | None = None  # set by the prefill when params.prompt_logprobs
     dequeued: bool = False  # admit() took it off the waiting queue (admitted or dropped); engine thread only
     bypassed: int = 0  # admission rounds that admitted a later arrival while this one was ready (admission.py)
+
+    @property
+    def admitted_at(self) -> float | None:
+        return self.handle.admitted_at
 
     @property
     def cached_tokens(self) -> int:
@@ -121,7 +123,7 @@ class Scheduler:
                 if slot is None:
                     continue  # evicted from host memory since the view was taken: stays queued
                 seq.slot = slot
-                seq.admitted_at = time.perf_counter()
+                seq.handle.admit()
                 admitted.append(seq)
         gone = admitted + [seq for seq, _ in dropped]
         self.queue.remove(gone)

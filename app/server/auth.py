@@ -4,13 +4,13 @@ Keys may carry a tenant name (`name:key` in the settings): it is put on the requ
 for the access log, the `tenant` metric label and the per-tenant limit (app/server/tenants.py).
 
 Roles: an admin key may do everything; an API key may generate and read. When no key is configured every
-request passes. Open without a key: the probes (`/health`, `/ready`, `/v2/health/*`) and `/metrics` (unless
-`metrics_require_key`). Admin routes: every method but GET/HEAD under `/adapters` (upload, delete, merge,
-merge-into-base). Everything else, `/info`, `/docs` and `/openapi.json` included, needs an API key.
+request passes. Which role a route needs is its policy (app/server/route_policy.py), resolved before this
+middleware runs: the probes are public, `/metrics` is open unless `metrics_require_key`, changing adapters needs
+an admin key, everything else (`/info`, `/docs` and `/openapi.json` included) an API key.
 
 Because the check runs before FastAPI parses a multipart body, an upload without a valid key is answered
-401/403 without a byte of it being spooled to disk. The route dependencies in app/server/deps.py apply the same rules
-(`role_of`) once more, and describe the Bearer scheme in the OpenAPI document.
+401/403 without a byte of it being spooled to disk. The route dependencies in app/server/deps.py apply the same
+policy once more, and describe the Bearer scheme in the OpenAPI document.
 """
 from __future__ import annotations
 
@@ -19,11 +19,13 @@ import json
 from typing import Literal
 
 from app.server import errors
+from app.server.route_policy import policy_of
 from app.server.settings import Settings
 
 Role = Literal["admin", "api"]
-PROBE_PATHS = frozenset({"/health", "/ready", "/v2/health/live", "/v2/health/ready"})
-READ_METHODS = frozenset({"GET", "HEAD"})
+MISSING_KEY = "missing API key (Authorization: Bearer <key>)"
+INVALID_KEY = "invalid API key"
+NOT_ADMIN = "this API key may generate but not change adapters"
 
 
 def split_key(entry: str) -> tuple[str | None, str]:
@@ -64,28 +66,18 @@ def role_of(settings: Settings, token: str | None) -> Role | None:
     return None
 
 
-def required_role(settings: Settings, method: str, path: str) -> Role | None:
-    """The role a request needs (None: open)."""
-    if path in PROBE_PATHS or (path == "/metrics" and not settings.metrics_require_key):
-        return None
-    if (path == "/adapters" or path.startswith("/adapters/")) and method not in READ_METHODS:
-        return "admin"
-    return "api"
-
-
-def refusal(settings: Settings, method: str, path: str, authorization: str | None) -> tuple[int, str] | None:
-    """(status, message) when the request may not proceed, else None."""
-    need = required_role(settings, method, path) if settings.auth_enabled else None
+def refusal(settings: Settings, need: Role | None, authorization: str | None) -> tuple[int, str] | None:
+    """(status, message) when a request that needs role `need` (None: open) may not proceed, else None."""
     if need is None:
         return None
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        return 401, "missing API key (Authorization: Bearer <key>)"
+        return 401, MISSING_KEY
     role = role_of(settings, token.strip())
     if role is None:
-        return 401, "invalid API key"
+        return 401, INVALID_KEY
     if need == "admin" and role != "admin":
-        return 403, "this API key may generate but not change adapters"
+        return 403, NOT_ADMIN
     return None
 
 
@@ -99,7 +91,7 @@ class AuthMiddleware:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         authorization = headers.get(b"authorization", b"").decode("latin-1") or None
-        refused = refusal(self.settings, scope.get("method", "GET"), scope.get("path", ""), authorization)
+        refused = refusal(self.settings, policy_of(scope).needs(self.settings), authorization)
         if refused is None:
             scheme, _, token = (authorization or "").partition(" ")
             tenant = tenant_of(self.settings, token.strip()) if scheme.lower() == "bearer" else None

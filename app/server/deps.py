@@ -1,4 +1,5 @@
-"""FastAPI dependencies: the per-app state and API-key checks (the rules and comparison live in app/server/auth.py)."""
+"""FastAPI dependencies: the per-app state and each route's policy check (`policy(...)`; the key rules and
+comparison live in app/server/auth.py, the policies in app/server/route_policy.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -12,9 +13,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.adapters.ephemeral import EphemeralAdapters
 from app.adapters.on_demand import OnDemandLoader
 from app.adapters.service import AdapterService
-from app.server.auth import role_of
+from app.server.auth import INVALID_KEY, MISSING_KEY, NOT_ADMIN, role_of
 from app.server.drain import Drain
 from app.server.metrics import ServerMetrics
+from app.server.route_policy import PolicyGuard, RoutePolicy
 from app.server.router_metrics import RouterProtocolMetrics
 from app.server.settings import Settings
 
@@ -54,33 +56,29 @@ _bearer = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
-    if credentials is None or not credentials.credentials:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing API key (Authorization: Bearer <key>)",
-                            headers={"WWW-Authenticate": "Bearer"})
-    return credentials.credentials
+class _OpenGuard(PolicyGuard):
+    async def __call__(self) -> None:
+        return None
 
 
-def _require(state: AppState, credentials: HTTPAuthorizationCredentials | None, need: str) -> None:
-    """The rules of app.server.auth once more (the middleware already applied them before the body was read)."""
-    if not state.settings.auth_enabled:
-        return
-    role = role_of(state.settings, _token(credentials))
-    if role is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
-    if need == "admin" and role != "admin":
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "this API key may generate but not change adapters")
+class _KeyGuard(PolicyGuard):
+    """The key check of app.server.auth once more, after AuthMiddleware (which ran before the body was read), so
+    that no route escapes it; describes the Bearer scheme in the OpenAPI document."""
+
+    async def __call__(self, request: Request, credentials: Credentials) -> None:
+        settings: Settings = request.app.state.settings
+        need = self.policy.needs(settings)
+        if need is None:
+            return
+        if credentials is None or not credentials.credentials:
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, MISSING_KEY, headers={"WWW-Authenticate": "Bearer"})
+        role = role_of(settings, credentials.credentials)
+        if role is None:
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, INVALID_KEY, headers={"WWW-Authenticate": "Bearer"})
+        if need == "admin" and role != "admin":
+            raise HTTPException(status.HTTP_403_FORBIDDEN, NOT_ADMIN)
 
 
-def require_api_key(state: State, credentials: Credentials) -> None:
-    """Generation and reading: any API key or admin key."""
-    _require(state, credentials, "api")
-
-
-def require_admin_key(state: State, credentials: Credentials) -> None:
-    """Upload, delete, merge: an admin key (the API keys too when no admin key is configured)."""
-    _require(state, credentials, "admin")
-
-
-ApiKey = Depends(require_api_key)
-AdminKey = Depends(require_admin_key)
+def policy(route_policy: RoutePolicy) -> list:
+    """The `dependencies=` of a route with this policy: its one declaration (app/server/route_policy.py)."""
+    return [Depends(_OpenGuard(route_policy) if route_policy.role == "public" else _KeyGuard(route_policy))]

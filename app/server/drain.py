@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 from app.server.auth import send_error
+from app.server.route_policy import policy_of
 
 log = logging.getLogger("olora.server")
 
@@ -69,17 +70,16 @@ class Drain:
 
 class DrainMiddleware:
     """Counts the requests in flight (what the drain waits for) and, while draining, answers the routes that
-    start work (`refused_while_draining(scope)`) 503 + Retry-After before they start."""
+    start generations (their route policy says so) 503 + Retry-After before they start."""
 
-    def __init__(self, app, drain: Drain, refused_while_draining: Callable[[dict], bool]):
+    def __init__(self, app, drain: Drain):
         self.app = app
         self.drain = drain
-        self.refused_while_draining = refused_while_draining
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.drain.draining and self.refused_while_draining(scope):
+        if self.drain.draining and policy_of(scope).generation:
             return await send_error(send, scope, 503, "the server is shutting down; retry on another replica",
                                     [(b"retry-after", str(RETRY_AFTER_S).encode())])
         self.drain.in_flight += 1

@@ -184,7 +184,7 @@ async def stream_tokens(handle, generation: Generation, *, timeout_s: float,
             handle.cancel()  # no-op for a finished request; frees the row of an abandoned one
         if cut_key is not None:
             drain.unregister(cut_key)
-        record_generation(generation.prompt_tokens, len(generation.tokens), first_token_s)
+        record_generation(generation.prompt_tokens, len(generation.tokens), first_token_s, handle.queue_seconds)
         if watcher is not None:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

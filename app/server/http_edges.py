@@ -2,11 +2,11 @@
 
 Semantics:
 * One spelling per path: a path with a control character (`%0A` decodes to one: Starlette's route regexes end
-  in `$`, which matches before a trailing newline, while the key and size middlewares compare strings), a
-  `.`/`..` segment or a trailing slash is answered 404 here, so the key check, the body limits and the routers
-  see the same paths and agree on which route a request is for. Empty segments (`//`) pass: `/v1/models/{id}`
+  in `$`, which matches before a trailing newline), a `.`/`..` segment or a trailing slash is answered 404 here,
+  so the route policy (app/server/route_policy.py: key check, body limits), the logs and the routers see one
+  spelling and agree on which route a request is for. Empty segments (`//`) pass: `/v1/models/{id}`
   takes model ids that are absolute directories; the routers match them literally (no route begins with `//`)
-  and the key check asks an API key of any path it does not know.
+  and a path no route serves needs an API key (its route policy).
 * `Content-Length` together with `Transfer-Encoding` (a request-smuggling shape, RFC 9112 section 6.3) is refused
   with 400 and `Connection: close`: the connection is not reused.
 * HEAD is answered wherever GET is: the GET route runs and its body is dropped (headers, Content-Length included,

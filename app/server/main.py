@@ -14,7 +14,6 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, Route
 
 from olora_core.errors import OLoRAError
 
@@ -38,6 +37,7 @@ from app.server.tracing import TracingMiddleware, tracer_provider_from_env
 from app.server.startup import Startup
 from app.server.router_metrics import RouterProtocolMetrics
 from app.server.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, UploadLimitMiddleware, route_template
+from app.server.route_policy import RouteTable, RoutePolicyMiddleware, policy_of
 from app.server.settings import Settings
 from app.adapters.index import AdapterIndex
 from app.adapters.on_demand import OnDemandLoader
@@ -52,8 +52,9 @@ log = logging.getLogger("olora.server")
 
 def _error_response(request: Request, kind: errors.ErrorKind, message: str, param: str | None = None,
                     headers: dict | None = None) -> JSONResponse:
-    if kind.status == 429:
-        headers = {**(headers or {}), "Retry-After": "1"}
+    if kind.status == 429:  # the queue is full: the route policy says when to come back
+        route_policy = policy_of(request.scope)
+        headers = {**(headers or {}), "Retry-After": str(route_policy.retry_after_s)}
     content = errors.body(kind, message, openai=errors.is_openai_path(request.url.path), param=param)
     return JSONResponse(content, status_code=kind.status, headers=headers)
 
@@ -289,35 +290,33 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = F
     # /docs and /redoc with their assets served from the fastapi-offline package: no CDN, they work offline
     app = FastAPIOffline(title="olora-serve", version=__version__, lifespan=lifespan,
                          description="Many OLoRA/LoRA adapters on one base model: TGI/LoRAX- and OpenAI-compatible.")
+    app.state.settings = settings  # the route policies' key checks read it (app/server/deps.py)
     app.state.drain = drain  # cli_serve's server starts it on SIGTERM
     app.state.startup = startup  # /health and /ready report it; cli_serve exits 1 when it fails
+    framework_routes = list(app.routes)  # the docs' routes, before the API's
     _install_error_handlers(app)
     from app.server.routers import adapters, generate, ops, openai_compat, vllm_lora
     routers = (generate.router, openai_compat.router, adapters.router, ops.router, vllm_lora.router)
     for router in routers:
         app.include_router(router, responses=errors.openapi_error_responses())
-    # the routes a request refused before routing is counted under (docs' routes, then the API's)
-    routes = [r for r in app.routes if isinstance(r, Route)] + [r for router in routers for r in router.routes]
-    generation_routes = [r for router in (generate.router, openai_compat.router) for r in router.routes
-                         if "POST" in getattr(r, "methods", ())]
+    # every route's policy (fails when a route declares none): the docs' routes, then the API's
+    table = RouteTable([*framework_routes, *(r for router in routers for r in router.routes)], framework_routes)
+    app.state.route_table = table
 
-    def starts_generation(scope) -> bool:
-        return any(r.matches(scope)[0] is Match.FULL for r in generation_routes)
-
-    # outermost last: access log -> http edges -> drain -> keys (headers only) -> tenant limit -> upload bound -> body size
-    # -> body timeout -> routes
+    # outermost last: access log -> http edges -> route policy -> drain -> keys (headers only) -> tenant limit ->
+    # upload bound -> body size -> body timeout -> routes
     app.add_middleware(BodyTimeoutMiddleware, body_timeout=settings.body_timeout)
-    app.add_middleware(BodySizeLimitMiddleware, max_json_bytes=settings.max_request_bytes,
-                       max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, settings=settings)
     app.add_middleware(UploadLimitMiddleware, max_uploads=settings.max_concurrent_uploads)
     app.add_middleware(TenantLimitMiddleware, metrics=TenantMetrics(metrics.registry),
-                       max_concurrent=settings.tenant_max_concurrent, starts_generation=starts_generation)
+                       max_concurrent=settings.tenant_max_concurrent)
     app.add_middleware(AuthMiddleware, settings=settings)
-    app.add_middleware(DrainMiddleware, drain=drain, refused_while_draining=starts_generation)
+    app.add_middleware(DrainMiddleware, drain=drain)
+    app.add_middleware(RoutePolicyMiddleware, table=table)  # what the middlewares below it read (policy_of)
     app.add_middleware(HttpEdgeMiddleware)  # canonical paths, CL+TE refused, HEAD as GET: before keys and limits
-    app.add_middleware(AccessLogMiddleware, metrics=metrics, routes=routes)
+    app.add_middleware(AccessLogMiddleware, metrics=metrics)
     provider = tracer_provider_from_env()  # OTLP export when OTEL_EXPORTER_OTLP_* says where; else no spans
     if provider is not None:
-        app.add_middleware(TracingMiddleware, provider=provider, route_of=lambda scope: route_template(scope, routes))
+        app.add_middleware(TracingMiddleware, provider=provider, route_of=route_template)
         app.state.tracer_provider = provider  # flushed at shutdown
     return app

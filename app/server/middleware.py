@@ -1,5 +1,6 @@
 """ASGI middleware: request ids, structured JSON access logs, request metrics, request body size limits,
-the bound on concurrent uploads (auth before body: app/server/auth.py)."""
+the bound on concurrent uploads (auth before body: app/server/auth.py; limits from each route's policy:
+app/server/route_policy.py)."""
 from __future__ import annotations
 
 import json
@@ -7,12 +8,11 @@ import logging
 import time
 import uuid
 
-from typing import Sequence
-
 from starlette.exceptions import HTTPException
-from starlette.routing import BaseRoute, Match
 
 from app.server.auth import send_error
+from app.server.route_policy import matched_route, policy_of, retry_after
+from app.server.settings import Settings
 from app.server.log_format import request_context, trace_id_of
 from app.server.metrics import ServerMetrics
 
@@ -30,15 +30,11 @@ class BodyTooLarge(HTTPException):
 UNMATCHED = "unmatched"  # the route label of a path no route serves (bounded: never the raw path)
 
 
-def route_template(scope, routes: Sequence[BaseRoute]) -> str:
+def route_template(scope) -> str:
     """The route template a request is counted under: the one the router chose, or, for a request a middleware
-    answered before routing (401/403 of the key check, 413, 429 of the upload bound), the one of `routes` it
-    would have reached (a wrong method: the route it names); `unmatched` when none serves its path."""
-    route = scope.get("route")
-    if route is None:
-        matched = [(r.matches(scope)[0], r) for r in routes]
-        route = next((r for m, r in matched if m is Match.FULL), None) or next(
-            (r for m, r in matched if m is Match.PARTIAL), None)
+    answered before routing (401/403 of the key check, 413, 429 of the upload bound), the one RoutePolicyMiddleware
+    matched (a wrong method: the route it names); `unmatched` when none serves its path."""
+    route = scope.get("route") or matched_route(scope)
     return getattr(route, "path", None) or UNMATCHED
 
 
@@ -46,10 +42,9 @@ class AccessLogMiddleware:
     """Gives every request an id (X-Request-Id, taken from the client if it sent a sane one), logs one JSON line
     per request and counts it in the metrics under its route template (bounded label values)."""
 
-    def __init__(self, app, metrics: ServerMetrics, routes: Sequence[BaseRoute] = ()):
+    def __init__(self, app, metrics: ServerMetrics):
         self.app = app
         self.metrics = metrics
-        self.routes = routes  # the app's routes, for requests answered before routing
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -75,7 +70,7 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             seconds = time.perf_counter() - started
-            route_label = route_template(scope, self.routes)
+            route_label = route_template(scope)
             self.metrics.observe_request(route_label, status_holder["status"], seconds)
             access_log.info(json.dumps({
                 "ts": time.time(), "request_id": request_id, "method": scope.get("method"),
@@ -87,19 +82,17 @@ class AccessLogMiddleware:
 
 
 class BodySizeLimitMiddleware:
-    """413 for bodies over the limit: checked on Content-Length up front and on the bytes actually received
-    (chunked uploads). Upload routes (multipart) get the upload limit, everything else the JSON limit."""
+    """413 for bodies over the route policy's limit (RoutePolicy.body_limit: the upload limit for uploads, the JSON
+    limit for everything else): checked on Content-Length up front and on the bytes actually received (chunked)."""
 
-    def __init__(self, app, max_json_bytes: int, max_upload_bytes: int, upload_paths: tuple[str, ...] = ("/adapters",)):
+    def __init__(self, app, settings: Settings):
         self.app = app
-        self.max_json = max_json_bytes
-        self.max_upload = max_upload_bytes
-        self.upload_paths = upload_paths
+        self.settings = settings
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.max_upload if scope.get("path") in self.upload_paths else self.max_json
+        limit = policy_of(scope).body_limit(self.settings)
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -133,21 +126,21 @@ async def _send_413(send, scope, limit: int) -> None:
 
 
 class UploadLimitMiddleware:
-    """At most `max_uploads` uploads (POST /adapters) in progress at once: the next one gets 429 + Retry-After
-    before its body is read. (Runs after the key check, so unauthenticated requests take no place.)"""
+    """At most `max_uploads` requests of routes whose policy takes an upload slot in progress at once: the next one
+    gets 429 + the policy's Retry-After before its body is read. (Runs after the key check, so unauthenticated
+    requests take no place.)"""
 
-    def __init__(self, app, max_uploads: int, upload_path: str = "/adapters"):
+    def __init__(self, app, max_uploads: int):
         self.app = app
         self.max_uploads = max_uploads
-        self.upload_path = upload_path
         self.in_progress = 0  # one event loop: no lock needed
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") != self.upload_path:
+        if scope["type"] != "http" or not policy_of(scope).upload_slot:
             return await self.app(scope, receive, send)
         if self.in_progress >= self.max_uploads:
             return await send_error(send, scope, 429, f"{self.max_uploads} uploads are already in progress; "
-                                                      "retry later", [(b"retry-after", b"5")])
+                                                      "retry later", retry_after(policy_of(scope)))
         self.in_progress += 1
         try:
             await self.app(scope, receive, send)

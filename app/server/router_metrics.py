@@ -18,6 +18,12 @@ from prometheus_client import CollectorRegistry, Gauge
 MODEL_LABEL = "model_name"
 
 
+def engine_load(stats) -> int:
+    """The one load number of the routers that take one (vllm-router's `power_of_two`, through GET /get_load):
+    requests in the engine, running + waiting, from one snapshot."""
+    return stats.running + stats.waiting
+
+
 class RouterProtocolMetrics:
     def __init__(self, registry: CollectorRegistry):
         r = registry

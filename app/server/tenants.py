@@ -4,18 +4,16 @@ limited in concurrent generations.
 Semantics: the `tenant` label of `olora_tenant_requests_total{tenant,status}` is a configured key's name, or
 `anonymous` for unnamed keys and servers without keys: bounded by the configuration, never by clients. With
 `tenant_max_concurrent` > 0, a tenant (anonymous included) with that many generation requests in flight gets 429
-with `Retry-After` for the next one, before its body is read; other tenants are unaffected.
+with its route policy's `Retry-After` for the next one, before its body is read; other tenants are unaffected.
 """
 from __future__ import annotations
-
-from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter
 
 from app.server.auth import send_error
+from app.server.route_policy import policy_of, retry_after
 
 ANONYMOUS = "anonymous"
-RETRY_AFTER_S = 1  # a generation slot of the tenant frees when one of its requests ends
 
 
 def tenant_label(scope) -> str:
@@ -34,11 +32,10 @@ class TenantMetrics:
 class TenantLimitMiddleware:
     """Counts each tenant's requests (TenantMetrics) and bounds its generations in flight."""
 
-    def __init__(self, app, metrics: TenantMetrics, max_concurrent: int, starts_generation: Callable[[dict], bool]):
+    def __init__(self, app, metrics: TenantMetrics, max_concurrent: int):
         self.app = app
         self.metrics = metrics
         self.max_concurrent = max_concurrent
-        self.starts_generation = starts_generation
         self.in_flight: dict[str, int] = {}  # one event loop: no lock needed
 
     async def __call__(self, scope, receive, send):
@@ -52,12 +49,12 @@ class TenantLimitMiddleware:
             await send(message)
 
         tenant = tenant_label(scope)
-        limited = self.max_concurrent > 0 and self.starts_generation(scope)
+        limited = self.max_concurrent > 0 and policy_of(scope).generation
         try:
             if limited and self.in_flight.get(tenant, 0) >= self.max_concurrent:
                 return await send_error(recording_send, scope, 429,
                                         f"tenant {tenant!r} has {self.max_concurrent} generations in flight; retry "
-                                        "later", [(b"retry-after", str(RETRY_AFTER_S).encode())])
+                                        "later", retry_after(policy_of(scope)))
             if not limited:
                 return await self.app(scope, receive, recording_send)
             self.in_flight[tenant] = self.in_flight.get(tenant, 0) + 1

@@ -4,7 +4,8 @@ Semantics: spans are exported over OTLP/HTTP when one of the standard variables 
 `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set (the exporter reads them and the other `OTEL_EXPORTER_OTLP_*` ones
 itself); otherwise no provider is installed and the API's spans cost nothing. The span is named after the route
 template and carries `http.request.method`, `http.route`, `http.response.status_code`, `olora.request_id`,
-`olora.adapter_id`; the generation adds `olora.prompt_tokens`, `olora.generated_tokens` and
+`olora.adapter_id`; the generation adds `olora.prompt_tokens`, `olora.generated_tokens`,
+`olora.queue_wait_s` (the engine's submit -> admission into the batch, from its request handle) and
 `olora.time_to_first_token_s` (app/server/generation.py, through the current span).
 """
 from __future__ import annotations
@@ -70,9 +71,11 @@ class TracingMiddleware:
                     span.set_status(trace.Status(trace.StatusCode.ERROR))
 
 
-def record_generation(prompt_tokens: int, generated_tokens: int, time_to_first_token_s: float | None) -> None:
+def record_generation(prompt_tokens: int, generated_tokens: int, time_to_first_token_s: float | None,
+                      queue_wait_s: float | None) -> None:
     """Add a finished generation's counts to the request's span (no-op without tracing). Several sequences of one
-    request add up."""
+    request add up; the queue wait is the longest of theirs (the request waited that long), the time to first
+    token the first one's."""
     span = trace.get_current_span()
     if not span.is_recording():
         return
@@ -80,5 +83,7 @@ def record_generation(prompt_tokens: int, generated_tokens: int, time_to_first_t
     span.set_attribute("olora.prompt_tokens", int(attributes.get("olora.prompt_tokens", 0)) + prompt_tokens)
     span.set_attribute("olora.generated_tokens",
                        int(attributes.get("olora.generated_tokens", 0)) + generated_tokens)
+    if queue_wait_s is not None and queue_wait_s > attributes.get("olora.queue_wait_s", -1.0):
+        span.set_attribute("olora.queue_wait_s", queue_wait_s)
     if time_to_first_token_s is not None and "olora.time_to_first_token_s" not in attributes:
         span.set_attribute("olora.time_to_first_token_s", time_to_first_token_s)

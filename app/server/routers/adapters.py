@@ -12,7 +12,8 @@ from pydantic import BaseModel, Field
 
 from app.adapters.service import AdapterSummary
 from app.server.schemas import MAX_MERGE_SOURCES
-from app.server.deps import AdminKey, ApiKey, State
+from app.server.deps import State, policy
+from app.server.route_policy import ADMIN, READ, UPLOAD
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -50,7 +51,7 @@ async def _spool(upload: UploadFile, directory: Path, name: str) -> Path:
     return target
 
 
-@router.post("", status_code=201, response_model=AdapterSummary, dependencies=[AdminKey])
+@router.post("", status_code=201, response_model=AdapterSummary, dependencies=policy(UPLOAD))
 async def upload_adapter(
     state: State,
     adapter_id: Annotated[str, Form(description="id to serve the adapter under")],
@@ -77,17 +78,17 @@ async def upload_adapter(
     return summary
 
 
-@router.get("", response_model=AdapterList, dependencies=[ApiKey])
+@router.get("", response_model=AdapterList, dependencies=policy(READ))
 async def list_adapters(state: State) -> AdapterList:
     return AdapterList(adapters=await asyncio.to_thread(state.adapters.list))
 
 
-@router.get("/{adapter_id}", response_model=AdapterSummary, dependencies=[ApiKey])
+@router.get("/{adapter_id}", response_model=AdapterSummary, dependencies=policy(READ))
 async def show_adapter(adapter_id: str, state: State) -> AdapterSummary:
     return await asyncio.to_thread(state.adapters.get, adapter_id)
 
 
-@router.delete("/{adapter_id}", response_model=AdapterSummary, dependencies=[AdminKey])
+@router.delete("/{adapter_id}", response_model=AdapterSummary, dependencies=policy(ADMIN))
 async def delete_adapter(adapter_id: str, state: State) -> AdapterSummary:
     """Running requests of the adapter finish; later ones get 404."""
     summary = await asyncio.to_thread(state.adapters.delete, adapter_id)
@@ -95,7 +96,7 @@ async def delete_adapter(adapter_id: str, state: State) -> AdapterSummary:
     return summary
 
 
-@router.post("/merge", status_code=201, response_model=AdapterSummary, dependencies=[AdminKey])
+@router.post("/merge", status_code=201, response_model=AdapterSummary, dependencies=policy(ADMIN))
 async def merge_adapters(body: MergeRequest, state: State) -> AdapterSummary:
     """PEFT `add_weighted_adapter` semantics. Ranks: `cat` sums them (exact weighted sum of the deltas);
     `linear`/`ties`/`dare_*`/`magnitude_prune` need equal ranks; `*svd` truncate to `svd_rank` (default: the
@@ -108,7 +109,7 @@ async def merge_adapters(body: MergeRequest, state: State) -> AdapterSummary:
     return summary
 
 
-@router.post("/{adapter_id}/merge-into-base", dependencies=[AdminKey],
+@router.post("/{adapter_id}/merge-into-base", dependencies=policy(ADMIN),
              responses={200: {"content": {"application/x-tar": {}}}})
 async def merge_into_base(adapter_id: str, state: State) -> StreamingResponse:
     """A standalone model (base + adapter merged; safetensors, config, tokenizer) streamed as a tar.

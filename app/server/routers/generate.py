@@ -10,13 +10,14 @@ from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
 from app.server import tgi
-from app.server.deps import ApiKey, AppState, State
+from app.server.deps import AppState, State, policy
 from app.server.errors import stream_error
 from app.server.generation import (Generation, adapter_with_header, collect, start_many, start_off_loop,
                                    stream_tokens)
+from app.server.route_policy import GENERATE
 from app.server.schemas import GenerateRequest, GenerateResponse
 
-router = APIRouter(tags=["generation"], dependencies=[ApiKey])
+router = APIRouter(tags=["generation"])
 
 
 async def _start_all(state: AppState, request: Request, body: GenerateRequest, header_adapter: str | None,
@@ -77,13 +78,14 @@ async def _generate_stream(body: GenerateRequest, request: Request, state: AppSt
     return EventSourceResponse(events(), ping=15)
 
 
-@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True)
+@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True,
+             dependencies=policy(GENERATE))
 async def generate(body: GenerateRequest, request: Request, state: State,
                    x_adapter_id: str | None = Header(None)) -> GenerateResponse:
     return await _generate(body, request, state, x_adapter_id)
 
 
-@router.post("/generate_stream", response_class=EventSourceResponse,
+@router.post("/generate_stream", response_class=EventSourceResponse, dependencies=policy(GENERATE),
              responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 async def generate_stream(body: GenerateRequest, request: Request, state: State,
                           x_adapter_id: str | None = Header(None)) -> EventSourceResponse:
@@ -91,6 +93,7 @@ async def generate_stream(body: GenerateRequest, request: Request, state: State,
 
 
 @router.post("/", summary="TGI's compat route: /generate (as a list of one) or /generate_stream",
+             dependencies=policy(GENERATE),
              responses={200: {"content": {"application/json": {"schema": {"type": "array", "items": {
                  "$ref": "#/components/schemas/GenerateResponse"}}},
                  "text/event-stream": {"schema": {"type": "string"}}}}})

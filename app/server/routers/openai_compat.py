@@ -17,7 +17,8 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
 from app.server import openai_render as oai
-from app.server.deps import ApiKey, AppState, State
+from app.server.deps import AppState, State, policy
+from app.server.route_policy import GENERATE, READ
 from app.server.errors import stream_error
 from app.engine.handle import TokenEvent
 from app.engine.sampling import SamplingParams
@@ -25,7 +26,7 @@ from app.server.generation import (Generation, adapter_with_header, merged_token
                                    start_off_loop)
 from app.server.openai_schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIRequest
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey])
+router = APIRouter(prefix="/v1", tags=["openai"])
 
 # Used when the tokenizer has no chat template (documented in the README).
 DEFAULT_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -111,7 +112,7 @@ def _envelope(kind: str, rid: str, created: int, model: str) -> dict:
     return {"id": rid, "object": kind, "created": created, "model": model, "system_fingerprint": None}
 
 
-@router.post("/completions", responses=SSE_OR_JSON)
+@router.post("/completions", responses=SSE_OR_JSON, dependencies=policy(GENERATE))
 async def completions(body: CompletionRequest, request: Request, state: State):
     prompts = body.prompts()
     n, per_prompt = body.choices_per_prompt, max(body.choices_per_prompt, body.best_of or 1)
@@ -172,7 +173,7 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
                                          add_generation_prompt=True)
 
 
-@router.post("/chat/completions", responses=SSE_OR_JSON)
+@router.post("/chat/completions", responses=SSE_OR_JSON, dependencies=policy(GENERATE))
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
     prompt = chat_prompt(state.engine.tokenizer, [m.for_template() for m in body.messages])
     k = (body.top_logprobs or 0) if body.logprobs else None
@@ -231,12 +232,12 @@ def _models_json(state: AppState) -> str:
     return f'{{"object":"list","data":[{base}{"," if cached[1] else ""}{cached[1]}]}}'
 
 
-@router.get("/models", response_model=ModelList)
+@router.get("/models", response_model=ModelList, dependencies=policy(READ))
 async def models(state: State) -> Response:
     return Response(await asyncio.to_thread(_models_json, state), media_type="application/json")
 
 
-@router.get("/models/{model_id:path}", response_model=ModelCard)
+@router.get("/models/{model_id:path}", response_model=ModelCard, dependencies=policy(READ))
 async def model(model_id: str, state: State) -> ModelCard:
     for card in await asyncio.to_thread(_cards, state):
         if card.id == model_id:

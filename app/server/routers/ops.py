@@ -1,5 +1,5 @@
-"""Operations: /health (live), /ready (model loaded), /info, /cache (adapter residency), /metrics; TGI's /v2/health/*
-aliases."""
+"""Operations: /health (live), /ready (model loaded), /info, /cache (adapter residency), /metrics, /get_load (the
+load vllm-router's power_of_two polls); TGI's /v2/health/* aliases."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
@@ -9,16 +9,18 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from app import __version__
 from app.adapters.ephemeral import EPHEMERAL_PREFIX
 from app.server.auth import role_of
-from app.server.deps import ApiKey, Credentials, State
+from app.server.deps import Credentials, State, policy
+from app.server.route_policy import PUBLIC, READ, SCRAPE
 from app.server.metrics import MERGED_ADAPTERS
+from app.server.router_metrics import engine_load
 from app.engine.sampling import MAX_STOP_SEQUENCES
 from app.server.schemas import MAX_BEST_OF
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health")
-@router.get("/v2/health/live")
+@router.get("/health", dependencies=policy(PUBLIC))
+@router.get("/v2/health/live", dependencies=policy(PUBLIC))
 async def health(request: Request):
     """Liveness: 200 while starting (`loading`, with the start-up phase) and serving; 503 once the start failed
     or the engine loop died (restart the process)."""
@@ -33,8 +35,8 @@ async def health(request: Request):
     return {"status": "ok"}
 
 
-@router.get("/ready")
-@router.get("/v2/health/ready")
+@router.get("/ready", dependencies=policy(PUBLIC))
+@router.get("/v2/health/ready", dependencies=policy(PUBLIC))
 async def ready(request: Request):
     """Readiness: 200 once the model is loaded; 503 while starting, draining (SIGTERM) or with the engine dead."""
     if request.app.state.drain.draining:
@@ -47,7 +49,7 @@ async def ready(request: Request):
     return {"status": "ready", "model": state.engine.base.name}
 
 
-@router.get("/info")
+@router.get("/info", dependencies=policy(READ))
 async def info(state: State) -> dict:
     """TGI's `Info` fields (docs/openapi.json), then this server's own."""
     s, engine = state.settings, state.engine
@@ -68,7 +70,7 @@ async def info(state: State) -> dict:
     }
 
 
-@router.get("/cache", dependencies=[ApiKey])
+@router.get("/cache", dependencies=policy(READ))
 async def cache(state: State, credentials: Credentials) -> dict:
     """Where adapters are now: the device slots (null = free) and the host-memory cache. Per-request merges are
     other clients' requests: their ids are shown to admin keys only, `~merged` to the others."""
@@ -85,10 +87,18 @@ async def cache(state: State, credentials: Credentials) -> dict:
             "host_bytes": stats.host_bytes}
 
 
-@router.get("/metrics", response_class=Response,
+@router.get("/metrics", response_class=Response, dependencies=policy(SCRAPE),
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(state: State) -> Response:
     stats = state.engine.stats()  # one snapshot for both families
     state.metrics.refresh(stats)
     state.router_metrics.refresh(stats, state.engine.base.name, str(state.engine.base.dtype).removeprefix("torch."))
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/get_load", dependencies=policy(SCRAPE))
+async def get_load(state: State) -> dict:
+    """The load route vllm-router's `power_of_two` polls (`{"load": int}`, SGLang's route; 0.1.17 polls it every
+    `--worker-startup-check-interval` seconds):
+    requests in the engine, running + waiting (vllm:num_requests_running + vllm:num_requests_waiting)."""
+    return {"load": engine_load(state.engine.stats())}

@@ -1,5 +1,5 @@
 """vLLM-compatible adapter management (admin key), for the sidecars and controllers written for vLLM (the Gateway
-API inference extension's LoRA syncer, production-stack's LoRA controller):
+API inference extension's former LoRA syncer sidecar, production-stack's LoRA controller):
 
     POST /v1/load_lora_adapter   {"lora_name": "x", "lora_path": "/adapters/x", "load_inplace": false}
         200 text "Success: LoRA adapter 'x' added successfully."
@@ -28,10 +28,10 @@ from pydantic import BaseModel
 
 from app.adapters.store.adapter_store import AdapterExists, AdapterMissing, check_adapter_id
 from app.adapters.store.s3_peft_folder import S3PeftFolderRepository
-from app.server.deps import AdminKey, State
+from app.server.deps import State, policy
+from app.server.route_policy import ADMIN
 
-ROLE = "admin"  # both routes change what is served
-router = APIRouter(prefix="/v1", tags=["vllm"], dependencies=[AdminKey])
+router = APIRouter(prefix="/v1", tags=["vllm"])
 
 
 class LoadLoRAAdapterRequest(BaseModel):
@@ -70,7 +70,7 @@ def allowed_s3_save(lora_path: str, sources: list) -> tuple[S3PeftFolderReposito
     raise HTTPException(400, "lora_path is not an adapter folder inside the configured buckets (OLORA_PEFT_S3_URIS)")
 
 
-@router.post("/load_lora_adapter", response_class=PlainTextResponse)
+@router.post("/load_lora_adapter", response_class=PlainTextResponse, dependencies=policy(ADMIN))
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, state: State) -> PlainTextResponse:
     if not body.lora_name or not body.lora_path:
         raise HTTPException(400, "Both 'lora_name' and 'lora_path' must be provided.")
@@ -95,7 +95,7 @@ async def load_lora_adapter(body: LoadLoRAAdapterRequest, state: State) -> Plain
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@router.post("/unload_lora_adapter", response_class=PlainTextResponse)
+@router.post("/unload_lora_adapter", response_class=PlainTextResponse, dependencies=policy(ADMIN))
 async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, state: State) -> PlainTextResponse:
     if not body.lora_name:
         raise HTTPException(400, "either 'lora_name' and 'lora_int_id' needs to be provided.")
