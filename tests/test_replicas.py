@@ -1,5 +1,7 @@
 """Scale-out: two real `olora serve` replicas sharing one adapter store, behind a real nginx running the shipped
-deploy/compose/nginx/nginx.conf (consistent hashing on X-Adapter-Id, next-upstream on failure).
+deploy/compose/nginx/nginx.conf (consistent hashing on X-Adapter-Id, next-upstream on failure). Every test runs
+twice: the replicas share one directory (`directory`), or one bucket of an S3-protocol server on loopback and no
+folder at all (`s3`: moto's server; each replica has its own local folder).
 
 What is shown (CPU, tiny model, loopback only):
   - every request of one adapter lands on one replica, and both replicas get adapters (from their /metrics);
@@ -13,6 +15,7 @@ What is shown (CPU, tiny model, loopback only):
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import shutil
 import signal
 import subprocess
@@ -21,8 +24,10 @@ import threading
 import time
 from pathlib import Path
 
+import boto3
 import httpx
 import pytest
+from moto.server import ThreadedMotoServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import save_random_lora, save_tiny_checkpoint
@@ -68,32 +73,104 @@ class Balancer:
         self._log.close()
 
 
+class DirectoryStore:
+    """The replicas' shared adapter directory, read as the tests check it."""
+
+    def __init__(self, root: Path):
+        self.path = root / "store"
+
+    def replica_dir(self, i: int) -> Path:
+        return self.path
+
+    def env(self) -> dict:
+        return {}
+
+    def live(self, adapter_id: str) -> tuple[str, list[str], dict[str, bytes]]:
+        """(live version, every version stored for the id, the live version's files by name)."""
+        adapter_dir = self.path / adapter_id
+        version = (adapter_dir / "CURRENT").read_text().strip()
+        versions = [p.name for p in adapter_dir.iterdir() if p.is_dir()]
+        return version, versions, {n: (adapter_dir / version / n).read_bytes() for n in ADAPTER_FILES}
+
+    def staged(self) -> list[str]:
+        """What writers left half-written."""
+        return [p.name for p in (self.path / ".staging").iterdir()]
+
+    def stop(self) -> None:
+        pass
+
+
+class BucketStore:
+    """One bucket on moto's S3 server (a real HTTP server on loopback); no folder is shared."""
+
+    BUCKET, PREFIX = "replicas", "adapters"
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.url = f"http://{host}:{port}"
+        self.credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                            "AWS_DEFAULT_REGION": "us-east-1"}
+        self.s3 = boto3.client("s3", endpoint_url=self.url, aws_access_key_id="testing",
+                               aws_secret_access_key="testing", region_name="us-east-1")
+        self.s3.create_bucket(Bucket=self.BUCKET)
+
+    def replica_dir(self, i: int) -> Path:
+        return self.root / f"local{i}"  # each replica's own cache of downloaded versions
+
+    def env(self) -> dict:
+        return {"OLORA_STORE": "s3", "OLORA_S3_BUCKET": self.BUCKET, "OLORA_S3_PREFIX": self.PREFIX,
+                "OLORA_S3_ENDPOINT_URL": self.url, **self.credentials}
+
+    def _read(self, key: str) -> bytes:
+        return self.s3.get_object(Bucket=self.BUCKET, Key=f"{self.PREFIX}/{key}")["Body"].read()
+
+    def live(self, adapter_id: str) -> tuple[str, list[str], dict[str, bytes]]:
+        version = json.loads(self._read(f"{adapter_id}/CURRENT"))["version"]
+        listed = self.s3.list_objects_v2(Bucket=self.BUCKET, Prefix=f"{self.PREFIX}/{adapter_id}/versions/")
+        versions = sorted({o["Key"].split("/")[3] for o in listed.get("Contents", [])})
+        return version, versions, {n: self._read(f"{adapter_id}/versions/{version}/{n}") for n in ADAPTER_FILES}
+
+    def staged(self) -> list[str]:
+        return [p.name for i in (1, 2) for p in (self.replica_dir(i) / ".staging").glob("*")]
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+STORES = {"directory": DirectoryStore, "s3": BucketStore}
+
+
 class Cluster:
-    def __init__(self, root: Path, base: Path, loras: dict[str, Path], store: Path, replicas: list[Replica],
+    def __init__(self, root: Path, base: Path, loras: dict[str, Path], store, replicas: list[Replica],
                  balancer: Balancer):
         self.root, self.base, self.loras, self.store = root, base, loras, store
         self.replicas, self.balancer = replicas, balancer
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=sorted(STORES))
 def cluster(tmp_path_factory, request):
     nginx_binary()  # fails (not skips), naming the install command, when nginx is missing
     root = tmp_path_factory.mktemp("replicas")
-    store = root / "store"
     base = Path(save_tiny_checkpoint(root / "base", seed=0))
     started: list = []
     prefix = Path(tempfile.mkdtemp(prefix="olora-nginx-"))  # not under pytest's 0700 dir: workers drop root
     prefix.chmod(0o755)
+    store = STORES[request.param](root)
 
     def cleanup():
         for proc in reversed(started):
             proc.stop()
+        store.stop()
         shutil.rmtree(prefix, ignore_errors=True)
     request.addfinalizer(cleanup)
 
     replicas = []
     for i in (1, 2):
-        replicas.append(Replica(f"replica{i}", base, store, root))
+        replicas.append(Replica(f"replica{i}", base, store.replica_dir(i), root, extra_env=store.env()))
         started.append(replicas[-1])
     # Adapters are built while the replicas load (same base: the replicas only read it).
     loras = {f"ad{i}": Path(save_random_lora(base, root / f"ad{i}", r=4, seed=100 + i, task_type="CAUSAL_LM"))
@@ -253,14 +330,12 @@ def test_concurrent_uploads_of_one_id_through_both_replicas(cluster):
     assert loser.json()["error_type"] == "adapter_exists"
     winner_url = next(u for u, r in results.items() if r.status_code == 201)
     # the store holds exactly the winner's version: complete, byte for byte
-    adapter_dir = cluster.store / "raced"
-    version = (adapter_dir / "CURRENT").read_text().strip()
-    versions = [p.name for p in adapter_dir.iterdir() if p.is_dir()]
-    assert versions == [version]
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        assert (adapter_dir / version / name).read_bytes() == (sources[winner_url] / name).read_bytes()
+    version, versions, files = cluster.store.live("raced")
+    assert versions == [version]  # the loser left no version behind
+    for name in ADAPTER_FILES:
+        assert files[name] == (sources[winner_url] / name).read_bytes()
     assert results[winner_url].json()["version"] == version
-    assert not any((cluster.store / ".staging").iterdir())  # the loser left nothing behind
+    assert not cluster.store.staged()  # nor anything half-written
     both = {generate(r.url, PROMPTS[0], "raced").json()["generated_text"] for r in cluster.replicas}
     assert len(both) == 1
 

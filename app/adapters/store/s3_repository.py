@@ -9,7 +9,9 @@ Layout under `s3://<bucket>/<prefix>/`:
 A version's objects are written first (version = the digest of its files: keyed by content, never rewritten);
 then CURRENT is switched with a conditional write: `If-None-Match: *` for a new id (two replicas uploading the
 same id: one wins, the other gets 409), `If-Match: <etag>` for an overwrite or a delete (a concurrent switch makes
-it 412: the writer reads CURRENT again and retries), so two replicas cannot tear it. Readers materialize a version
+it 412: the writer reads CURRENT again and retries), so two replicas cannot tear it; a write that is refused
+(the id exists) or fails removes the version objects it wrote. Versions replaced or deleted stay in the bucket
+(not collected yet). Readers materialize a version
 into a local cache folder (the weights' sha256 checked against the digest: a corrupt or missing object is a 503
 naming the adapter, never served); the cache is bounded in bytes, least recently used copies evicted first
 (app/adapters/local_copies.py: a copy being read is kept; an evicted one is downloaded again when next needed).
@@ -208,38 +210,18 @@ class S3Repository:
     # ---- writing ---------------------------------------------------------------------------------------
     def put(self, adapter_id: str, source_dir: Path, metadata: dict[str, Any], *, overwrite: bool = False
             ) -> StoredAdapter:
-        from botocore.exceptions import ClientError
-
         digest = _sha256(Path(source_dir) / "adapter_model.safetensors")
         config_digest = _sha256(Path(source_dir) / "adapter_config.json")
         version = "s" + hashlib.sha256(f"{digest}:{config_digest}:{time.time_ns()}".encode()).hexdigest()[:32]
         meta = dict(metadata, id=adapter_id, version=version)
-        with self._talking(f"adapter {adapter_id!r}"):
-            for name in ADAPTER_FILES:
-                self._s3.upload_file(str(Path(source_dir) / name), self.bucket,
-                                     self._key(adapter_id, "versions", version, name))
-            self._s3.put_object(Bucket=self.bucket, Key=self._key(adapter_id, "versions", version, "metadata.json"),
-                                Body=json.dumps(meta, indent=2, sort_keys=True).encode())
-        pointer = json.dumps({"version": version, "digest": digest, "metadata": meta}).encode()
-        for _ in range(SWITCH_RETRIES):
-            current = self._pointer(adapter_id)
-            if current is not None and not overwrite:
-                raise AdapterExists(f"adapter {adapter_id!r} already exists (use ?overwrite=true to replace it)")
-            condition = {"IfNoneMatch": "*"} if current is None else {"IfMatch": current[1]}
-            try:
-                with self._talking(f"adapter {adapter_id!r}"):
-                    self._s3.put_object(Bucket=self.bucket, Key=self._key(adapter_id, "CURRENT"), Body=pointer,
-                                        ContentType="application/json", **condition)
-                break
-            except ClientError as exc:
-                if self._code(exc) not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-                    raise RepositoryUnavailable(f"adapter {adapter_id!r}: {self.name} answered "
-                                                f"{self._code(exc)}") from None
-                if not overwrite and current is None:  # another replica created it first
-                    raise AdapterExists(f"adapter {adapter_id!r} already exists (use ?overwrite=true to replace "
-                                        "it)") from None
-        else:
-            raise RepositoryUnavailable(f"adapter {adapter_id!r}: its live version kept changing under this write")
+        if not overwrite and self._pointer(adapter_id) is not None:  # refused before anything is written
+            raise AdapterExists(f"adapter {adapter_id!r} already exists (use ?overwrite=true to replace it)")
+        try:
+            self._upload_version(adapter_id, version, source_dir, meta)
+            self._switch(adapter_id, version, digest, meta, overwrite)
+        except BaseException:
+            self._drop_version(adapter_id, version)  # a refused or failed write leaves no objects behind
+            raise
         self._note_change(adapter_id)
         self._metadata[(adapter_id, version)] = meta
         local = self.root / adapter_id / version
@@ -254,6 +236,47 @@ class S3Repository:
             shutil.rmtree(staged, ignore_errors=True)
         self.copies.add((adapter_id, version), local)
         return StoredAdapter(adapter_id, version, local, meta)
+
+    def _upload_version(self, adapter_id: str, version: str, source_dir: Path, meta: dict) -> None:
+        with self._talking(f"adapter {adapter_id!r}"):
+            for name in ADAPTER_FILES:
+                self._s3.upload_file(str(Path(source_dir) / name), self.bucket,
+                                     self._key(adapter_id, "versions", version, name))
+            self._s3.put_object(Bucket=self.bucket, Key=self._key(adapter_id, "versions", version, "metadata.json"),
+                                Body=json.dumps(meta, indent=2, sort_keys=True).encode())
+
+    def _switch(self, adapter_id: str, version: str, digest: str, meta: dict, overwrite: bool) -> None:
+        """Point CURRENT at `version` with a conditional write (module docstring); AdapterExists when another
+        writer created the id first and this one may not overwrite."""
+        from botocore.exceptions import ClientError
+
+        pointer = json.dumps({"version": version, "digest": digest, "metadata": meta}).encode()
+        for _ in range(SWITCH_RETRIES):
+            current = self._pointer(adapter_id)
+            if current is not None and not overwrite:
+                raise AdapterExists(f"adapter {adapter_id!r} already exists (use ?overwrite=true to replace it)")
+            condition = {"IfNoneMatch": "*"} if current is None else {"IfMatch": current[1]}
+            try:
+                with self._talking(f"adapter {adapter_id!r}"):
+                    self._s3.put_object(Bucket=self.bucket, Key=self._key(adapter_id, "CURRENT"), Body=pointer,
+                                        ContentType="application/json", **condition)
+                return
+            except ClientError as exc:
+                if self._code(exc) not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    raise RepositoryUnavailable(f"adapter {adapter_id!r}: {self.name} answered "
+                                                f"{self._code(exc)}") from None
+                if not overwrite and current is None:  # another replica created it first
+                    raise AdapterExists(f"adapter {adapter_id!r} already exists (use ?overwrite=true to replace "
+                                        "it)") from None
+        raise RepositoryUnavailable(f"adapter {adapter_id!r}: its live version kept changing under this write")
+
+    def _drop_version(self, adapter_id: str, version: str) -> None:
+        """Best effort: remove the objects of a version CURRENT never pointed at (what is left, if the store is
+        unreachable now, is unreferenced and never served)."""
+        with contextlib.suppress(Exception):
+            self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": [
+                {"Key": self._key(adapter_id, "versions", version, name)}
+                for name in (*ADAPTER_FILES, "metadata.json")], "Quiet": True})
 
     def delete(self, adapter_id: str) -> StoredAdapter:
         from botocore.exceptions import ClientError
