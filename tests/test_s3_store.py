@@ -136,13 +136,15 @@ def test_the_live_version_switch_is_conditional(tmp_path, loras, s3_server, buck
     stale = second._pointer  # what `second` would have read before `first` wrote
     calls = []
 
-    def pointer_read_too_early(adapter_id):
+    def pointer_read_too_early(adapter_id):  # both reads of `put` (its early check, then the switch's) too early
         calls.append(adapter_id)
-        return None if len(calls) == 1 else stale(adapter_id)
+        return None if len(calls) <= 2 else stale(adapter_id)
     second._pointer = pointer_read_too_early
     with pytest.raises(AdapterExists):
         second.put("id1", loras["b"], {"sha256": "y"})
+    assert len(calls) == 2  # refused by the bucket's 412 on `If-None-Match: *`, not by a third read
     assert first.resolve("id1").version == first.get("id1").version  # still first's
+    assert version_folders(second, "p", "id1") == {first.resolve("id1").version}  # the loser's objects removed
     before = first.resolve("id1")
     old_etag = stale("id1")[1]
     first.put("id1", loras["b"], {"sha256": "z"}, overwrite=True)
@@ -203,3 +205,32 @@ def test_on_demand_load_of_50_adapters_under_concurrency(tmp_path, base_dir, lor
             results = list(pool.map(lambda i: gen(b, f"n{i}"), range(50)))
         assert [r.status_code for r in results] == [200] * 50
         assert {r.json()["generated_text"] for r in results} == {expected}
+
+
+def version_folders(repo: S3Repository, prefix: str, adapter_id: str) -> set[str]:
+    listed = repo._s3.list_objects_v2(Bucket=repo.bucket, Prefix=f"{prefix}/{adapter_id}/versions/")
+    return {o["Key"].split("/")[3] for o in listed.get("Contents", [])}
+
+
+def test_retired_versions_are_removed_after_their_grace(tmp_path, loras, s3_server, bucket, monkeypatch):
+    """Overwritten and deleted versions leave the bucket once past RETIRED_GRACE_S, never the live one, and
+    never before the grace; periodic sweeps find them from the change objects."""
+    from app.adapters.store import s3_retired
+
+    _, url = s3_server
+    writer = S3Repository(bucket, "p", tmp_path / "w", endpoint_url=url)
+    sweeper = S3Repository(bucket, "p", tmp_path / "s", endpoint_url=url)  # another replica
+    assert sweeper.sweep(full=True) == []  # the start's full pass: nothing there yet
+    writer.put("kept", loras["a"], {"sha256": "a"})
+    writer.put("kept", loras["b"], {"sha256": "b"}, overwrite=True)
+    writer.put("gone", loras["a"], {"sha256": "a"})
+    writer.delete("gone")
+    assert len(version_folders(writer, "p", "kept")) == 2 and len(version_folders(writer, "p", "gone")) == 1
+    sweeper.sweep()  # within the grace: nothing removed (a replica may still be downloading the old version)
+    assert len(version_folders(writer, "p", "kept")) == 2 and len(version_folders(writer, "p", "gone")) == 1
+    monkeypatch.setattr(s3_retired, "RETIRED_GRACE_S", 0.0)
+    time.sleep(1.1)  # LastModified has a resolution of one second
+    sweeper.sweep()  # periodic: the ids are still pending from the sweep above
+    assert version_folders(writer, "p", "kept") == {writer.resolve("kept").version}
+    assert version_folders(writer, "p", "gone") == set()
+    assert writer.get("kept") is not None  # the live version still served

@@ -10,8 +10,8 @@ A version's objects are written first (version = the digest of its files: keyed 
 then CURRENT is switched with a conditional write: `If-None-Match: *` for a new id (two replicas uploading the
 same id: one wins, the other gets 409), `If-Match: <etag>` for an overwrite or a delete (a concurrent switch makes
 it 412: the writer reads CURRENT again and retries), so two replicas cannot tear it; a write that is refused
-(the id exists) or fails removes the version objects it wrote. Versions replaced or deleted stay in the bucket
-(not collected yet). Readers materialize a version
+(the id exists) or fails removes the version objects it wrote; versions replaced or deleted are removed by the
+watchers' sweeps once no replica can still be reading them (s3_retired.py). Readers materialize a version
 into a local cache folder (the weights' sha256 checked against the digest: a corrupt or missing object is a 503
 naming the adapter, never served); the cache is bounded in bytes, least recently used copies evicted first
 (app/adapters/local_copies.py: a copy being read is kept; an evicted one is downloaded again when next needed).
@@ -37,6 +37,7 @@ from olora_core.adapter_format import ADAPTER_ID_RE
 from app.adapters.local_copies import DEFAULT_MAX_BYTES, LocalCopies
 from app.adapters.repository import Changes, RepositoryUnavailable, VersionRef
 from app.adapters.store.s3_client import error_code, make_client, talking
+from app.adapters.store.s3_retired import RetiredVersions
 from app.adapters.store.adapter_store import ADAPTER_FILES, AdapterExists, AdapterMissing, AdapterStore, StoredAdapter
 
 CLOCK_SKEW_S = 30.0  # change objects written up to this much "in the past" by another replica are still seen
@@ -68,6 +69,7 @@ class S3Repository:
         self._materialize_lock = threading.Lock()
         self._metadata: dict[tuple[str, str], dict] = {}  # (id, version) -> metadata, from the pointers read
         self.copies = LocalCopies(cache_bytes, self._remove_copy)  # (id, version) -> its local folder
+        self.retired = RetiredVersions(self._s3, bucket, self.prefix, self._live_version, self.changes, self._talking)
         self._scan_cache()
 
     def _scan_cache(self) -> None:
@@ -122,6 +124,10 @@ class S3Repository:
             raise RepositoryUnavailable(f"adapter {adapter_id!r}: its live-version object in {self.name} is "
                                         "damaged") from None
         return pointer, obj["ETag"]
+
+    def _live_version(self, adapter_id: str) -> str | None:
+        found = self._pointer(adapter_id)
+        return None if found is None else str(found[0]["version"])
 
     def resolve(self, adapter_id: str) -> VersionRef | None:
         if not isinstance(adapter_id, str) or not ADAPTER_ID_RE.fullmatch(adapter_id):
@@ -364,5 +370,7 @@ class S3Repository:
         raise RepositoryUnavailable(f"adapter {adapter_id!r}: the local cache is too small to hold it while read")
 
     def sweep(self, full: bool = False) -> list:
-        """Nothing to collect in the bucket (versions are immutable); the local cache is bounded by `copies`."""
+        """Retired versions removed from the bucket after their grace (s3_retired.py); no findings to report (a
+        damaged object is a 503 when read). The local cache is bounded by `copies`."""
+        self.retired.sweep(full)
         return []
