@@ -27,10 +27,12 @@ class EngineConfig:
     kernel: str = "auto"  # LoRA kernel: auto | rows | bgmv | grouped | reference (tests)
     compile: str = "off"  # on = torch.compile the decode forward (faster steps after ~1 min/graph; benchmarks.md)
     decode_graph: str = "off"  # off | buckets (decode padded to static shapes) | cuda (buckets + CUDA graphs)
+    cpu_threads: int = 0  # intra-op threads of the forwards on CPU; 0 = auto: usable CPUs - 1 (cpu_threads.py)
 
     def validate(self) -> None:
-        if int(self.max_loras) < 0:
-            raise InvalidRequest(f"EngineConfig.max_loras must be >= 0 (0 = auto), got {self.max_loras}")
+        for name in ("max_loras", "cpu_threads"):
+            if int(getattr(self, name)) < 0:
+                raise InvalidRequest(f"EngineConfig.{name} must be >= 0 (0 = auto), got {getattr(self, name)}")
         positive = ("max_cpu_adapters", "max_rank", "max_batch_size", "max_batch_tokens",
                     "max_input_tokens", "max_total_tokens", "max_waiting")
         for name in positive:

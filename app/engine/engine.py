@@ -24,6 +24,7 @@ from .adapter_cache import AdapterCache, AdapterKey
 from .adapter_files import AdapterInfo, AdapterParser, AdapterSource, base_weight_norms, read_adapter_config
 from .base_model import load_base_model
 from .config import EngineConfig
+from .cpu_threads import apply_cpu_threads, choose_cpu_threads
 from .errors import AdapterFilesUnreadable, AdapterUnavailable, EngineError, EngineNotRunning, InvalidRequest
 from .faults import MAX_CONSECUTIVE_STEP_FAILURES, report_loop_death, row_fault_error, step_failed
 from .handle import RequestHandle, TokenEvent
@@ -63,6 +64,7 @@ class EngineStats:
     kv_row_tokens: int = 0  # positions a row can hold (max_total_tokens)
     kv_tokens_used: int = 0  # positions written across the rows in use
     observer_errors: int = 0  # exceptions the observer raised (swallowed: SafeObserver)
+    cpu_threads: int = 0  # intra-op threads the engine's loop thread runs its forwards with (0: loop not started)
 
 
 class Engine:
@@ -74,6 +76,10 @@ class Engine:
         self.tokenizer = base.tokenizer
         self.token_bytes = TokenBytes(base.tokenizer)  # raw bytes per token id (OpenAI logprob `bytes`)
         self.device = base.device
+        threads = choose_cpu_threads(config.cpu_threads, base.device)
+        log.info("forwards: %s", threads.reason)
+        self.cpu_threads, self.loop_threads = threads.threads, 0  # loop_threads: as the loop thread sees it (stats)
+        apply_cpu_threads(threads.threads)  # process-wide; the loop thread sets it again for itself
         self.dtype: torch.dtype = base.dtype  # compute dtype in use ("auto" resolved)
         self.model = base.model
         self.base = base.describe()  # frozen facts of the base for the adapter domain (BaseDescription)
@@ -223,7 +229,7 @@ class Engine:
             alive=self._thread is not None and self._thread.is_alive() and self._fatal is None,
             kv_rows=self.runner.kv.max_batch, kv_rows_used=len(rows), kv_row_tokens=self.runner.kv.max_tokens,
             kv_tokens_used=sum(max(s.cached_tokens, 0) for s in rows),
-            observer_errors=self.observer.errors)
+            observer_errors=self.observer.errors, cpu_threads=self.loop_threads)
 
     # ---- internals ---------------------------------------------------------------------------------------
     def _find_eos_ids(self) -> set[int]:
@@ -242,6 +248,8 @@ class Engine:
     def _loop(self) -> None:
         failures = 0  # consecutive failed steps: a fault that outlives the rows it hit means the engine is broken
         try:
+            apply_cpu_threads(self.cpu_threads)
+            self.loop_threads = torch.get_num_threads()
             with torch.inference_mode():
                 while not self._stop:
                     self._wake.clear()  # a wake-up during the step makes the wait below return at once
