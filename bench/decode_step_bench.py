@@ -1,7 +1,7 @@
 """Decode-step time of the engine's forward, variants side by side in one process (run by hand; not a test).
 
     .venv/bin/python bench/decode_step_bench.py --batch 64 --variants base,auto,bgmv
-    .venv/bin/python bench/decode_step_bench.py --shape 0.5b --batch 16 --variants base,base@2 --steps 3 --rounds 3
+    .venv/bin/python bench/decode_step_bench.py --shape 0.5b --batch 16 --variants base,aten-base,aten-base@2 --advance
 
 Model and adapters as in engine_bench.py (29.4M-parameter random Llama, rank-16 LoRA on q,k,v,o). B rows are
 prefilled once (prompt lengths 32..128, so decode needs a mask: the real load), each row with its own adapter
@@ -11,7 +11,8 @@ Variants: base (no adapter: slot 0 everywhere), auto / rows / bgmv / grouped (th
 and with `--compile` also compiled-base / compiled-auto: the same forward through `torch.compile(model,
 dynamic=True)` (inductor; needs a C++ compiler; compile time is reported apart and not in the step times);
 buckets-<kernel>: the step padded to its shape bucket (EngineConfig.decode_graph="buckets"); a suffix @N runs the
-variant with N torch threads (else the engine's own choice, EngineConfig.cpu_threads auto). `--shape 0.5b`: a
+variant with N torch threads (else the engine's own choice, EngineConfig.cpu_threads auto); a prefix aten- runs
+it with torch's F.linear for the fp32 Linear layers instead of oneDNN (EngineConfig.cpu_gemm, cpu_linear.py). `--shape 0.5b`: a
 random Qwen2 shaped like Qwen2-0.5B (users_bench.py SHAPES; 494M parameters) instead of the 29.4M Llama, with
 rank-16 q,k,v,o adapters of its shapes; prompts of 30..80 tokens there.
 Prints the median step time per variant and its ratio to base; writes bench/out/decode_step_bench.json.
@@ -40,6 +41,7 @@ from safetensors.torch import save_file  # noqa: E402
 from users_bench import SHAPES  # noqa: E402
 
 from app.engine import DirectoryAdapterSource, Engine, EngineConfig  # noqa: E402
+from app.engine.cpu_linear import OutputHead, use_onednn  # noqa: E402
 
 KERNEL_VARIANTS = ("auto", "rows", "bgmv", "grouped")
 ADVANCE = False  # --advance
@@ -75,10 +77,21 @@ def prepare_rows(engine: Engine, adapters: Path, batch: int, rng: random.Random,
     return [p[-1] for p in prompts], [len(p) for p in prompts]
 
 
+def set_cpu_gemm(engine: Engine, cpu_gemm: str) -> None:
+    """Switch the engine's fp32 Linear layers between oneDNN and F.linear (cpu_linear.py) in place."""
+    for layer in engine.bank.layers.values():
+        layer.onednn = use_onednn(layer.base_layer, cpu_gemm)
+    head = engine.model.get_output_embeddings()
+    plain = head.base_layer if isinstance(head, OutputHead) else head
+    engine.model.set_output_embeddings(OutputHead(plain) if use_onednn(plain, cpu_gemm) else plain)
+
+
 def time_variant(engine: Engine, variant: str, tokens: list[int], positions: list[int], steps: int) -> list[float]:
     """Seconds per decode forward of the B prepared rows under `variant`."""
     variant, _, threads = variant.partition("@")
     torch.set_num_threads(int(threads) if threads else engine.cpu_threads)
+    set_cpu_gemm(engine, "aten" if variant.startswith("aten-") else engine.config.cpu_gemm)
+    variant = variant.removeprefix("aten-")
     batch = len(tokens)
     engine.runner.decode_model = COMPILED[engine.model] if variant.startswith("compiled-") else engine.model
     engine.runner.bucketed = variant.startswith("buckets-")

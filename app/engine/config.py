@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .cpu_linear import CPU_GEMMS
 from .errors import InputTooLong, InvalidRequest
 from .lora_layers import KERNELS
 from .sampling import SamplingParams
@@ -28,6 +29,7 @@ class EngineConfig:
     compile: str = "off"  # on = torch.compile the decode forward (faster steps after ~1 min/graph; benchmarks.md)
     decode_graph: str = "off"  # off | buckets (decode padded to static shapes) | cuda (buckets + CUDA graphs)
     cpu_threads: int = 0  # intra-op threads of the forwards on CPU; 0 = auto: usable CPUs - 1 (cpu_threads.py)
+    cpu_gemm: str = "onednn"  # fp32 Linear layers on CPU: onednn (oneDNN matmul) | aten (F.linear) (cpu_linear.py)
 
     def validate(self) -> None:
         for name in ("max_loras", "cpu_threads"):
@@ -42,6 +44,8 @@ class EngineConfig:
             raise InvalidRequest("EngineConfig.max_input_tokens must be < max_total_tokens")
         if self.max_input_tokens > self.max_batch_tokens:
             raise InvalidRequest("EngineConfig.max_input_tokens must be <= max_batch_tokens")
+        if self.cpu_gemm not in CPU_GEMMS:
+            raise InvalidRequest(f"EngineConfig.cpu_gemm must be one of {CPU_GEMMS}")
         if self.kernel not in KERNELS:
             raise InvalidRequest(f"EngineConfig.kernel must be one of {KERNELS}")
         if self.compile not in ("off", "on") or self.decode_graph not in ("off", "buckets", "cuda"):

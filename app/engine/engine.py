@@ -95,12 +95,13 @@ class Engine:
         log.info("device slots: %s", choice.reason)
         self.config = config = replace(config, max_loras=choice.max_loras)  # resolved, as stats() reports it
         self.bank = LoRASlotBank(base.model, targets, config.max_loras, config.max_rank, base.dtype, base.device,
-                                 kernel=config.kernel, max_rows=config.max_batch_size)
+                                 kernel=config.kernel, max_rows=config.max_batch_size, cpu_gemm=config.cpu_gemm)
         self.parser = AdapterParser(self.bank.targets, config.max_rank, self.bank.dtype, base.fingerprint,
                                     base_weight_norms(base.model, targets, base.path))  # ||W||_F per module
         self.runner = ModelRunner(base.model, self.bank, self.architecture, config.max_batch_size,
                                   config.max_total_tokens,
-                                  compile_decode=config.compile == "on", decode_graph=config.decode_graph)
+                                  compile_decode=config.compile == "on", decode_graph=config.decode_graph,
+                                  cpu_gemm=config.cpu_gemm)
         self._lifecycle = threading.Lock()  # start/shutdown
         self._wake = threading.Event()  # set by submit/cancel/invalidate and the cache's loader; the loop waits
         self.cache = AdapterCache(adapters, self.bank, config.max_cpu_adapters, self.parser, self.observer,
