@@ -54,6 +54,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--churn", type=int, default=0, help="also a phase over this many adapters (0 = none)")
     p.add_argument("--olora-flags", default="")
+    p.add_argument("--compare-flags", default=None,
+                   help="also start a second `olora serve` (target olora-alt) with these flags: A/B in one run")
     p.add_argument("--vllm-venv", type=Path, default=ROOT / "bench" / ".vllm-venv")
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--skip-engine", action="store_true")
@@ -179,7 +181,9 @@ async def measure(args, servers: dict[str, Server], engine, phases, churn_jobs, 
             for phase, jobs in phases.items():
                 res = await targets[name](jobs)
                 rounds[name][phase].append(res["tokens_per_s"])
-                print(f"round {r} {name} {phase}: {res['tokens_per_s']:.1f} tok/s", flush=True)
+                report.setdefault("load_average_per_phase", []).append([r, name, phase, os.getloadavg()[0]])
+                print(f"round {r} {name} {phase}: {res['tokens_per_s']:.1f} tok/s (load {os.getloadavg()[0]:.1f})",
+                      flush=True)
                 save()
     report["results"] = {name: {phase: statistics.median(v) for phase, v in by.items()} for name, by in rounds.items()}
     report["per_round_ratio"] = {name: {ph: [round(a / b, 3) for a, b in zip(by[ph], by["base"])]
@@ -234,6 +238,11 @@ def main() -> None:
                    OLORA_DEMO_ADAPTERS="false", OLORA_PORT=str(port))
         servers["olora"] = Server([sys.executable, "-m", "olora_core.cli", "serve", "--log-level", "warning",
                                    *args.olora_flags.split()], env, port, "/ready", work / "olora.log")
+        if args.compare_flags is not None:
+            port = free_port()
+            servers["olora-alt"] = Server([sys.executable, "-m", "olora_core.cli", "serve", "--log-level", "warning",
+                                           *args.compare_flags.split()], dict(env, OLORA_PORT=str(port)), port,
+                                          "/ready", work / "olora-alt.log")
         if vllm_python is not None:
             port = free_port()
             served = dirs if args.churn else dirs[:args.adapters + 1]
@@ -260,6 +269,8 @@ def main() -> None:
     if "olora" in res and "olora-engine" in res:
         ratios["HTTP/in-process (adapters)"] = round(res["olora"]["adapters"] / res["olora-engine"]["adapters"], 3)
         ratios["HTTP/in-process (base)"] = round(res["olora"]["base"] / res["olora-engine"]["base"], 3)
+    if "olora-alt" in res:
+        ratios.update({f"olora/olora-alt ({ph})": round(res["olora"][ph] / res["olora-alt"][ph], 3) for ph in res["olora"]})
     if "vllm" in res:
         ratios.update({f"olora/vllm ({ph})": round(res["olora"][ph] / res["vllm"][ph], 3) for ph in res["vllm"]})
     report["ratios"] = ratios

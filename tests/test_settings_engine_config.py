@@ -31,7 +31,7 @@ def test_each_setting_reaches_the_engine(monkeypatch):
     values = {"model": "/models/x", "dtype": "bf16", "quantize": "nf4", "device": "cuda:1", "max_loras": 3,
               "max_cpu_adapters": 7, "max_rank": 12, "max_batch_size": 5, "max_batch_tokens": 999,
               "max_input_tokens": 333, "max_total_tokens": 444, "max_waiting": 11, "compile": "on",
-              "decode_graph": "buckets"}
+              "decode_graph": "buckets", "cpu_threads": 3, "cpu_gemm": "aten"}
     mapped = {f.name for f in fields(EngineConfig)} - set(ENGINE_ONLY_FIELDS)
     assert set(values) == mapped, "a new EngineConfig setting: add a non-default value for it here"
     for name, value in values.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .cpu_linear import CPU_GEMMS
 from .errors import InputTooLong, InvalidRequest
 from .lora_layers import KERNELS
 from .sampling import SamplingParams
@@ -31,10 +32,13 @@ class EngineConfig:
     # auto (cuda on a CUDA device with unquantized weights, else off) | off | buckets (decode padded to static
     # shapes) | cuda (buckets + CUDA graphs); the engine resolves auto (cuda_graphs.choose_decode_graph)
     decode_graph: str = "auto"
+    cpu_threads: int = 0  # intra-op threads of the forwards on CPU; 0 = auto: usable CPUs - 1 (cpu_threads.py)
+    cpu_gemm: str = "onednn"  # fp32 Linear layers on CPU: onednn (oneDNN matmul) | aten (F.linear) (cpu_linear.py)
 
     def validate(self) -> None:
-        if int(self.max_loras) < 0:
-            raise InvalidRequest(f"EngineConfig.max_loras must be >= 0 (0 = auto), got {self.max_loras}")
+        for name in ("max_loras", "cpu_threads"):
+            if int(getattr(self, name)) < 0:
+                raise InvalidRequest(f"EngineConfig.{name} must be >= 0 (0 = auto), got {getattr(self, name)}")
         positive = ("max_cpu_adapters", "max_rank", "max_batch_size", "max_batch_tokens",
                     "max_input_tokens", "max_total_tokens", "max_waiting")
         for name in positive:
@@ -44,6 +48,8 @@ class EngineConfig:
             raise InvalidRequest("EngineConfig.max_input_tokens must be < max_total_tokens")
         if self.max_input_tokens > self.max_batch_tokens:
             raise InvalidRequest("EngineConfig.max_input_tokens must be <= max_batch_tokens")
+        if self.cpu_gemm not in CPU_GEMMS:
+            raise InvalidRequest(f"EngineConfig.cpu_gemm must be one of {CPU_GEMMS}")
         if self.kernel not in KERNELS:
             raise InvalidRequest(f"EngineConfig.kernel must be one of {KERNELS}")
         if self.compile not in ("off", "on") or self.decode_graph not in DECODE_GRAPHS:

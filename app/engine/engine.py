@@ -15,7 +15,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,9 @@ from .adapter_cache import AdapterCache, AdapterKey
 from .adapter_files import AdapterInfo, AdapterParser, AdapterSource, base_weight_norms, read_adapter_config
 from .base_model import load_base_model
 from .config import EngineConfig
+from .engine_stats import EngineStats
 from .cuda_graphs import choose_decode_graph
+from .cpu_threads import apply_cpu_threads, choose_cpu_threads
 from .errors import AdapterFilesUnreadable, AdapterUnavailable, EngineError, EngineNotRunning, InvalidRequest
 from .faults import MAX_CONSECUTIVE_STEP_FAILURES, report_loop_death, row_fault_error, step_failed
 from .handle import RequestHandle, TokenEvent
@@ -42,30 +44,6 @@ log = logging.getLogger("olora.engine")
 __all__ = ["Engine", "EngineConfig", "EngineStats"]  # EngineConfig lives in config.py
 
 
-@dataclass(frozen=True)
-class EngineStats:
-    waiting: int
-    running: int
-    running_adapters: tuple[str, ...]  # distinct ids, sorted (vLLM's running_lora_adapters)
-    waiting_adapters: tuple[str, ...]
-    max_loras: int
-    slots_used: int
-    slots_pinned: int
-    slot_adapters: tuple[str | None, ...]  # per slot 1..max_loras
-    host_adapters: int
-    host_adapter_ids: tuple[str, ...]  # ids of the adapters in the host-memory cache
-    host_bytes: int
-    max_cpu_adapters: int
-    pending_loads: int
-    steps: int
-    alive: bool
-    kv_rows: int = 0  # rows of the KV cache: one per running sequence, each holding up to kv_row_tokens positions
-    kv_rows_used: int = 0  # rows held by a sequence now (running, finished ones until the step frees them)
-    kv_row_tokens: int = 0  # positions a row can hold (max_total_tokens)
-    kv_tokens_used: int = 0  # positions written across the rows in use
-    observer_errors: int = 0  # exceptions the observer raised (swallowed: SafeObserver)
-
-
 class Engine:
     def __init__(self, config: EngineConfig, adapters: AdapterSource, observer: EngineObserver | None = None):
         config.validate()
@@ -75,6 +53,10 @@ class Engine:
         self.tokenizer = base.tokenizer
         self.token_bytes = TokenBytes(base.tokenizer)  # raw bytes per token id (OpenAI logprob `bytes`)
         self.device = base.device
+        threads = choose_cpu_threads(config.cpu_threads, base.device)
+        log.info("forwards: %s", threads.reason)
+        self.cpu_threads, self.loop_threads = threads.threads, 0  # loop_threads: as the loop thread sees it (stats)
+        apply_cpu_threads(threads.threads)  # process-wide; the loop thread sets it again for itself
         self.dtype: torch.dtype = base.dtype  # compute dtype in use ("auto" resolved)
         self.model = base.model
         self.base = base.describe()  # frozen facts of the base for the adapter domain (BaseDescription)
@@ -92,12 +74,13 @@ class Engine:
         # resolved, as stats() reports them
         self.config = config = replace(config, max_loras=choice.max_loras, decode_graph=graph)
         self.bank = LoRASlotBank(base.model, targets, config.max_loras, config.max_rank, base.dtype, base.device,
-                                 kernel=config.kernel, max_rows=config.max_batch_size)
+                                 kernel=config.kernel, max_rows=config.max_batch_size, cpu_gemm=config.cpu_gemm)
         self.parser = AdapterParser(self.bank.targets, config.max_rank, self.bank.dtype, base.fingerprint,
                                     base_weight_norms(base.model, targets, base.path))  # ||W||_F per module
         self.runner = ModelRunner(base.model, self.bank, self.architecture, config.max_batch_size,
                                   config.max_total_tokens,
-                                  compile_decode=config.compile == "on", decode_graph=config.decode_graph)
+                                  compile_decode=config.compile == "on", decode_graph=config.decode_graph,
+                                  cpu_gemm=config.cpu_gemm)
         self._lifecycle = threading.Lock()  # start/shutdown
         self._wake = threading.Event()  # set by submit/cancel/invalidate and the cache's loader; the loop waits
         self.cache = AdapterCache(adapters, self.bank, config.max_cpu_adapters, self.parser, self.observer,
@@ -231,7 +214,7 @@ class Engine:
             alive=self._thread is not None and self._thread.is_alive() and self._fatal is None,
             kv_rows=self.runner.kv.max_batch, kv_rows_used=len(rows), kv_row_tokens=self.runner.kv.max_tokens,
             kv_tokens_used=sum(max(s.cached_tokens, 0) for s in rows),
-            observer_errors=self.observer.errors)
+            observer_errors=self.observer.errors, cpu_threads=self.loop_threads)
 
     # ---- internals ---------------------------------------------------------------------------------------
     def _find_eos_ids(self) -> set[int]:
@@ -250,6 +233,8 @@ class Engine:
     def _loop(self) -> None:
         failures = 0  # consecutive failed steps: a fault that outlives the rows it hit means the engine is broken
         try:
+            apply_cpu_threads(self.cpu_threads)
+            self.loop_threads = torch.get_num_threads()
             with torch.inference_mode():
                 while not self._stop:
                     self._wake.clear()  # a wake-up during the step makes the wait below return at once

@@ -23,6 +23,7 @@ from torch import nn
 
 from .adapter_files import ParsedAdapter
 from .architecture import layer_features
+from .cpu_linear import onednn_linear, use_onednn
 from .forward_batch import ForwardContext
 from .lora_kernels import (KERNELS, LoRAPlan, bgmv_delta, grouped_delta_, rank_bucket, reference_delta,  # noqa: F401
                            rows_delta, select_kernel)
@@ -52,9 +53,11 @@ class MultiLoRALinear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, n_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device, context: ForwardContext, row_capacity: int = 0, row_rank: int = 0):
+                 device: torch.device, context: ForwardContext, row_capacity: int = 0, row_rank: int = 0,
+                 cpu_gemm: str = "aten"):
         super().__init__()
         self.base_layer = base_layer
+        self.onednn = use_onednn(base_layer, cpu_gemm)  # base_layer(x) through oneDNN (cpu_linear.py)
         self.in_features, self.out_features = layer_features(base_layer)
         self.context = context
         self.register_buffer("lora_A", torch.zeros(n_slots + 1, max_rank, self.in_features, dtype=dtype,
@@ -85,7 +88,7 @@ class MultiLoRALinear(nn.Module):
         self.slot_written[slot] = r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in), rows first
-        out = self.base_layer(x)  # (..., out)
+        out = onednn_linear(self.base_layer, x) if self.onednn else self.base_layer(x)  # (..., out)
         batch = self.context.batch
         if batch is None or not batch.lora.active or self.index in batch.lora.skip:
             return out
@@ -126,7 +129,7 @@ class LoRASlotBank:
 
     def __init__(self, model: nn.Module, target_names: list[str], n_slots: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device, kernel: str = "auto", max_rows: int = 0,
-                 row_budget: int | None = None, context: ForwardContext | None = None):
+                 row_budget: int | None = None, context: ForwardContext | None = None, cpu_gemm: str = "aten"):
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.n_slots = n_slots
@@ -152,7 +155,7 @@ class LoRASlotBank:
             if isinstance(base, MultiLoRALinear):
                 raise ValueError(f"{name} is already wrapped")
             wrapped = MultiLoRALinear(base, n_slots, max_rank, dtype, device, self.context, self.row_capacity,
-                                      self.row_buffer_rank)
+                                      self.row_buffer_rank, cpu_gemm)
             setattr(model.get_submodule(parent_name), child, wrapped)
             wrapped.index = len(self.layers)
             self.layers[name] = wrapped

@@ -2,8 +2,8 @@
 engine's weights without a second copy of them.
 
 Semantics: `reference_model` copies the module tree with a `deepcopy` whose memo maps every parameter and buffer
-to itself (the copy's weights *are* the engine's tensors) and every module the engine wrapped for LoRA to a copy of
-the plain base layer it wraps (`.base_layer`); forward hooks on the copied modules are dropped (they belong to the
+to itself (the copy's weights *are* the engine's tensors) and every module the engine wrapped (for LoRA, and the
+oneDNN output head of cpu_linear.py) to a copy of the plain base layer it wraps (`.base_layer`); forward hooks on the copied modules are dropped (they belong to the
 engine's path, not the model), what the engine overrode on its tree is undone on the copy
 (architecture.undo_overrides: GPT-Neo's local bias, Bloom's ALiBi builder; a function an instance still carries in
 place of its class's method refuses the build), attention is transformers' eager implementation, and PEFT's
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .architecture import undo_overrides
+from .cpu_linear import OutputHead
 
 LoRAWeights = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A (r, in), B (out, r))
 
@@ -33,7 +34,8 @@ def reference_model(model: nn.Module, wrapped: Iterable[str],
     from peft import LoraConfig, get_peft_model
 
     memo: dict[int, object] = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    for name in wrapped:  # the plain layer the engine wraps, as a module of its own over the same tensors
+    heads = [name for name, module in model.named_modules() if isinstance(module, OutputHead)]
+    for name in [*wrapped, *heads]:  # the plain layer the engine wraps, as a module of its own over the same tensors
         wrapper = model.get_submodule(name)
         memo[id(wrapper)] = copy.deepcopy(getattr(wrapper, "base_layer", wrapper), memo)
     ref = copy.deepcopy(model, memo)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .architecture import MASK_BY_LAYER_TYPE, Architecture, window_modules
+from .cpu_linear import wrap_output_head
 from .cuda_graphs import DecodeGraphs
 from .decode_buckets import batch_bucket, kv_bucket, pad_rows
 from .forward_batch import DECODE, PREFILL, ForwardBatch
@@ -24,8 +25,9 @@ from .lora_layers import LoRASlotBank
 
 class ModelRunner:
     def __init__(self, model: nn.Module, bank: LoRASlotBank, arch: Architecture, max_batch: int, max_tokens: int,
-                 compile_decode: bool = False, decode_graph: str = "off"):
+                 compile_decode: bool = False, decode_graph: str = "off", cpu_gemm: str = "aten"):
         cfg = model.config
+        wrap_output_head(model, cpu_gemm)  # fp32 on CPU: the head through oneDNN (cpu_linear.py)
         embeddings = model.get_input_embeddings().weight
         self.model = model
         self.bank = bank

@@ -98,7 +98,7 @@ class ServerMetrics:
             gauge.labels(**labels).set(time.time())
 
     def refresh(self, stats) -> None:
-        """Set the gauges that describe the engine now from one snapshot (app.engine.engine.EngineStats), at
+        """Set the gauges that describe the engine now from one snapshot (app.engine.engine_stats.EngineStats), at
         scrape time: the only place they are set, so they agree with each other."""
         self.set_lora_info(list(stats.running_adapters), list(stats.waiting_adapters))
         self.queue_length.set(stats.waiting)

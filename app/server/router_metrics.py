@@ -40,7 +40,7 @@ class RouterProtocolMetrics:
                                     registry=r)
 
     def refresh(self, stats, model_name: str, cache_dtype: str) -> None:
-        """Set every gauge from one engine snapshot (app.engine.engine.EngineStats)."""
+        """Set every gauge from one engine snapshot (app.engine.engine_stats.EngineStats)."""
         self.waiting.labels(model_name).set(stats.waiting)
         self.running.labels(model_name).set(stats.running)
         self.kv_usage.labels(model_name).set(stats.kv_rows_used / stats.kv_rows if stats.kv_rows else 0.0)

@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     decode_graph: Literal["auto", "off", "buckets", "cuda"] = Field(
         "auto", description="auto: cuda on a CUDA device with unquantized weights, else off; buckets: decode padded "
                             "to static shapes; cuda: buckets captured as CUDA graphs")
+    cpu_threads: int = Field(0, ge=0, description="intra-op threads of the forwards on CPU; 0 = auto: one less "
+                                                  "than the CPUs this process may use, at least 1 (the HTTP event "
+                                                  "loop keeps one)")
+    cpu_gemm: Literal["onednn", "aten"] = Field("onednn", description="fp32 Linear layers on CPU: onednn (oneDNN's "
+                                                "matmul on the same weights) or aten (torch's F.linear, MKL sgemm)")
     max_new_tokens_default: int = Field(20, ge=1, description="max_new_tokens when a request gives none")
     request_timeout_s: float = Field(300.0, gt=0, description="a generation running longer is cancelled (504)")
     max_request_bytes: int = Field(1 << 20, description="JSON bodies; past it: 413")
