@@ -2,6 +2,8 @@
 engine's loop thread, and without effect on what the forwards compute beyond fp32 reordering."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from helpers import save_random_lora, save_tiny_checkpoint
@@ -81,3 +83,16 @@ def test_thread_count_changes_no_result(model_dirs):
         step = engine.runner.decode([11, 12, 13], [len(p) for p in prompts], slots)  # (3, V)
         logits[threads] = torch.cat([first, step])
     assert (logits[1] - logits[2]).abs().max().item() <= SAME_MODEL_LOGITS
+
+
+@pytest.mark.parametrize("cpu_max, limit", [("400000 100000\n", 4), ("150000 100000", 2), ("max 100000", None),
+                                            ("50000 100000", 1), ("garbage", None)])
+def test_a_containers_cpu_quota_caps_the_usable_cpus(tmp_path, cpu_max, limit):
+    from app.engine.cpu_threads import cgroup_cpu_limit, usable_cpus
+
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max)
+    assert cgroup_cpu_limit(path) == limit
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(path) == (min(affinity, limit) if limit is not None else affinity)
+    assert cgroup_cpu_limit(tmp_path / "absent") is None  # cgroup v1 or no cgroup: no cap
