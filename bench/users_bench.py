@@ -157,6 +157,23 @@ def engine_target(base: Path, store_dir: Path, args):
     return engine
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds so far of a server process and its children (vLLM's engine core is a child), or
+    with None of this process alone (the benchmark: the HTTP clients, and the in-process engine with its consumer;
+    not its children, which are the servers)."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *(proc.children(recursive=True) if pid is not None else [])]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 async def measure(args, servers: dict[str, Server], engine, phases, churn_jobs, report, save) -> None:
     import httpx
 
@@ -173,13 +190,24 @@ async def measure(args, servers: dict[str, Server], engine, phases, churn_jobs, 
         await run(warm)
         print(f"warm {name}", flush=True)
     rounds = report["rounds"] = {name: {phase: [] for phase in phases} for name in targets}
+    # CPU milliseconds per generated token, per round: the server's process tree, and this process (the HTTP
+    # clients; for olora-engine the engine itself and its asyncio consumer)
+    cpu = report["cpu_ms_per_token"] = {name: {phase: {"server": [], "bench": []} for phase in phases}
+                                        for name in targets}
     order = list(targets)
     for r in range(args.rounds):
         for name in order[r % len(order):] + order[:r % len(order)]:
             for phase, jobs in phases.items():
+                pid = servers[name].proc.pid if name in servers else None
+                before = (cpu_seconds(pid) if pid else 0.0), cpu_seconds(None)
                 res = await targets[name](jobs)
+                after = (cpu_seconds(pid) if pid else 0.0), cpu_seconds(None)
                 rounds[name][phase].append(res["tokens_per_s"])
-                print(f"round {r} {name} {phase}: {res['tokens_per_s']:.1f} tok/s", flush=True)
+                for side, b, a in zip(("server", "bench"), before, after):
+                    cpu[name][phase][side].append(round(1000 * (a - b) / res["tokens"], 3))
+                print(f"round {r} {name} {phase}: {res['tokens_per_s']:.1f} tok/s, CPU ms/token server "
+                      f"{cpu[name][phase]['server'][-1]:.2f} bench {cpu[name][phase]['bench'][-1]:.2f} "
+                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
                 save()
     report["results"] = {name: {phase: statistics.median(v) for phase, v in by.items()} for name, by in rounds.items()}
     report["per_round_ratio"] = {name: {ph: [round(a / b, 3) for a, b in zip(by[ph], by["base"])]
