@@ -42,7 +42,9 @@ class AppState:
         return self.metrics.count_registered(self.adapters.index.versions())
 
 
-def get_state(request: Request) -> AppState:
+# The dependencies are coroutines: they do not block, and a plain `def` one would cost every request a hop to
+# a worker thread and back (FastAPI runs those in its thread pool).
+async def get_state(request: Request) -> AppState:
     state = getattr(request.app.state, "olora", None)
     if state is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the server is starting")
@@ -72,12 +74,12 @@ def _require(state: AppState, credentials: HTTPAuthorizationCredentials | None, 
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this API key may generate but not change adapters")
 
 
-def require_api_key(state: State, credentials: Credentials) -> None:
+async def require_api_key(state: State, credentials: Credentials) -> None:
     """Generation and reading: any API key or admin key."""
     _require(state, credentials, "api")
 
 
-def require_admin_key(state: State, credentials: Credentials) -> None:
+async def require_admin_key(state: State, credentials: Credentials) -> None:
     """Upload, delete, merge: an admin key (the API keys too when no admin key is configured)."""
     _require(state, credentials, "admin")
 
