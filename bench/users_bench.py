@@ -54,6 +54,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--churn", type=int, default=0, help="also a phase over this many adapters (0 = none)")
     p.add_argument("--olora-flags", default="")
+    p.add_argument("--reference-tree", type=Path, default=None,
+                   help="also `olora serve` from this source tree (target olora-ref), e.g. the code before a change: "
+                        "git archive <commit> app olora_core | tar -x -C /tmp/ref")
     p.add_argument("--vllm-venv", type=Path, default=ROOT / "bench" / ".vllm-venv")
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--skip-engine", action="store_true")
@@ -262,6 +265,12 @@ def main() -> None:
                    OLORA_DEMO_ADAPTERS="false", OLORA_PORT=str(port))
         servers["olora"] = Server([sys.executable, "-m", "olora_core.cli", "serve", "--log-level", "warning",
                                    *args.olora_flags.split()], env, port, "/ready", work / "olora.log")
+        if args.reference_tree is not None:  # the same server from another source tree, in the same rounds
+            port = free_port()
+            servers["olora-ref"] = Server(
+                [sys.executable, "-m", "olora_core.cli", "serve", "--log-level", "warning", *args.olora_flags.split()],
+                dict(env, OLORA_PORT=str(port), PYTHONPATH=str(args.reference_tree.resolve())), port, "/ready",
+                work / "olora-ref.log")
         if vllm_python is not None:
             port = free_port()
             served = dirs if args.churn else dirs[:args.adapters + 1]
@@ -288,6 +297,11 @@ def main() -> None:
     if "olora" in res and "olora-engine" in res:
         ratios["HTTP/in-process (adapters)"] = round(res["olora"]["adapters"] / res["olora-engine"]["adapters"], 3)
         ratios["HTTP/in-process (base)"] = round(res["olora"]["base"] / res["olora-engine"]["base"], 3)
+    if "olora-ref" in res:
+        ratios.update({f"olora/olora-ref ({ph})": round(res["olora"][ph] / res["olora-ref"][ph], 3) for ph in res["olora"]})
+        if "olora-engine" in res:
+            ratios["olora-ref HTTP/in-process (adapters)"] = round(
+                res["olora-ref"]["adapters"] / res["olora-engine"]["adapters"], 3)
     if "vllm" in res:
         ratios.update({f"olora/vllm ({ph})": round(res["olora"][ph] / res["vllm"][ph], 3) for ph in res["vllm"]})
     report["ratios"] = ratios
