@@ -177,6 +177,15 @@ def cpu_seconds(pid: int | None) -> float:
     return total
 
 
+def loop_thread_seconds(pid: int | None) -> float:
+    """CPU seconds so far of a process's main thread: `olora serve`'s event loop (uvicorn), or with None this
+    process's (the in-process engine's asyncio consumer)."""
+    import psutil
+
+    pid = os.getpid() if pid is None else pid
+    return next((t.user_time + t.system_time for t in psutil.Process(pid).threads() if t.id == pid), 0.0)
+
+
 async def measure(args, servers: dict[str, Server], engine, phases, churn_jobs, report, save) -> None:
     import httpx
 
@@ -193,23 +202,25 @@ async def measure(args, servers: dict[str, Server], engine, phases, churn_jobs, 
         await run(warm)
         print(f"warm {name}", flush=True)
     rounds = report["rounds"] = {name: {phase: [] for phase in phases} for name in targets}
-    # CPU milliseconds per generated token, per round: the server's process tree, and this process (the HTTP
-    # clients; for olora-engine the engine itself and its asyncio consumer)
-    cpu = report["cpu_ms_per_token"] = {name: {phase: {"server": [], "bench": []} for phase in phases}
+    # CPU milliseconds per generated token, per round: the server's process tree, this process (the HTTP clients;
+    # for olora-engine the engine itself and its asyncio consumer), and the main thread's (the event loop of
+    # `olora serve`, the asyncio consumer of olora-engine)
+    cpu = report["cpu_ms_per_token"] = {name: {phase: {"server": [], "bench": [], "loop": []} for phase in phases}
                                         for name in targets}
     order = list(targets)
     for r in range(args.rounds):
         for name in order[r % len(order):] + order[:r % len(order)]:
             for phase, jobs in phases.items():
                 pid = servers[name].proc.pid if name in servers else None
-                before = (cpu_seconds(pid) if pid else 0.0), cpu_seconds(None)
+                before = (cpu_seconds(pid) if pid else 0.0), cpu_seconds(None), loop_thread_seconds(pid)
                 res = await targets[name](jobs)
-                after = (cpu_seconds(pid) if pid else 0.0), cpu_seconds(None)
+                after = (cpu_seconds(pid) if pid else 0.0), cpu_seconds(None), loop_thread_seconds(pid)
                 rounds[name][phase].append(res["tokens_per_s"])
-                for side, b, a in zip(("server", "bench"), before, after):
+                for side, b, a in zip(("server", "bench", "loop"), before, after):
                     cpu[name][phase][side].append(round(1000 * (a - b) / res["tokens"], 3))
                 print(f"round {r} {name} {phase}: {res['tokens_per_s']:.1f} tok/s, CPU ms/token server "
                       f"{cpu[name][phase]['server'][-1]:.2f} bench {cpu[name][phase]['bench'][-1]:.2f} "
+                      f"main thread {cpu[name][phase]['loop'][-1]:.3f} "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
                 save()
     report["results"] = {name: {phase: statistics.median(v) for phase, v in by.items()} for name, by in rounds.items()}
