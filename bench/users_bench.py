@@ -278,8 +278,8 @@ def main() -> None:
                                    *args.olora_flags.split()], env, port, "/ready", work / "olora.log")
         if args.reference_tree is not None:  # the same server from another source tree, in the same rounds
             port = free_port()
-            servers["olora-ref"] = Server(
-                [sys.executable, "-m", "olora_core.cli", "serve", "--log-level", "warning", *args.olora_flags.split()],
+            servers["olora-ref"] = Server(  # -P: the current directory (this tree) does not go before PYTHONPATH
+                [sys.executable, "-P", "-m", "olora_core.cli", "serve", "--log-level", "warning", *args.olora_flags.split()],
                 dict(env, OLORA_PORT=str(port), PYTHONPATH=str(args.reference_tree.resolve())), port, "/ready",
                 work / "olora-ref.log")
         if vllm_python is not None:
