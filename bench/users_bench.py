@@ -8,6 +8,7 @@ Load (users_load.py): C clients, N requests x T new tokens, prompts of 24-64 com
 (`temperature` 0, `ignore_eos`), request i on adapter a{7i mod K}. Phases "base" and "adapters" alternate, every
 target in every round, the order of targets rotated each round; medians over rounds. Targets, all up at once:
   olora         `olora serve` with its defaults (model, store and port given; adapters put in its store as PEFT dirs)
+  olora-ref     with --reference-tree PATH: `olora serve` run from that source tree (before/after a change)
   olora-engine  the same engine in-process with the server's defaults (Engine.submit from C asyncio tasks)
   vllm          vLLM's CPU build (bench/.vllm-venv, made by peer_vllm.ensure_vllm), --enable-lora --max-loras 16
                 --max-lora-rank R --max-cpu-loras K, unless --skip-vllm
@@ -16,7 +17,9 @@ arrival of the SSE chunks), the first-request cost (a 1-token request to an adap
 the same request to one in use; chunks count with empty text too), and with --churn M: M adapters, request i on a{7i mod M} (almost every request
 needs an adapter not in memory). Shapes: small = the 27M Llama (hidden 512, 8 layers, vocab 8000); 0.5b = a random
 Qwen2 shaped like Qwen2-0.5B (hidden 896, 24 layers, 14/2 heads, MLP 4864, vocab 151936, tied embeddings).
-Writes bench/out/users_bench[_<shape>].json.
+Per target and phase it also records CPU milliseconds per token: the server's processes, this process (the HTTP
+clients, or the in-process engine) and the main thread (the server's event loop). Writes
+bench/out/users_bench[_<shape>].json.
 """
 from __future__ import annotations
 
