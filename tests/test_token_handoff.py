@@ -143,6 +143,22 @@ def test_timeout_and_disconnect_cancel_the_request():
                 break
             await asyncio.sleep(0.01)
         left.finish("cancelled")  # what the engine does once it sees the cancel
+        polls = []
+
+        async def poll() -> bool:  # a poll-style check (Request.is_disconnected): False twice, then gone
+            polls.append(1)
+            return len(polls) > 2
+
+        polled = RequestHandle("polled", cancelled.append)
+        polling = asyncio.create_task(collect(polled, Generation(request_id="polled"), timeout_s=60,
+                                              disconnected=poll))
+        for _ in range(200):
+            if "polled" in cancelled:
+                break
+            await asyncio.sleep(0.01)
+        assert len(polls) == 3  # not cancelled on the first False
+        polled.finish("cancelled")
+        await polling
         return await task
 
     generation = asyncio.run(run())

@@ -20,7 +20,10 @@ from app.server.tracing import record_generation
 if TYPE_CHECKING:
     from app.server.drain import Drain
 
-Disconnected = Callable[[], Awaitable[None]]  # returns once the client has gone (e.g. until_disconnected)
+# returns once the client has gone (until_disconnected); a poll that returns False is asked again every
+# DISCONNECT_POLL_S (Request.is_disconnected works, at the cost of a wake-up per poll)
+Disconnected = Callable[[], Awaitable[object]]
+DISCONNECT_POLL_S = 0.1
 
 
 class GenerationError(Exception):
@@ -150,7 +153,8 @@ async def until_disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
 
 
 async def _cancel_on_disconnect(disconnected: Disconnected, cancel: Callable[[], None]) -> None:
-    await disconnected()
+    while await disconnected() is False:  # a poll-style check (Starlette's Request.is_disconnected): ask again
+        await asyncio.sleep(DISCONNECT_POLL_S)
     cancel()
 
 
