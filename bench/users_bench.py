@@ -8,6 +8,7 @@ Load (users_load.py): C clients, N requests x T new tokens, prompts of 24-64 com
 (`temperature` 0, `ignore_eos`), request i on adapter a{7i mod K}. Phases "base" and "adapters" alternate, every
 target in every round, the order of targets rotated each round; medians over rounds. Targets, all up at once:
   olora         `olora serve` with its defaults (model, store and port given; adapters put in its store as PEFT dirs)
+  olora-ref     with --reference-tree PATH: `olora serve` run from that source tree (before/after a change)
   olora-engine  the same engine in-process with the server's defaults (Engine.submit from C asyncio tasks)
   vllm          vLLM's CPU build (bench/.vllm-venv, made by peer_vllm.ensure_vllm), --enable-lora --max-loras 16
                 --max-lora-rank R --max-cpu-loras K, unless --skip-vllm
@@ -16,7 +17,9 @@ arrival of the SSE chunks), the first-request cost (a 1-token request to an adap
 the same request to one in use; chunks count with empty text too), and with --churn M: M adapters, request i on a{7i mod M} (almost every request
 needs an adapter not in memory). Shapes: small = the 27M Llama (hidden 512, 8 layers, vocab 8000); 0.5b = a random
 Qwen2 shaped like Qwen2-0.5B (hidden 896, 24 layers, 14/2 heads, MLP 4864, vocab 151936, tied embeddings).
-Writes bench/out/users_bench[_<shape>].json.
+Per target and phase it also records CPU milliseconds per token: the server's processes, this process (the HTTP
+clients, or the in-process engine) and the main thread (the server's event loop). Writes
+bench/out/users_bench[_<shape>].json.
 """
 from __future__ import annotations
 
@@ -56,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--olora-flags", default="")
     p.add_argument("--compare-flags", default=None,
                    help="also start a second `olora serve` (target olora-alt) with these flags: A/B in one run")
+    p.add_argument("--reference-tree", type=Path, default=None,
+                   help="also `olora serve` from this source tree (target olora-ref), e.g. the code before a change: "
+                        "git archive <commit> app olora_core | tar -x -C /tmp/ref")
     p.add_argument("--vllm-venv", type=Path, default=ROOT / "bench" / ".vllm-venv")
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--skip-engine", action="store_true")
@@ -159,6 +165,32 @@ def engine_target(base: Path, store_dir: Path, args):
     return engine
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds so far of a server process and its children (vLLM's engine core is a child), or
+    with None of this process alone (the benchmark: the HTTP clients, and the in-process engine with its consumer;
+    not its children, which are the servers)."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *(proc.children(recursive=True) if pid is not None else [])]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def loop_thread_seconds(pid: int | None) -> float:
+    """CPU seconds so far of a process's main thread: `olora serve`'s event loop (uvicorn), or with None this
+    process's (the in-process engine's asyncio consumer)."""
+    import psutil
+
+    pid = os.getpid() if pid is None else pid
+    return next((t.user_time + t.system_time for t in psutil.Process(pid).threads() if t.id == pid), 0.0)
+
+
 async def measure(args, servers: dict[str, Server], engine, phases, churn_jobs, report, save) -> None:
     import httpx
 
@@ -175,15 +207,27 @@ async def measure(args, servers: dict[str, Server], engine, phases, churn_jobs, 
         await run(warm)
         print(f"warm {name}", flush=True)
     rounds = report["rounds"] = {name: {phase: [] for phase in phases} for name in targets}
+    # CPU milliseconds per generated token, per round: the server's process tree, this process (the HTTP clients;
+    # for olora-engine the engine itself and its asyncio consumer), and the main thread's (the event loop of
+    # `olora serve`, the asyncio consumer of olora-engine)
+    cpu = report["cpu_ms_per_token"] = {name: {phase: {"server": [], "bench": [], "loop": []} for phase in phases}
+                                        for name in targets}
     order = list(targets)
     for r in range(args.rounds):
         for name in order[r % len(order):] + order[:r % len(order)]:
             for phase, jobs in phases.items():
+                pid = servers[name].proc.pid if name in servers else None
+                before = (cpu_seconds(pid) if pid else 0.0), cpu_seconds(None), loop_thread_seconds(pid)
                 res = await targets[name](jobs)
+                after = (cpu_seconds(pid) if pid else 0.0), cpu_seconds(None), loop_thread_seconds(pid)
                 rounds[name][phase].append(res["tokens_per_s"])
                 report.setdefault("load_average_per_phase", []).append([r, name, phase, os.getloadavg()[0]])
-                print(f"round {r} {name} {phase}: {res['tokens_per_s']:.1f} tok/s (load {os.getloadavg()[0]:.1f})",
-                      flush=True)
+                for side, b, a in zip(("server", "bench", "loop"), before, after):
+                    cpu[name][phase][side].append(round(1000 * (a - b) / res["tokens"], 3))
+                print(f"round {r} {name} {phase}: {res['tokens_per_s']:.1f} tok/s, CPU ms/token server "
+                      f"{cpu[name][phase]['server'][-1]:.2f} bench {cpu[name][phase]['bench'][-1]:.2f} "
+                      f"main thread {cpu[name][phase]['loop'][-1]:.3f} "
+                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
                 save()
     report["results"] = {name: {phase: statistics.median(v) for phase, v in by.items()} for name, by in rounds.items()}
     report["per_round_ratio"] = {name: {ph: [round(a / b, 3) for a, b in zip(by[ph], by["base"])]
@@ -243,6 +287,12 @@ def main() -> None:
             servers["olora-alt"] = Server([sys.executable, "-m", "olora_core.cli", "serve", "--log-level", "warning",
                                            *args.compare_flags.split()], dict(env, OLORA_PORT=str(port)), port,
                                           "/ready", work / "olora-alt.log")
+        if args.reference_tree is not None:  # the same server from another source tree, in the same rounds
+            port = free_port()
+            servers["olora-ref"] = Server(  # -P: the current directory (this tree) does not go before PYTHONPATH
+                [sys.executable, "-P", "-m", "olora_core.cli", "serve", "--log-level", "warning", *args.olora_flags.split()],
+                dict(env, OLORA_PORT=str(port), PYTHONPATH=str(args.reference_tree.resolve())), port, "/ready",
+                work / "olora-ref.log")
         if vllm_python is not None:
             port = free_port()
             served = dirs if args.churn else dirs[:args.adapters + 1]
@@ -271,6 +321,11 @@ def main() -> None:
         ratios["HTTP/in-process (base)"] = round(res["olora"]["base"] / res["olora-engine"]["base"], 3)
     if "olora-alt" in res:
         ratios.update({f"olora/olora-alt ({ph})": round(res["olora"][ph] / res["olora-alt"][ph], 3) for ph in res["olora"]})
+    if "olora-ref" in res:
+        ratios.update({f"olora/olora-ref ({ph})": round(res["olora"][ph] / res["olora-ref"][ph], 3) for ph in res["olora"]})
+        if "olora-engine" in res:
+            ratios["olora-ref HTTP/in-process (adapters)"] = round(
+                res["olora-ref"]["adapters"] / res["olora-engine"]["adapters"], 3)
     if "vllm" in res:
         ratios.update({f"olora/vllm ({ph})": round(res["olora"][ph] / res["vllm"][ph], 3) for ph in res["vllm"]})
     report["ratios"] = ratios

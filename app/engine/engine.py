@@ -29,7 +29,7 @@ from .cuda_graphs import choose_decode_graph
 from .cpu_threads import apply_cpu_threads, choose_cpu_threads
 from .errors import AdapterFilesUnreadable, AdapterUnavailable, EngineError, EngineNotRunning, InvalidRequest
 from .faults import MAX_CONSECUTIVE_STEP_FAILURES, report_loop_death, row_fault_error, step_failed
-from .handle import RequestHandle, TokenEvent
+from .handle import RequestHandle, TokenEvent, Wakeups
 from .architecture import describe_architecture, layer_features
 from .lora_layers import LoRASlotBank, find_target_modules
 from .observer import EngineObserver, RequestStats, SafeObserver
@@ -94,6 +94,7 @@ class Engine:
         self._stop = False
         self._fatal: BaseException | None = None
         self._step_rows: list[Sequence] = []  # the rows of the step in progress (failed together if it raises)
+        self._wakeups = Wakeups()  # a step's tokens wake each consumer loop once (handle.py)
         self.steps = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
@@ -139,7 +140,7 @@ class Engine:
         for prompt_ids, params in jobs:
             request_id = f"req-{next(self._ids)}"
             sampler = RowSampler(params, self.device, len(prompt_ids))  # draws the seed of an unseeded request
-            handle = RequestHandle(request_id, self.cancel, seed=sampler.seed)
+            handle = RequestHandle(request_id, self.cancel, seed=sampler.seed, wakeups=self._wakeups)
             seqs.append(Sequence(request_id=request_id, prompt_ids=list(prompt_ids), adapter_id=adapter_id,
                                  key=key, params=params, sampler=sampler,
                                  detok=IncrementalDetokenizer(self.tokenizer, prompt_ids), handle=handle))
@@ -307,12 +308,13 @@ class Engine:
             sched.start_running(newcomers)
         batch_logits = torch.cat(logits) if len(logits) > 1 else logits[0]  # (B, V)
         choices = choose_tokens(batch_logits, [s.sampler for s in rows], [self._history(s) for s in rows])
-        for seq, token, logprob, top, fault in zip(rows, choices.tokens, choices.logprobs, choices.tops,
-                                                   choices.faults):
-            if fault is None:
-                self._emit(seq, token, logprob, top)
-            else:  # this row's logits are not usable: it ends alone (faults.py)
-                self._finish(seq, "error", row_fault_error(fault, seq.adapter_id, len(seq.generated)))
+        with self._wakeups.batch():  # one wake-up per consumer loop for the whole step's tokens
+            for seq, token, logprob, top, fault in zip(rows, choices.tokens, choices.logprobs, choices.tops,
+                                                       choices.faults):
+                if fault is None:
+                    self._emit(seq, token, logprob, top)
+                else:  # this row's logits are not usable: it ends alone (faults.py)
+                    self._finish(seq, "error", row_fault_error(fault, seq.adapter_id, len(seq.generated)))
         self._step_rows = []
         self.steps += 1
         self.observer.on_step(len(old) + len(newcomers), sched.n_waiting, prefill_tokens, len(old))

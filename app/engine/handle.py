@@ -1,7 +1,8 @@
 """What `Engine.submit` returns: a stream of `TokenEvent`s, usable from asyncio or blocking code.
 
-The engine thread pushes events; an asyncio consumer is woken with `loop.call_soon_threadsafe`, a blocking one
-through a condition variable. Consume a handle one way only (`async for` or `result()`).
+The engine thread pushes events; an asyncio consumer is woken through `Wakeups` (one `loop.call_soon_threadsafe`
+per event loop per engine step, not per token), a blocking one through a condition variable. Consume a handle one
+way only (`async for`, `next_events()` or `result()`).
 
 The handle owns the request's outcome (`finish_reason`, `error`, `done`, timings); the engine's `Sequence`
 reads it. `TokenEvent` is the one token type from the engine to a response (the HTTP layer renders its pydantic
@@ -10,11 +11,12 @@ models from it), and `GenerationResult.add` the one accumulator of a generation'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,56 @@ class GenerationResult:
         return sum(t.logprob or 0.0 for t in self.tokens)
 
 
+class Wakeups:
+    """The engine thread's wake-ups of asyncio consumers.
+
+    Semantics: outside `batch()`, `wake(loop, event)` schedules `event.set()` on `loop` at once. Inside `batch()`,
+    wake-ups asked for by the thread that opened it (the engine thread while it hands out one step's tokens) are
+    collected, and scheduled when the batch ends with one `call_soon_threadsafe` per loop that sets them all: a
+    step that gives B consumers on one loop a token costs one cross-thread hand-off (one self-pipe write, one loop
+    wake-up) instead of B. Wake-ups asked for by other threads are never deferred."""
+
+    def __init__(self) -> None:
+        self._owner: int | None = None  # the thread holding the open batch (only it touches _pending)
+        self._pending: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        self._owner = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._owner = None
+            pending, self._pending = self._pending, {}
+            for loop, events in pending.items():
+                _schedule_set(loop, events)
+
+    def wake(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        if self._owner == threading.get_ident():
+            self._pending.setdefault(loop, []).append(event)
+        else:
+            _schedule_set(loop, [event])
+
+
+def _schedule_set(loop: asyncio.AbstractEventLoop, events: list[asyncio.Event]) -> None:
+    try:
+        loop.call_soon_threadsafe(_set_all, events)
+    except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+        pass
+
+
+def _set_all(events: list[asyncio.Event]) -> None:
+    for event in events:
+        event.set()
+
+
 class RequestHandle:
     """Async iterator of TokenEvent. The stream ends after the last token; `finish_reason` then says why
     ("cancelled" ends it without a final token). Errors found after submit (e.g. the adapter failed to load)
     are raised by the iteration / `result()` as the engine's typed exceptions."""
 
-    def __init__(self, request_id: str, cancel: Callable[[str], None], seed: int | None = None):
+    def __init__(self, request_id: str, cancel: Callable[[str], None], seed: int | None = None,
+                 wakeups: Wakeups | None = None):
         self.request_id = request_id
         self.seed = seed  # the seed of a sampled request (given, or drawn by its RowSampler)
         self.submitted_at = time.perf_counter()
@@ -80,6 +126,7 @@ class RequestHandle:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
+        self._wakeups = wakeups or Wakeups()  # the engine's: wake-ups of one step coalesced per loop
         self._first_token_at: float | None = None
         self._finished_at: float | None = None
         self.admitted_at: float | None = None  # set by the engine thread when the scheduler admits it
@@ -118,10 +165,7 @@ class RequestHandle:
             self._cond.notify_all()
             loop, wake = self._loop, self._wake
         if loop is not None:
-            try:
-                loop.call_soon_threadsafe(wake.set)
-            except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
-                pass
+            self._wakeups.wake(loop, wake)
 
     @property
     def time_to_first_token(self) -> float | None:
@@ -149,11 +193,31 @@ class RequestHandle:
                     if self.error is not None:
                         raise self.error
                     raise StopAsyncIteration
-                if self._loop is None:
-                    self._loop = asyncio.get_running_loop()
-                    self._wake = asyncio.Event()
-                self._wake.clear()
+                self._arm()
             await self._wake.wait()
+
+    async def next_events(self) -> list[TokenEvent]:
+        """Every event pushed since the last call, in order; waits until there is at least one. [] once the stream
+        has ended (its error, if any, is raised instead). One wake-up and one lock per engine step, not per token."""
+        while True:
+            with self._cond:
+                if self._events:
+                    events = list(self._events)
+                    self._events.clear()
+                    return events
+                if self._closed:
+                    if self.error is not None:
+                        raise self.error
+                    return []
+                self._arm()
+            await self._wake.wait()
+
+    def _arm(self) -> None:
+        """Under the lock, with nothing to read: make the next push wake this task's loop."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._wake = asyncio.Event()
+        self._wake.clear()
 
     # ---- blocking consumer -------------------------------------------------------------------------------
     def result(self, timeout: float | None = None) -> GenerationResult:

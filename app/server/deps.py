@@ -44,7 +44,9 @@ class AppState:
         return self.metrics.count_registered(self.adapters.index.versions())
 
 
-def get_state(request: Request) -> AppState:
+# The dependencies are coroutines: they do not block, and a plain `def` one would cost every request a hop to
+# a worker thread and back (FastAPI runs those in its thread pool).
+async def get_state(request: Request) -> AppState:
     state = getattr(request.app.state, "olora", None)
     if state is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the server is starting")

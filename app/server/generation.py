@@ -1,12 +1,14 @@
 """Running one generation through the engine for the HTTP layer: parameter mapping, collection, streaming,
-timeouts and cancellation. No web framework types: a `disconnected` coroutine function is passed in."""
+timeouts and cancellation. No web framework types: a `disconnected` coroutine function is passed in.
+
+Tokens come from the engine in per-step batches (`RequestHandle.next_events`): one wake-up of the consumer per step,
+one timer per wait, and one pending ASGI read per request for the client's disconnect."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import contextvars
 import functools
-import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Iterable
@@ -18,7 +20,9 @@ from app.server.tracing import record_generation
 if TYPE_CHECKING:
     from app.server.drain import Drain
 
-Disconnected = Callable[[], Awaitable[bool]]
+# returns once the client has gone (until_disconnected); a poll that returns False is asked again every
+# DISCONNECT_POLL_S (Request.is_disconnected works, at the cost of a wake-up per poll)
+Disconnected = Callable[[], Awaitable[object]]
 DISCONNECT_POLL_S = 0.1
 
 
@@ -140,43 +144,49 @@ def _cancel_runs(started: asyncio.Future) -> None:
             handle.cancel()
 
 
-async def _watch_disconnect(disconnected: Disconnected, handle) -> None:
-    while True:
-        if await disconnected():
-            handle.cancel()
-            return
+async def until_disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
+    """Return once the ASGI connection reports `http.disconnect`. After the request body has been read, `receive`
+    waits until the client goes (or the response is complete), so this costs one pending read per request, not a
+    poll every few milliseconds."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _cancel_on_disconnect(disconnected: Disconnected, cancel: Callable[[], None]) -> None:
+    while await disconnected() is False:  # a poll-style check (Starlette's Request.is_disconnected): ask again
         await asyncio.sleep(DISCONNECT_POLL_S)
+    cancel()
 
 
-async def stream_tokens(handle, generation: Generation, *, timeout_s: float,
-                        disconnected: Disconnected | None = None, drain: Drain | None = None
-                        ) -> AsyncIterator[TokenEvent]:
-    """Yield the request's tokens as they come; cancel the request on timeout, disconnect or consumer exit. A
-    `drain` that times out cancels it too, and the iteration then raises DrainTimeout (an in-band error)."""
-    watcher = asyncio.create_task(_watch_disconnect(disconnected, handle)) if disconnected else None
+async def _event_batches(handle, generation: Generation, *, timeout_s: float,
+                         disconnected: Disconnected | None = None, drain: Drain | None = None
+                         ) -> AsyncIterator[list[TokenEvent]]:
+    """The request's events in the batches the engine hands over (one per step, more when the consumer fell
+    behind), not yet added to `generation`: the consumer adds them. Cancel the request on timeout, disconnect or
+    consumer exit; a `drain` that times out cancels it too, and the iteration then raises DrainTimeout."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(disconnected, handle.cancel)) if disconnected else None
     cut_key = drain.register(handle.cancel) if drain is not None else None
-    started, first_token_s = time.monotonic(), None
-    deadline = time.monotonic() + timeout_s
+    loop = asyncio.get_running_loop()
+    started, first_token_s = loop.time(), None
+    deadline = started + timeout_s
     timeout = GenerationTimeout(f"generation exceeded the request timeout of {timeout_s:g} s")
-    events = handle.__aiter__()
     try:
         while True:  # every event carries a token; a cancelled request ends the iteration without one
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if loop.time() >= deadline:
                 raise timeout
             try:
-                event = await asyncio.wait_for(events.__anext__(), timeout=remaining)
-            except StopAsyncIteration:
+                async with asyncio.timeout_at(deadline):  # one timer per wait, not a task per token
+                    events = await handle.next_events()
+            except TimeoutError:
+                raise timeout from None
+            if not events:
                 if drain is not None and drain.expired:
                     raise DrainTimeout("the server is shutting down and its drain timeout passed") from None
                 break
-            except asyncio.TimeoutError:
-                raise timeout from None
-            generation.add(event)
             if first_token_s is None:
-                first_token_s = time.monotonic() - started
-            yield event
-            if event.finish_reason is not None:
+                first_token_s = loop.time() - started
+            yield events
+            if events[-1].finish_reason is not None:
                 break
     finally:
         if generation.finish_reason is None:
@@ -191,10 +201,27 @@ async def stream_tokens(handle, generation: Generation, *, timeout_s: float,
                 await watcher
 
 
+async def stream_tokens(handle, generation: Generation, *, timeout_s: float,
+                        disconnected: Disconnected | None = None, drain: Drain | None = None
+                        ) -> AsyncIterator[TokenEvent]:
+    """Yield the request's tokens as they come, each added to `generation` first; cancel the request on timeout,
+    disconnect or consumer exit. A `drain` that times out cancels it too, and the iteration then raises
+    DrainTimeout (an in-band error)."""
+    async with contextlib.aclosing(_event_batches(handle, generation, timeout_s=timeout_s, disconnected=disconnected,
+                                                  drain=drain)) as batches:
+        async for events in batches:
+            for event in events:
+                generation.add(event)
+                yield event
+
+
 async def collect(handle, generation: Generation, *, timeout_s: float,
                   disconnected: Disconnected | None = None, drain: Drain | None = None) -> Generation:
-    async for _ in stream_tokens(handle, generation, timeout_s=timeout_s, disconnected=disconnected, drain=drain):
-        pass
+    async with contextlib.aclosing(_event_batches(handle, generation, timeout_s=timeout_s, disconnected=disconnected,
+                                                  drain=drain)) as batches:
+        async for events in batches:
+            for event in events:
+                generation.add(event)
     return generation
 
 
@@ -203,6 +230,14 @@ async def merged_tokens(runs: list[tuple[object, Generation]], *, timeout_s: flo
                         ) -> AsyncIterator[tuple[int, TokenEvent | None]]:
     """Tokens of several generations as they come: (run index, token), and (run index, None) when one ends.
     Leaving the iteration cancels the runs still going; the first error ends it."""
+    if len(runs) == 1:  # the common case: no queue and no task per token
+        handle, generation = runs[0]
+        async with contextlib.aclosing(stream_tokens(handle, generation, timeout_s=timeout_s,
+                                                     disconnected=disconnected, drain=drain)) as tokens:
+            async for token in tokens:
+                yield 0, token
+        yield 0, None
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, handle, generation: Generation) -> None:

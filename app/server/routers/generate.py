@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from functools import partial
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
@@ -13,7 +14,7 @@ from app.server import tgi
 from app.server.deps import AppState, State, policy
 from app.server.errors import stream_error
 from app.server.generation import (Generation, adapter_with_header, collect, start_many, start_off_loop,
-                                   stream_tokens)
+                                   stream_tokens, until_disconnected)
 from app.server.route_policy import GENERATE
 from app.server.schemas import GenerateRequest, GenerateResponse
 
@@ -42,7 +43,7 @@ async def _generate(body: GenerateRequest, request: Request, state: AppState,
                     header_adapter: str | None) -> GenerateResponse:
     runs = await _start_all(state, request, body, header_adapter, stream=False)
     await asyncio.gather(*(collect(h, g, timeout_s=state.settings.request_timeout_s,
-                                   disconnected=request.is_disconnected, drain=state.drain) for h, g in runs))
+                                   disconnected=partial(until_disconnected, request.receive), drain=state.drain) for h, g in runs))
     best, others = tgi.best_of([g for _, g in runs])
     render = tgi.Renderer(state.engine.tokenizer, body.parameters)
     details = render.details(body.inputs, best, others) if body.parameters.details else None
@@ -64,7 +65,7 @@ async def _generate_stream(body: GenerateRequest, request: Request, state: AppSt
         pending = None
         try:
             async for token in stream_tokens(handle, generation, timeout_s=state.settings.request_timeout_s,
-                                             disconnected=request.is_disconnected, drain=state.drain):
+                                             disconnected=partial(until_disconnected, request.receive), drain=state.drain):
                 if pending is not None:
                     yield _event(pending.model_dump(exclude_none=False))
                 pending = render.stream_event(len(generation.tokens), token)

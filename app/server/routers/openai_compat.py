@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from functools import partial
 import time
 import uuid
 import weakref
@@ -23,7 +24,7 @@ from app.server.errors import stream_error
 from app.engine.handle import TokenEvent
 from app.engine.sampling import SamplingParams
 from app.server.generation import (Generation, adapter_with_header, merged_tokens, sampling_params, start_many,
-                                   start_off_loop)
+                                   start_off_loop, until_disconnected)
 from app.server.openai_schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -85,7 +86,7 @@ def _sse(state: AppState, request: Request, runs: list[tuple[object, Generation]
         pending: list[list[TokenEvent]] = [[] for _ in runs]  # tokens not yet sent in a chunk
         try:
             async for i, token in merged_tokens(runs, timeout_s=state.settings.request_timeout_s,
-                                                disconnected=request.is_disconnected, drain=state.drain):
+                                                disconnected=partial(until_disconnected, request.receive), drain=state.drain):
                 g = runs[i][1]
                 if token is not None:
                     pending[i].append(token)
@@ -163,7 +164,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
 
 async def _collect_all(state: AppState, request: Request, runs: list[tuple[object, Generation]]) -> None:
     async for _ in merged_tokens(runs, timeout_s=state.settings.request_timeout_s,
-                                 disconnected=request.is_disconnected, drain=state.drain):
+                                 disconnected=partial(until_disconnected, request.receive), drain=state.drain):
         pass
 
 
