@@ -97,7 +97,7 @@ def _echoed_request_id(sent: bytes) -> bytes:
 
     scope = {"type": "http", "method": "GET", "path": "/health", "raw_path": b"/health", "query_string": b"",
              "headers": [(b"x-request-id", sent)], "app": None}
-    asyncio.run(AccessLogMiddleware(plain_app, metrics=ServerMetrics(), routes=[])(scope, receive, send))
+    asyncio.run(AccessLogMiddleware(plain_app, metrics=ServerMetrics())(scope, receive, send))
     [value] = [v for k, v in sent_messages[0]["headers"] if k == b"x-request-id"]
     return value
 
