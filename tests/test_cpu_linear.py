@@ -15,7 +15,8 @@ from app.engine import DirectoryAdapterSource, Engine, EngineConfig
 from app.engine.cpu_linear import OutputHead, onednn_applies, onednn_linear
 from app.engine.reference_model import reference_model
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+pytestmark = [pytest.mark.numeric,
+              pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")]
 
 
 @pytest.mark.parametrize("shape", [(5, 64), (3, 7, 64), (1, 1, 64)])

@@ -12,6 +12,8 @@ from tolerances import SAME_MODEL_LOGITS
 from app.engine import DirectoryAdapterSource, Engine, EngineConfig, InvalidRequest, SamplingParams
 from app.engine.cpu_threads import choose_cpu_threads
 
+pytestmark = pytest.mark.numeric  # outputs compared across thread counts (fp32 reordering: tests/tolerances.py)
+
 CPU = torch.device("cpu")
 
 
