@@ -35,10 +35,25 @@ class ReadOnlyRepository(StoreError):
     """A write to a read-only source (422, as every store refusal)."""
 
 
-class PeftFolderRepository:
-    """An AdapterRepository over `<root>/<id>/` PEFT saves; read-only."""
+class ReadOnlySource:
+    """What every read-only adapter source answers to writes and change queries (`name` set by the subclass)."""
 
     writable = False
+    name: str
+
+    def put(self, adapter_id, source_dir, metadata, *, overwrite=False):
+        raise ReadOnlyRepository(f"adapter source {self.name} is read-only")
+
+    def delete(self, adapter_id):
+        raise ReadOnlyRepository(f"adapter source {self.name} is read-only")
+
+    def changes(self, cursor: object | None) -> Changes:
+        """No change log: nothing is reported (on-demand loads resolve it each time)."""
+        return Changes(cursor=cursor if cursor is not None else 0)
+
+
+class PeftFolderRepository(ReadOnlySource):
+    """An AdapterRepository over `<root>/<id>/` PEFT saves; read-only."""
 
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
@@ -78,16 +93,6 @@ class PeftFolderRepository:
         except OSError as exc:
             raise RepositoryUnavailable(f"adapter source {self.name} cannot be read: {exc.strerror}") from None
         return [ref for ref in (self.resolve(c.name) for c in children) if ref is not None]
-
-    def put(self, adapter_id, source_dir, metadata, *, overwrite=False):
-        raise ReadOnlyRepository(f"adapter source {self.name} is read-only")
-
-    def delete(self, adapter_id):
-        raise ReadOnlyRepository(f"adapter source {self.name} is read-only")
-
-    def changes(self, cursor: object | None) -> Changes:
-        """A plain folder has no change log: nothing is reported (on-demand loads resolve it each time)."""
-        return Changes(cursor=cursor if cursor is not None else 0)
 
 
 def folder_version(folder: Path) -> str | None:

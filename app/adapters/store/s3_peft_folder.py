@@ -20,10 +20,10 @@ from urllib.parse import urlsplit
 
 from olora_core.adapter_format import ADAPTER_ID_RE
 
-from app.adapters.repository import Changes, RepositoryUnavailable, VersionRef
+from app.adapters.repository import RepositoryUnavailable, VersionRef
 from app.adapters.store.adapter_store import AdapterMissing, StoredAdapter
 from app.adapters.store.archive import ArchiveError, ArchiveLimits
-from app.adapters.store.peft_folder import CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE, ReadOnlyRepository
+from app.adapters.store.peft_folder import CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE, ReadOnlySource
 from app.adapters.store.s3_client import error_code, make_client, talking
 
 
@@ -35,10 +35,8 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return parts.netloc, parts.path.strip("/")
 
 
-class S3PeftFolderRepository:
+class S3PeftFolderRepository(ReadOnlySource):
     """An AdapterRepository over `s3://<bucket>/<prefix>/<id>/` PEFT saves; read-only."""
-
-    writable = False
 
     def __init__(self, uri: str, *, endpoint_url: str | None = None, timeout_s: float = 10.0,
                  limits: ArchiveLimits | None = None):
@@ -140,13 +138,3 @@ class S3PeftFolderRepository:
                 for common in page.get("CommonPrefixes", []):
                     ids.add(common["Prefix"][len(self.prefix):].rstrip("/"))
         return [ref for ref in (self.resolve(i) for i in sorted(ids)) if ref is not None]
-
-    def put(self, adapter_id, source_dir, metadata, *, overwrite=False):
-        raise ReadOnlyRepository(f"adapter source {self.name} is read-only")
-
-    def delete(self, adapter_id):
-        raise ReadOnlyRepository(f"adapter source {self.name} is read-only")
-
-    def changes(self, cursor: object | None) -> Changes:
-        """No change log: nothing is reported (on-demand loads resolve it each time)."""
-        return Changes(cursor=cursor if cursor is not None else 0)
