@@ -148,3 +148,29 @@ def overflow_at_run_time(monkeypatch, adapter_id: str) -> None:
         return parsed
 
     monkeypatch.setattr(AdapterParser, "parse", parse)
+
+
+def save_trained_olora(base_dir, initial_dir, trained_dir, prompt: str, max_new_tokens: int = 8) -> str:
+    """A real PEFT OLoRA adapter saved the way users save one (r=4 on q,v): `initial_dir` = its initial checkpoint,
+    `trained_dir` = the 'trained' (randomly perturbed, seed 0) weights. Returns the trained PEFT model's greedy
+    continuation of `prompt` on its own mutated base: what the converted adapter must reproduce."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights="olora", task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(str(initial_dir))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.2)
+    peft_model.save_pretrained(str(trained_dir))
+    peft_model.eval()
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  do_sample=False, eos_token_id=None)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -18,7 +18,7 @@ from app.adapters.store import local_repository
 from app.adapters.store.local_repository import LocalDirectoryRepository
 from app.server.main import create_app
 from app.server.settings import Settings
-from helpers import save_random_lora, save_tiny_checkpoint
+from helpers import save_random_lora, save_tiny_checkpoint, save_trained_olora
 from http_helpers import tar_gz, upload
 
 PROMPT = "hello world"
@@ -234,28 +234,9 @@ def test_vllm_load_and_unload_routes(tmp_path, base_dir, lora_dir):
 def test_an_olora_save_with_initial_beside_it_or_recomputed(tmp_path, base_dir):
     """`<dir>/<id>/` trained + `<dir>/<id>/initial/`: converted with its checkpoint (the provenance rule applies),
     reproducing PEFT's trained model; without `initial/`: its init recomputed from the served base."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     peft = tmp_path / "peft"
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                  init_lora_weights="olora", task_type="CAUSAL_LM"))
-    peft_model.save_pretrained(str(peft / "ol" / "initial"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.add_(torch.randn(p.shape, generator=generator) * 0.2)
-    peft_model.save_pretrained(str(peft / "ol"))
+    expected = save_trained_olora(base_dir, peft / "ol" / "initial", peft / "ol", PROMPT)
     shutil.copytree(peft / "ol", peft / "olr", ignore=shutil.ignore_patterns("initial"))
-    peft_model.eval()
-    ids = AutoTokenizer.from_pretrained(str(base_dir))(PROMPT, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                  do_sample=False, eos_token_id=None)
-    expected = AutoTokenizer.from_pretrained(str(base_dir)).decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     with TestClient(create_app(make_settings(tmp_path, base_dir, peft_dirs=[peft]))) as c:
         for adapter_id in ("ol", "olr"):
             r = c.post("/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": adapter_id,

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
 from app.server.main import create_app
-from helpers import save_random_lora, save_tiny_checkpoint
+from helpers import save_random_lora, save_tiny_checkpoint, save_trained_olora
 from http_helpers import tar_gz, upload, zip_bytes
 from test_http_api import PROMPT, gen, make_settings
 
@@ -33,27 +33,9 @@ def good_lora(base_dir, tmp_path_factory) -> Path:
 def olora_pair(base_dir, tmp_path_factory):
     """A real PEFT OLoRA adapter: initial checkpoint, then 'trained' (perturbed) weights, and the trained model's
     greedy output on its mutated base (the reference the converted adapter must reproduce)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     root = tmp_path_factory.mktemp("olora")
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                  init_lora_weights="olora", task_type="CAUSAL_LM"))
-    peft_model.save_pretrained(str(root / "initial"))
-    gen_ = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.add_(torch.randn(p.shape, generator=gen_) * 0.2)
-    peft_model.save_pretrained(str(root / "trained"))
-    peft_model.eval()
-    tok = AutoTokenizer.from_pretrained(str(base_dir))
-    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                  do_sample=False, eos_token_id=None)
-    return root / "initial", root / "trained", tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    expected = save_trained_olora(base_dir, root / "initial", root / "trained", PROMPT)
+    return root / "initial", root / "trained", expected
 
 
 @pytest.fixture()

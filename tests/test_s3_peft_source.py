@@ -10,6 +10,7 @@ import boto3
 from fastapi.testclient import TestClient
 
 from app.server.main import create_app
+from helpers import save_trained_olora
 from http_helpers import tar_gz, upload
 from test_adapter_sources import gen, make_settings
 from test_s3_store import aws_env, base_dir, bucket, loras, s3_server  # noqa: F401 (fixtures)
@@ -49,31 +50,11 @@ def test_on_demand_load_from_a_bucket_of_peft_saves(tmp_path, base_dir, loras, s
 
 
 def test_an_olora_save_in_a_bucket_with_initial_or_recomputed(tmp_path, base_dir, s3_server, bucket):  # noqa: F811
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     _, url = s3_server
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                  init_lora_weights="olora", task_type="CAUSAL_LM"))
-    peft_model.save_pretrained(str(tmp_path / "ol" / "initial"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.add_(torch.randn(p.shape, generator=generator) * 0.2)
-    peft_model.save_pretrained(str(tmp_path / "ol"))
+    expected = save_trained_olora(base_dir, tmp_path / "ol" / "initial", tmp_path / "ol", PROMPT)
     put_save(url, bucket, "peft/ol", tmp_path / "ol")  # with initial/
     for name in ("adapter_config.json", "adapter_model.safetensors"):  # without: its init recomputed
         boto3.client("s3", endpoint_url=url).upload_file(str(tmp_path / "ol" / name), bucket, f"peft/olr/{name}")
-    peft_model.eval()
-    tok = AutoTokenizer.from_pretrained(str(base_dir))
-    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                  do_sample=False, eos_token_id=None)
-    expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     with server(tmp_path, base_dir, url, bucket) as c:
         for adapter_id in ("ol", "olr"):
             r = c.post("/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": adapter_id,
