@@ -217,11 +217,11 @@ async def stream_tokens(handle, generation: Generation, *, timeout_s: float,
 
 async def collect(handle, generation: Generation, *, timeout_s: float,
                   disconnected: Disconnected | None = None, drain: Drain | None = None) -> Generation:
-    async with contextlib.aclosing(_event_batches(handle, generation, timeout_s=timeout_s, disconnected=disconnected,
-                                                  drain=drain)) as batches:
-        async for events in batches:
-            for event in events:
-                generation.add(event)
+    """`stream_tokens` read to its end: the whole generation."""
+    async with contextlib.aclosing(stream_tokens(handle, generation, timeout_s=timeout_s, disconnected=disconnected,
+                                                 drain=drain)) as tokens:
+        async for _ in tokens:
+            pass
     return generation
 
 
