@@ -134,15 +134,12 @@ async def openai_load(url: str, jobs: list[tuple[str, str]], concurrency: int, n
 
 async def engine_target(base: Path, store_dir: Path, args):
     """The server's engine in-process with the server's default settings; returns (run(jobs), engine)."""
-    from app.engine.engine import Engine, EngineConfig
+    from app.engine.engine import Engine
     from app.engine.sampling import SamplingParams
     from app.server.settings import Settings
     from app.adapters.store.adapter_store import AdapterStore
 
-    s = Settings()
-    config = EngineConfig(model=str(base), max_loras=s.max_loras, max_cpu_adapters=s.max_cpu_adapters,
-                          max_rank=s.max_rank, max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens,
-                          max_input_tokens=s.max_input_tokens, max_total_tokens=s.max_total_tokens)
+    config = Settings(model=str(base)).engine_config()  # every engine setting as `olora serve` has it by default
     engine = Engine(config, AdapterStore(store_dir))
     engine.start()
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)

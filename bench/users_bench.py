@@ -153,13 +153,10 @@ async def first_request_cost(url: str, cold: str, warm: str) -> dict:
 
 def engine_target(base: Path, store_dir: Path, args):
     from app.adapters.store.adapter_store import AdapterStore
-    from app.engine.engine import Engine, EngineConfig
+    from app.engine.engine import Engine
     from app.server.settings import Settings
 
-    s = Settings()
-    config = EngineConfig(model=str(base), max_loras=s.max_loras, max_cpu_adapters=s.max_cpu_adapters,
-                          max_rank=s.max_rank, max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens,
-                          max_input_tokens=s.max_input_tokens, max_total_tokens=s.max_total_tokens)
+    config = Settings(model=str(base)).engine_config()  # every engine setting as `olora serve` has it by default
     engine = Engine(config, AdapterStore(store_dir))
     engine.start()
     return engine
